@@ -245,7 +245,7 @@ class GPT(nn.Module):
 
     # ---- forward ----
 
-    def _trunk(self, idx, resid=None, mids=None):
+    def trunk(self, idx, resid=None, mids=None):
         """Embeddings and blocks; returns the last residual state (before ln_f).
 
         If lists are given, appends the residual states (embeddings + after each block) and
@@ -270,7 +270,7 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None):
         """nanoGPT's contract: with targets, logits for every position and the mean loss
         (targets == -1 are ignored); without, logits for the last position only."""
-        x = self.transformer.ln_f(self._trunk(idx))
+        x = self.transformer.ln_f(self.trunk(idx))
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None
         logits = self.lm_head(x)
@@ -281,7 +281,7 @@ class GPT(nn.Module):
         """(resid, mids): resid = [embeddings, after block 1, ..., after block L] (L+1 raw states,
         none normed); mids = the L mid-block states after attention (empty unless mid=True)."""
         resid, mids = [], ([] if mid else None)
-        self._trunk(idx, resid, mids)
+        self.trunk(idx, resid, mids)
         return resid, (mids or [])
 
     # ---- training helpers ----
