@@ -40,7 +40,7 @@ def _check(key, value, default, extra_types=()):
     """Return value converted to the setting's type, or raise ConfigError."""
     if default is None:
         return value
-    types = (type(default),) + tuple(extra_types)
+    types = tuple(dict.fromkeys((type(default),) + tuple(extra_types)))
     if isinstance(value, bool) and bool not in types:
         raise ConfigError(f"{key}: expected {_type_name(types)}, got bool {value!r}")
     if isinstance(value, types):
