@@ -280,6 +280,7 @@ def test_rerun_after_kill_equals_uninterrupted_run(tmp_path):
     # a previous, longer run left a shard the new run will not produce, and a dead writer left a temp file
     write_shard(out / "toy_train_000999.bin", np.arange(10, dtype=np.uint16))
     (out / "toy_train_000001.bin.4242.tmp").write_bytes(b"half a shard")
+    write_shard(out / "other_train_000000.bin", np.arange(10, dtype=np.uint16))  # not ours: must survive
     script = KILLED_RUN.format(repo=REPO, pattern=pattern, out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": REPO})
@@ -295,6 +296,7 @@ def test_rerun_after_kill_equals_uninterrupted_run(tmp_path):
     assert len(glob.glob(str(out / "toy_train_*.bin"))) >= 3
 
     prepare(pattern, out, chunk_chars=100)
+    os.remove(out / "other_train_000000.bin")
     assert read_all(out) == read_all(reference)
 
 

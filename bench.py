@@ -1,0 +1,160 @@
+"""
+Throughput / memory benchmarks for nanoshift (not tests: numbers, printed as markdown).
+
+    python bench.py                      # every section
+    python bench.py --section data       # one section: data | train | analyze | eval | all
+
+data: the full prepare path (parquet documents -> tokenizer pool -> shards on disk)
+against the bare tokenizer (tiktoken encode_ordinary_batch) on the same text with
+the same number of threads / processes, and the peak memory of a prepare run for
+two corpus sizes (it should not grow with the corpus).
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+
+
+def machine_description():
+    import torch
+    return (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+            f"Python {platform.python_version()}, torch {torch.__version__}, {platform.system()}")
+
+
+def markdown_table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def _demo_documents(target_chars=5000):
+    """The demo corpus (Shakespeare) cut at paragraph breaks into web-page-sized documents."""
+    from data import demo_corpus
+    documents = []
+    for path in demo_corpus():
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        current = ""
+        for paragraph in text.split("\n\n"):
+            current += paragraph + "\n\n"
+            if len(current) >= target_chars:
+                documents.append(current)
+                current = ""
+        if current:
+            documents.append(current)
+    return documents
+
+
+def _chunk_tokens(documents):
+    from data import get_tokenizer
+    enc = get_tokenizer()
+    return sum(len(enc.encode_ordinary(doc)) for doc in documents)
+
+
+def _raw_process_pool(documents, num_proc, chunk_docs=64):
+    """Bare tokenizer in a process pool (results counted and dropped): the best a pool can do."""
+    import multiprocessing
+    chunks = [documents[i:i + chunk_docs] for i in range(0, len(documents), chunk_docs)]
+    with multiprocessing.Pool(num_proc) as pool:
+        return sum(pool.imap(_chunk_tokens, chunks))
+
+
+_MEMORY_PROBE = """
+import json, resource, sys
+import datasets, pyarrow, torch  # everything prepare imports, so the baseline below includes it
+from data import first_tokens_split, get_tokenizer, iter_documents, prepare_shards
+get_tokenizer()
+baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+manifest = prepare_shards(iter_documents(data_files=sys.argv[1]), sys.argv[2], "bench", first_tokens_split(0),
+                          shard_tokens=int(sys.argv[3]), num_proc=int(sys.argv[4]), progress=False, overwrite=True)
+print(json.dumps({"tokens": manifest["total_tokens"], "baseline_kib": baseline_kib,
+                  "parent_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def bench_data(num_proc=None, repeats=5):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data import first_tokens_split, get_tokenizer, iter_documents, prepare_shards
+
+    num_proc = num_proc or os.cpu_count()
+    enc = get_tokenizer()
+    documents = _demo_documents()
+    corpus = documents * 4  # ~6M tokens: long enough that pool start-up and file opening are amortised
+    shard_tokens = 1_000_000
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        parquet = {}
+        for copies in (1, 4):
+            parquet[copies] = os.path.join(tmp, f"corpus_x{copies}.parquet")
+            pq.write_table(pa.table({"text": documents * copies}), parquet[copies], row_group_size=256)
+        list(iter_documents(data_files=parquet[4]))  # import datasets' builders, warm the page cache
+
+        for procs in sorted({1, num_proc}):
+            timings = {"raw tokenizer, threads (encode_ordinary_batch)": [], "raw tokenizer, process pool": [],
+                       "prepare: parquet -> shards on disk": []}
+            for _ in range(repeats):  # interleaved, best of repeats: the machine may be shared
+                start = time.perf_counter()
+                tokens = sum(len(ids) for ids in enc.encode_ordinary_batch(corpus, num_threads=procs))
+                timings["raw tokenizer, threads (encode_ordinary_batch)"].append((time.perf_counter() - start, tokens))
+                if procs > 1:
+                    start = time.perf_counter()
+                    tokens = _raw_process_pool(corpus, procs)
+                    timings["raw tokenizer, process pool"].append((time.perf_counter() - start, tokens))
+                start = time.perf_counter()
+                manifest = prepare_shards(iter_documents(data_files=parquet[4]), os.path.join(tmp, "out"), "bench",
+                                          first_tokens_split(0), shard_tokens=shard_tokens, num_proc=procs,
+                                          progress=False, overwrite=True)
+                text_tokens = manifest["total_tokens"] - manifest["documents_read"]  # without the EOTs
+                timings["prepare: parquet -> shards on disk"].append((time.perf_counter() - start, text_tokens))
+            best = {name: max(tokens / seconds for seconds, tokens in runs) for name, runs in timings.items() if runs}
+            reference = best["raw tokenizer, threads (encode_ordinary_batch)"]
+            for name, rate in best.items():
+                rows.append([procs, name, f"{rate / 1e6:.2f}", f"{rate / reference:.0%}"])
+
+        memory_rows = []
+        for copies in (1, 4):
+            result = subprocess.run(
+                [sys.executable, "-c", _MEMORY_PROBE, parquet[copies], os.path.join(tmp, "mem"), str(shard_tokens),
+                 str(num_proc)], capture_output=True, text=True, check=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)))
+            probe = json.loads(result.stdout.strip().splitlines()[-1])
+            memory_rows.append([f"{probe['tokens'] / 1e6:.2f}M", num_proc, f"{shard_tokens / 1e6:.0f}M",
+                                f"{probe['baseline_kib'] / 1024:.0f}", f"{probe['parent_kib'] / 1024:.0f}",
+                                f"{probe['worker_kib'] / 1024:.0f}"])
+
+    print(f"### data: tokenizer throughput ({len(corpus):,} documents, {sum(map(len, corpus)) / 1e6:.1f}M chars)\n")
+    print(markdown_table(["procs", "path", "M tokens/s", "vs raw threads"], rows))
+    print("\n### data: peak memory of a prepare run (ru_maxrss, MiB)\n")
+    print(markdown_table(["corpus tokens", "procs", "shard_tokens", "parent after imports + tokenizer",
+                          "parent peak", "largest worker peak"], memory_rows))
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {
+    "data": bench_data,
+}
+KNOWN_SECTIONS = ["data", "train", "analyze", "eval"]
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", default="all", choices=KNOWN_SECTIONS + ["all"])
+    args = parser.parse_args()
+    print(f"machine: {machine_description()}\n")
+    for name in (KNOWN_SECTIONS if args.section == "all" else [args.section]):
+        if name not in SECTIONS:
+            print(f"### {name}: no benchmark in bench.py yet\n")
+            continue
+        SECTIONS[name]()
+        print()
