@@ -25,7 +25,7 @@ DEMO = dict(out_dir="data/demo", shard_tokens=500_000, val_tokens=100_000)
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 add_prepare_arguments(parser, source="HuggingFaceFW/fineweb-edu", config="sample-10BT", out_dir="data/fineweb_edu")
 parser.add_argument("--val_tokens", type=int, default=DEFAULT_VAL_TOKENS,
-                    help="the first whole documents, up to this many tokens, form the val split")
+                    help="val = the first whole documents, until it holds at least this many tokens")
 parser.add_argument("--demo", action="store_true",
                     help=f"prepare the Shakespeare demo corpus instead (defaults {DEMO}, each overridable)")
 parser.add_argument("--name", default=None, help="dataset name in the shard file names")
