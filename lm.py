@@ -7,15 +7,27 @@ One view of a causal LM for analysis and evaluation: our checkpoints and Hugging
     resid, mids = lm.hidden_states(idx, mid=True) # L+1 raw residual states, L mid-block states
     logits = lm.decode(resid[3])                  # logit lens: final norm recomputed, then unembed
     logits = lm.logits(idx)                       # the model's own next-token logits, every position
+    e_in, e_out = lm.input_vectors(x), lm.target_vectors(y)  # reference vectors for cosine / projection
 
 Both kinds go through the same interface so analyze.py and eval_benchmarks.py never special-case
 where a model came from. For HF models the states are captured with hooks, not taken from
 `output_hidden_states`, because transformers returns the last layer's state *after* the final norm.
+
+Embedding details that matter for the alignment metrics:
+- Gemma multiplies the looked-up embedding by sqrt(d) (h_0 = sqrt(d) * E[t]); `embed_scale` holds
+  that factor (1 elsewhere), so `input_vectors(t)` is exactly the token part of h_0.
+- Untied models (Mistral-7B, some Llamas) score targets with a separate output matrix:
+  `input_vectors` uses the input embedding, `target_vectors` the output embedding (printed at load).
+- Gemma-2's final logit soft-capping is applied by `unembed`, so the lens matches the model's logits.
 """
 
 import os
 
 import torch
+
+EOT_GPT2 = 50256  # GPT-2's <|endoftext|>
+# covers words, numbers, punctuation, unicode, runs of spaces and newlines: where BPEs differ
+_TOKENIZER_PROBE = "Hello world! It's 1999: naïve café, 3.14 + x**2 -- \"ok\"\n\n   indented\tend. 日本語"
 
 
 class LanguageModel:
@@ -28,7 +40,10 @@ class LanguageModel:
     in_embedding: torch.Tensor  # [V, C], what the input token is looked up in
     out_embedding: torch.Tensor  # [V, C], what the target token is scored against
     tied: bool
+    embed_scale: float = 1.0  # h_0 = embed_scale * in_embedding[t] (+ positions): sqrt(d) for Gemma
+    logit_softcap = None  # Gemma-2: logits = cap * tanh(logits / cap)
     device: torch.device
+    source: str  # where the model came from ("ckpt:PATH" / "hf:NAME"), for the outputs
 
     def hidden_states(self, idx, mid=False):
         raise NotImplementedError
@@ -36,13 +51,58 @@ class LanguageModel:
     def final_norm(self, h):
         raise NotImplementedError
 
-    def decode(self, h, norm=True):
-        """Logit lens: [..., C] state -> [..., V] float32 logits (final norm recomputed for h)."""
-        if norm:
-            h = self.final_norm(h)
-        logits = (h.to(self.out_embedding.dtype) @ self.out_embedding.T).float()
-        cap = getattr(self, "logit_softcap", None)
+    def unembed(self, h, weight=None):
+        """[..., C] state (already normed, or not) -> [..., V] float32 logits, soft-capped like the model.
+
+        weight: the unembedding matrix to use instead of out_embedding, e.g. a bfloat16 copy of it for
+        a faster (and less exact) logit lens.
+        """
+        weight = self.out_embedding if weight is None else weight
+        logits = (h.to(weight.dtype) @ weight.T).float()
+        cap = self.logit_softcap
         return torch.tanh(logits / cap) * cap if cap else logits
+
+    def decode(self, h, norm=True, weight=None):
+        """Logit lens: [..., C] state -> [..., V] float32 logits (final norm recomputed for h)."""
+        return self.unembed(self.final_norm(h) if norm else h, weight)
+
+    def input_vectors(self, tokens):
+        """The input token's embedding as it enters the residual stream: embed_scale * E_in[t]."""
+        return self.in_embedding[tokens] * self.embed_scale
+
+    def target_vectors(self, tokens):
+        """The target token's reference vector: the same map as the input side when the embeddings are
+        tied (so the segment input -> target lives in one space); the output embedding row otherwise."""
+        if self.tied:
+            return self.input_vectors(tokens)
+        return self.out_embedding[tokens]
+
+    def uses_gpt2_tokens(self):
+        """True if the model reads GPT-2 token ids (same encoding, same EOT): our shards are GPT-2 tokens."""
+        from data import get_tokenizer
+
+        try:
+            ids = list(self.encode(_TOKENIZER_PROBE))
+        except Exception:
+            return False
+        return (self.eot == EOT_GPT2 and self.vocab_size > EOT_GPT2
+                and ids == get_tokenizer().encode_ordinary(_TOKENIZER_PROBE))
+
+    @property
+    def bos_prefix(self):
+        """Token ids the tokenizer puts before a text by default (Llama/Gemma/Mistral: BOS; GPT-2: none)."""
+        return []
+
+    @property
+    def doc_separator(self):
+        """Token ids placed between two documents of a stream: BOS where the model expects one at the
+        start of a text, else the end-of-text token (GPT-2's <|endoftext|>), else nothing."""
+        return self.bos_prefix or ([] if self.eot is None else [self.eot])
+
+    @property
+    def tokenizer_id(self):
+        """Two models with the same tokenizer_id get the same tokens for the same text."""
+        return "gpt2" if self.uses_gpt2_tokens() else f"{type(self).__name__}:{self.source}"
 
     def logits(self, idx):
         raise NotImplementedError
@@ -61,6 +121,7 @@ class OurGPT(LanguageModel):
         self.in_embedding = self.out_embedding = model.lm_head.weight
         self.tied = True
         self.device = model.lm_head.weight.device
+        self.source = "ckpt"
         self._tok = get_tokenizer()
         self.eot = self._tok.eot_token
 
@@ -89,16 +150,29 @@ class HFCausalLM(LanguageModel):
     def __init__(self, model, name, tokenizer=None):
         self.model, self.name = model.eval(), name
         cfg = model.config
+        # the embeddings first: a model whose embedding rows are not residual-stream vectors (OPT-350m
+        # projects a 512-wide embedding into its 1024-wide stream) cannot be measured at all
+        in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
+        for side, emb in (("input", in_emb), ("output", out_emb)):
+            if getattr(emb, "weight", None) is None:
+                raise ValueError(f"{name}: the model has no usable {side} embedding "
+                                 f"({type(model).__name__} has no {side} embedding matrix)")
+        self.in_embedding, self.out_embedding = in_emb.weight, out_emb.weight
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        for side, weight in (("input", self.in_embedding), ("output", self.out_embedding)):
+            if weight.dim() != 2 or (hidden is not None and weight.shape[1] != hidden):
+                raise ValueError(f"{name}: the {side} embedding has shape {tuple(weight.shape)}, not "
+                                 f"[vocab, hidden_size={hidden}]: its rows are not residual-stream vectors, "
+                                 "so the model has no usable embedding for the alignment metrics")
         base = model.base_model
+        base = getattr(base, "decoder", base)  # OPT keeps its layers and final norm in a decoder
         self.layers = next((getattr(base, n) for n in ("layers", "h", "blocks") if hasattr(base, n)), None)
-        self.norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm") if hasattr(base, n)), None)
+        self.norm = next((getattr(base, n) for n in ("norm", "ln_f", "final_layernorm", "final_layer_norm")
+                          if getattr(base, n, None) is not None), None)
         if self.layers is None or self.norm is None:
             raise ValueError(f"{name}: unsupported architecture {type(model).__name__} "
                              "(no decoder layer list or final norm found)")
-        in_emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
-        if in_emb is None or out_emb is None:
-            raise ValueError(f"{name}: the model has no usable input/output embedding")
-        self.in_embedding, self.out_embedding = in_emb.weight, out_emb.weight
+        self.embed_scale = _embedding_scale(model, in_emb)
         self.tied = self.in_embedding.data_ptr() == self.out_embedding.data_ptr()
         if not self.tied:
             print(f"{name}: output embedding is not tied; the input side uses the input embedding "
@@ -108,6 +182,7 @@ class HFCausalLM(LanguageModel):
         self.block_size = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 2048
         self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma-2
         self.device = self.out_embedding.device
+        self.source = f"hf:{name}"
         self._tokenizer = tokenizer
         self._mid_modules = []
         for layer in self.layers:
@@ -149,6 +224,31 @@ class HFCausalLM(LanguageModel):
     def eot(self):
         tok = self._tokenizer
         return tok.eos_token_id if tok is not None else None
+
+    @property
+    def bos_prefix(self):
+        tok = self._tokenizer
+        if tok is None or isinstance(tok, _Gpt2Tokenizer):
+            return []
+        plain = tok("a", add_special_tokens=False)["input_ids"]
+        default = tok("a")["input_ids"]
+        if len(default) > len(plain) and default[len(default) - len(plain):] == plain:
+            return list(default[:len(default) - len(plain)])
+        return []
+
+
+def _embedding_scale(model, in_emb):
+    """The factor between the embedding table and h_0's token part: sqrt(d) for Gemma, else 1.
+
+    Recent transformers put it on the embedding module (Gemma*ScaledWordEmbedding.embed_scale, applied
+    in the weight dtype); older releases multiplied by sqrt(hidden_size) in Gemma's forward instead.
+    """
+    scale = getattr(in_emb, "embed_scale", None)
+    if scale is not None:
+        return float(torch.as_tensor(scale).to(in_emb.weight.dtype))
+    if model.config.model_type.startswith("gemma"):
+        return float(torch.tensor(model.config.hidden_size ** 0.5, dtype=in_emb.weight.dtype))
+    return 1.0
 
 
 def _load_hf(name, device, dtype):
@@ -204,4 +304,6 @@ def load_lm(ckpt=None, hf=None, device="cpu", dtype="float32", name=None):
         ckpt = os.path.join(ckpt, "ckpt.pt")
     model = GPT.from_checkpoint(ckpt, map_location=device).to(device=device, dtype=torch_dtype)
     label = name or os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt
-    return OurGPT(model, label)
+    lm = OurGPT(model, label)
+    lm.source = f"ckpt:{ckpt}"
+    return lm
