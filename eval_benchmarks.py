@@ -1,0 +1,506 @@
+"""
+Benchmark evaluation (the paper's Table II): loss, perplexity and top-1 next-token accuracy on
+WikiText, LAMBADA, OpenWebText and FineWeb-Edu, for several models side by side.
+
+    python eval_benchmarks.py --ckpt out-baseline/ckpt.pt out-cut/ckpt.pt out-gate/ckpt.pt
+    python eval_benchmarks.py config/eval.py                          # the example config
+    python eval_benchmarks.py --hf gpt2 --ckpt out-gate --device=cuda --dtype=bfloat16
+    python eval_benchmarks.py --ckpt out-gate --benchmarks wikitext103 lambada \\
+        --wikitext103_files wikitext/test-00000-of-00001.parquet --lambada_files lambada_test.jsonl
+    python eval_benchmarks.py --ckpt out-gate --max_tokens=20000 --batch_size=4   # a quick look
+    python eval_benchmarks.py --help                                   # every setting
+
+Models: --ckpt (our checkpoints or out dirs, several) and --hf (transformers causal LMs: hub names or
+local save_pretrained dirs, several), all loaded by lm.load_lm. Output: a markdown table, one column
+per model, printed and written to {out_dir}/results.md, and {out_dir}/results.json (rewritten after
+every model, so a long run that dies keeps what it finished).
+
+Benchmarks (--benchmarks; each one's data can come from local files, for offline machines):
+
+    wikitext103  WikiText-103 test, hub Salesforce/wikitext (wikitext-103-raw-v1)    --wikitext103_files
+    wikitext2    WikiText-2 test (wikitext-2-raw-v1; the same test articles as -103) --wikitext2_files
+    lambada      LAMBADA, OpenAI version, test, hub EleutherAI/lambada_openai        --lambada_files
+    openwebtext  our val shards from prepare_owt.py                                  --openwebtext_shards
+    fineweb_edu  our val shards from prepare_fineweb.py                              --fineweb_edu_shards
+
+How each is turned into tokens (one rule everywhere: every document starts with the model's document
+separator, lm.doc_separator: <|endoftext|> for GPT-2 tokenizers, exactly as in our training shards;
+BOS for models whose tokenizer starts texts with one (Llama, Gemma, ...); else EOS, else nothing):
+- WikiText: the raw test lines are joined into articles (a new article starts at each top-level
+  heading " = Title = "; blank lines are dropped, so the hub's rows and the original wiki.test.raw
+  give the same articles). The articles are tokenized and concatenated into ONE stream, like the
+  standard WikiText perplexity eval, so a window's context may reach into the previous article.
+- LAMBADA: every passage is its own sequence (never a stream). The last word is what follows the
+  last space, as in lm-evaluation-harness: tokens = separator + encode(context) + encode(" " + word).
+  Loss/perplexity/accuracy cover every token of the passages; last-word accuracy counts a word right
+  only if the argmax at each of its token positions is the true token (greedy); last-word perplexity
+  is exp(mean over passages of the word's summed NLL), the harness's convention.
+- OpenWebText / FineWeb-Edu: the val shards (GPT-2 tokens, documents delimited by EOT 50256) in
+  sorted order form ONE token stream. Shards are GPT-2 tokens, so a model with another tokenizer is
+  refused for them.
+
+Sliding window (HF's perplexity guide): a sequence longer than --context tokens is read in windows of
+--context tokens that start every --stride tokens (default: half the context). The first window
+scores all its predictions, every later one only the new ones (its last --stride), so each token is
+scored exactly once and, after the first window, with at least context - stride tokens of context.
+--stride equal to --context is plain chunking. --max_tokens caps the scored tokens per benchmark
+(LAMBADA: whole passages until the cap is reached). Windows of all sequences are batched together
+(--batch_size windows per forward), and cross-entropy and argmax run on the scored positions only.
+
+Metrics: token-weighted mean loss (nats), perplexity = exp(loss), top-1 next-token accuracy (%). The
+softmax runs over all of the model's output rows (for our models the padded 50304, as in training).
+"""
+
+import difflib
+import glob
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import iter_documents, read_shard, read_shard_header
+
+
+class EvalError(Exception):
+    """A problem with the user's settings, data or models: main prints the message, no traceback."""
+
+# -----------------------------------------------------------------------------
+# Benchmarks
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str  # the name in --benchmarks
+    title: str  # the row label in the table
+    kind: str  # "wikitext" | "lambada" | "shards"
+    hub: tuple = None  # (dataset, config, split) for the text benchmarks
+    shards: str = None  # default glob of the val shards
+    prepare: str = None  # the command that writes those shards
+
+    @property
+    def setting(self):
+        """The setting that points this benchmark at local data."""
+        return f"{self.name}_{'shards' if self.kind == 'shards' else 'files'}"
+
+
+BENCHMARKS = {b.name: b for b in [
+    Benchmark("wikitext103", "WikiText-103", "wikitext", hub=("Salesforce/wikitext", "wikitext-103-raw-v1", "test")),
+    Benchmark("wikitext2", "WikiText-2", "wikitext", hub=("Salesforce/wikitext", "wikitext-2-raw-v1", "test")),
+    Benchmark("lambada", "LAMBADA", "lambada", hub=("EleutherAI/lambada_openai", "default", "test")),
+    Benchmark("openwebtext", "OpenWebText", "shards", shards="data/openwebtext/openwebtext_val_*.bin",
+              prepare="python prepare_owt.py"),
+    Benchmark("fineweb_edu", "FineWeb-Edu", "shards", shards="data/fineweb_edu/fineweb_edu_val_*.bin",
+              prepare="python prepare_fineweb.py"),
+]}
+
+# what to download where the hub cannot be reached (named in the error message)
+LOCAL_FILE_HINTS = {
+    "wikitext": "the split's parquet file from the hub repo (e.g. wikitext-103-raw-v1/test-00000-of-00001.parquet), "
+                "or wiki.test.raw from the original WikiText zip renamed to .txt",
+    "lambada": "lambada_test.jsonl from the hub repo EleutherAI/lambada_openai (one passage per row), "
+               "or a .txt file with one passage per line",
+}
+
+DEFAULTS = dict(
+    ckpt=[],  # our checkpoints (files, or out dirs holding ckpt.pt)
+    hf=[],  # transformers causal LMs: hub names or local save_pretrained dirs
+    benchmarks=["wikitext103", "lambada", "openwebtext", "fineweb_edu"],
+    wikitext103_files=[],  # local parquet/jsonl/txt instead of the hub (empty: the hub)
+    wikitext2_files=[],
+    lambada_files=[],
+    openwebtext_shards=BENCHMARKS["openwebtext"].shards,
+    fineweb_edu_shards=BENCHMARKS["fineweb_edu"].shards,
+    max_tokens=0,  # cap on scored tokens per benchmark, 0 = all
+    context=1024,  # window length in tokens (clipped to each model's block_size)
+    stride=0,  # new tokens scored per window, 0 = context // 2
+    batch_size=8,  # windows per forward; the float32 logits take batch_size * context * vocab * 4 bytes
+    device="cuda" if torch.cuda.is_available() else "cpu",
+    dtype="float32",  # float32 | bfloat16 | float16 (the model's weights; logits are scored in float32)
+    out_dir="out-eval",
+    progress=True,  # tqdm progress bars
+)
+# settings that also take a single string on the command line (--ckpt=a.pt); lists are normalised below
+EXTRA_TYPES = {key: (str,) for key, value in DEFAULTS.items() if isinstance(value, list)}
+EXTRA_TYPES.update({f"{b.name}_shards": (list,) for b in BENCHMARKS.values() if b.kind == "shards"})
+
+
+def as_list(value):
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def check_benchmark_names(names):
+    for name in names:
+        if name not in BENCHMARKS:
+            close = difflib.get_close_matches(name, BENCHMARKS, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise EvalError(f"unknown benchmark {name!r}{hint}; choose from {list(BENCHMARKS)}")
+    if not names:
+        raise EvalError(f"no benchmarks selected; choose from {list(BENCHMARKS)}")
+
+
+def _read_rows(bench, files):
+    """The text column of a hub dataset or of local files, through data.iter_documents."""
+    dataset, config, split = bench.hub
+    try:
+        return list(iter_documents(dataset, config, split, data_files=files or None))
+    except (FileNotFoundError, ValueError, KeyError) as e:  # bad local files
+        raise EvalError(f"{bench.title}: --{bench.setting}: {e}") from e
+    except RuntimeError as e:  # the hub could not be reached (offline) or has no such dataset
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise EvalError(
+            f"{bench.title}: could not load {dataset} ({config}, {split}) from the HuggingFace hub"
+            f"{' (offline mode: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1)' if offline else ''}.\n"
+            f"Download it on a machine with internet and point --{bench.setting} at the local copy: "
+            f"{LOCAL_FILE_HINTS[bench.kind]}.\n(cause: {str(e).splitlines()[0]})") from e
+
+
+_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")  # " = Title = "; sections are " = = Section = = "
+
+
+def wikitext_articles(rows):
+    """WikiText raw rows (lines, or whole files) -> article strings, split at top-level headings."""
+    articles = []
+    for row in rows:
+        for line in (row or "").splitlines():
+            if not line.strip():
+                continue  # the hub gives blank lines as "", the raw file as " ": drop both alike
+            if _ARTICLE_HEADING.match(line) or not articles:
+                articles.append([])
+            articles[-1].append(line + "\n")
+    return ["".join(lines) for lines in articles]
+
+
+def lambada_passages(rows):
+    """LAMBADA rows -> passages (one per non-empty line; the passages have no line breaks)."""
+    return [line.strip() for row in rows for line in (row or "").splitlines() if line.strip()]
+
+
+def split_last_word(passage):
+    """(context, target) as lm-evaluation-harness splits LAMBADA: the target is ' ' + the last word."""
+    context, space, word = passage.rpartition(" ")
+    if not space or not context.strip() or not word:
+        raise EvalError(f"LAMBADA passage has no 'context last-word' split at a space: {passage[:80]!r}")
+    trailing = len(context) - len(context.rstrip())  # the harness moves the context's trailing spaces
+    return context[:len(context) - trailing], context[len(context) - trailing:] + " " + word
+
+
+def shard_paths(bench, patterns):
+    paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
+    if not paths:
+        raise EvalError(f"{bench.title}: no token shards match {patterns}. Write them with `{bench.prepare}` "
+                        f"or point --{bench.setting} at existing *_val_*.bin shards.")
+    return paths
+
+
+def load_benchmark(name, settings):
+    """A benchmark's raw data: documents (WikiText articles, LAMBADA passages) or shard paths.
+
+    Shards are only checked here (header, size); their tokens are memory-mapped when evaluated.
+    """
+    bench = BENCHMARKS[name]
+    if bench.kind == "shards":
+        paths = shard_paths(bench, as_list(settings.get(bench.setting) or bench.shards))
+        for path in paths:
+            try:
+                read_shard_header(path)
+            except ValueError as e:
+                raise EvalError(f"{bench.title}: {e}") from e
+        return paths
+    rows = _read_rows(bench, as_list(settings.get(bench.setting) or []))
+    documents = wikitext_articles(rows) if bench.kind == "wikitext" else lambada_passages(rows)
+    if not documents:
+        raise EvalError(f"{bench.title}: the data holds no text (--{bench.setting})")
+    return documents
+
+# -----------------------------------------------------------------------------
+# Tokens
+
+
+def benchmark_tokens(name, data, lm, max_tokens=0):
+    """Token sequences of one benchmark (data from load_benchmark) for this model's tokenizer.
+
+    Returns (sequences, word_lens): a list of int arrays (one stream, or one per LAMBADA passage) and,
+    for LAMBADA, the token count of each passage's last word (its last targets), else None.
+    """
+    bench = BENCHMARKS[name]
+    limit = max_tokens + 1 if max_tokens else None  # n tokens hold n - 1 targets
+    if bench.kind == "shards":
+        if not lm.uses_gpt2_tokens():
+            raise EvalError(f"{lm.name} does not use the GPT-2 tokenizer, but {bench.title} is read from GPT-2 "
+                            f"token shards; evaluate it on text benchmarks only (e.g. --benchmarks wikitext103 lambada)")
+        pieces, total = [], 0
+        for path in data:
+            tokens = read_shard(path)
+            if limit:
+                tokens = tokens[:limit - total]
+            pieces.append(np.asarray(tokens, dtype=np.int64))
+            total += len(tokens)
+            if limit and total >= limit:
+                break
+        return [np.concatenate(pieces)], None
+    if bench.kind == "wikitext":
+        pieces, total = [], 0
+        for article in data:
+            ids = lm.doc_separator + list(lm.encode(article))
+            pieces.append(np.asarray(ids, dtype=np.int64))
+            total += len(ids)
+            if limit and total >= limit:
+                break
+        stream = np.concatenate(pieces)
+        return [stream[:limit] if limit else stream], None
+    sequences, word_lens, total = [], [], 0
+    for passage in data:
+        context, target = split_last_word(passage)
+        # lm-evaluation-harness's pair encoding: the word's tokens are what encoding the whole passage
+        # adds after the context's tokens (the same as encode(target) for GPT-2, not for SentencePiece)
+        context_ids = list(lm.encode(context))
+        word = list(lm.encode(context + target))[len(context_ids):]
+        if not word:
+            raise EvalError(f"{lm.name}: the last word of this LAMBADA passage encodes to no token: {passage[:80]!r}")
+        seq = np.asarray(lm.doc_separator + context_ids + word, dtype=np.int64)
+        sequences.append(seq)
+        word_lens.append(len(word))
+        total += len(seq) - 1
+        if max_tokens and total >= max_tokens:
+            break  # whole passages only: the last word must stay
+    return sequences, word_lens
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def window_plan(n, context, stride):
+    """Sliding windows over a sequence of n tokens, as (start, length, scored) triples.
+
+    A window feeds tokens[start:start+length] and predicts tokens[start+1:start+length+1]; it scores
+    its last `scored` predictions. As in HF's perplexity guide, windows start every `stride` tokens; the
+    first scores all its predictions, each later one only those past the previous window's end, so
+    targets 1..n-1 are scored once each, and stride == context is plain chunking.
+    """
+    if not 1 <= stride <= context:
+        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
+    windows, start, done = [], 0, 0  # targets 1..done are scored
+    while done < n - 1:
+        end = min(start + context, n - 1)
+        windows.append((start, end - start, end - done))
+        start, done = start + stride, end
+    return windows
+
+
+@torch.inference_mode()
+def score_tokens(lm, sequences, context, stride, batch_size=8, progress=False, desc=None):
+    """Per-target NLL (nats, float32) and top-1 hits (bool) for each sequence: two lists of [n-1] arrays.
+
+    Windows of every sequence are batched together, longest first, and right-padded: the model is
+    causal, so padding after a window's last token never changes its logits. Cross-entropy and argmax
+    run on the scored positions only.
+    """
+    nll = [np.zeros(max(len(s) - 1, 0), dtype=np.float32) for s in sequences]
+    hit = [np.zeros(max(len(s) - 1, 0), dtype=bool) for s in sequences]
+    windows = [(i, start, length, scored) for i, seq in enumerate(sequences)
+               for start, length, scored in window_plan(len(seq), context, stride)]
+    windows.sort(key=lambda w: -w[2])  # similar lengths share a batch: little padding
+    from tqdm import tqdm
+
+    bar = tqdm(total=sum(w[3] for w in windows), unit="tok", unit_scale=True, desc=desc, disable=not progress,
+               leave=False)
+    for b in range(0, len(windows), batch_size):
+        batch = windows[b:b + batch_size]
+        T = batch[0][2]
+        x = np.zeros((len(batch), T), dtype=np.int64)
+        rows, cols, targets = [], [], []
+        for r, (i, start, length, scored) in enumerate(batch):
+            x[r, :length] = sequences[i][start:start + length]
+            rows.append(np.full(scored, r))
+            cols.append(np.arange(length - scored, length))
+            targets.append(sequences[i][start + length - scored + 1:start + length + 1])
+        logits = lm.logits(torch.from_numpy(x).to(lm.device))  # [B, T, V] float32
+        V = logits.size(-1)
+        if all(w[3] == T for w in batch):  # every position scored (chunking, LAMBADA): a view, no copy
+            scored_logits = logits.reshape(-1, V)
+        else:
+            rows_t = torch.from_numpy(np.concatenate(rows)).to(logits.device)
+            cols_t = torch.from_numpy(np.concatenate(cols)).to(logits.device)
+            scored_logits = logits[rows_t, cols_t]  # [N, V]
+        target_t = torch.from_numpy(np.concatenate(targets)).to(logits.device)
+        batch_nll = F.cross_entropy(scored_logits, target_t, reduction="none").cpu().numpy()
+        batch_hit = (scored_logits.argmax(dim=-1) == target_t).cpu().numpy()
+        pos = 0
+        for i, start, length, scored in batch:
+            first = start + length - scored  # array index of the first scored target (target index - 1)
+            nll[i][first:first + scored] = batch_nll[pos:pos + scored]
+            hit[i][first:first + scored] = batch_hit[pos:pos + scored]
+            pos += scored
+        bar.update(pos)
+    bar.close()
+    return nll, hit
+
+
+def summarize(nll, hit, word_lens=None):
+    """Token-weighted metrics from per-target arrays; LAMBADA's last-word metrics if word_lens."""
+    all_nll = np.concatenate(nll).astype(np.float64) if nll else np.zeros(0)
+    if all_nll.size == 0:
+        raise EvalError("nothing to score: every sequence is shorter than two tokens")
+    loss = float(all_nll.mean())
+    out = {"loss": loss, "ppl": math.exp(loss), "acc": 100.0 * float(np.concatenate(hit).mean()),
+           "tokens": int(all_nll.size)}
+    if word_lens is not None:
+        word_nll = [float(n[-k:].astype(np.float64).sum()) for n, k in zip(nll, word_lens)]
+        word_hit = [bool(h[-k:].all()) for h, k in zip(hit, word_lens)]
+        out["last_word_acc"] = 100.0 * float(np.mean(word_hit))
+        out["last_word_loss"] = float(np.mean(word_nll))
+        out["last_word_ppl"] = math.exp(out["last_word_loss"])
+        out["words"] = len(word_lens)
+    return out
+
+
+def evaluate(lm, sequences, context=1024, stride=0, batch_size=8, word_lens=None, progress=False, desc=None):
+    """Loss, perplexity and top-1 accuracy of lm on token sequences (a list of int arrays, or one array).
+
+    context is clipped to lm.block_size; stride 0 means half the context. word_lens (LAMBADA): the
+    number of final tokens of each sequence that form its last word, for last-word accuracy/perplexity.
+    """
+    if isinstance(sequences, (np.ndarray, torch.Tensor)) and sequences.ndim == 1:
+        sequences = [sequences]
+    sequences = [np.asarray(s, dtype=np.int64) for s in sequences]
+    context = min(context, lm.block_size)
+    stride = stride or max(1, context // 2)
+    if not 1 <= stride <= context:
+        raise EvalError(f"--stride={stride} must be between 1 and the context ({context} tokens for {lm.name})")
+    if batch_size < 1:
+        raise EvalError(f"--batch_size must be >= 1, got {batch_size}")
+    top = max((int(s.max()) for s in sequences if s.size), default=0)
+    if top >= lm.vocab_size:
+        raise EvalError(f"token id {top} is outside {lm.name}'s vocabulary of {lm.vocab_size}")
+    nll, hit = score_tokens(lm, sequences, context, stride, batch_size, progress, desc)
+    return dict(summarize(nll, hit, word_lens), context=context, stride=stride)
+
+# -----------------------------------------------------------------------------
+# Models and the table
+
+METRIC_ROWS = [  # (key, label, cell); a row is shown for a benchmark if some model has its key
+    ("loss", "loss", lambda m: f"{m['loss']:.4f}"),
+    ("ppl", "perplexity", lambda m: f"{m['ppl']:.2f}"),
+    ("acc", "top-1 acc (%)", lambda m: f"{m['acc']:.2f}"),
+    ("last_word_acc", "last-word acc (%)", lambda m: f"{m['last_word_acc']:.2f}"),
+    ("last_word_ppl", "last-word perplexity", lambda m: f"{m['last_word_ppl']:.2f}"),
+    ("tokens", "tokens scored", lambda m: f"{m['tokens']:,}"),
+    ("context", "context / stride", lambda m: f"{m['context']} / {m['stride']}"),
+]
+
+
+def format_table(results):
+    """Markdown table like the paper's Table II: rows = benchmark x metric, one column per model.
+
+    results: {model name: {benchmark name: metrics dict}} (what run() returns as results["models"]).
+    """
+    models = list(results)
+    benches = [b for b in BENCHMARKS if any(b in results[m] for m in models)]
+    lines = ["| benchmark | metric | " + " | ".join(models) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in models) + " |"]
+    for b in benches:
+        first = True
+        for key, label, cell in METRIC_ROWS:
+            metrics = [results[m].get(b, {}) for m in models]
+            if not any(key in m for m in metrics):
+                continue
+            text = [cell(m) if key in m else "-" for m in metrics]
+            lines.append(f"| {BENCHMARKS[b].title if first else ''} | {label} | " + " | ".join(text) + " |")
+            first = False
+    return "\n".join(lines)
+
+
+def model_specs(settings):
+    """[(kind, path, name)] for --ckpt and --hf, named as analyze.py names them: a run's folder name,
+    an HF hub name or local folder name; names that clash become the paths as given."""
+    specs = [("ckpt", p) for p in as_list(settings["ckpt"])] + [("hf", n) for n in as_list(settings["hf"])]
+    if not specs:
+        raise EvalError("no models: give --ckpt path(s) and/or --hf name(s)")
+    names = []
+    for kind, path in specs:
+        if kind == "ckpt":
+            file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+            if not os.path.isfile(file):
+                raise EvalError(f"checkpoint not found: {file}")
+            names.append(os.path.basename(os.path.dirname(os.path.abspath(file))) or path)
+        else:
+            names.append(os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path)
+    return [(kind, path, name if names.count(name) == 1 else path) for (kind, path), name in zip(specs, names)]
+
+
+def load_model(kind, path, name, settings):
+    from lm import load_lm
+
+    try:
+        lm = load_lm(**{kind: path}, device=settings["device"], dtype=settings["dtype"])
+    except (OSError, ValueError, ImportError, RuntimeError, KeyError) as e:
+        raise EvalError(f"could not load {'checkpoint' if kind == 'ckpt' else 'HF model'} {path}: {e}") from e
+    lm.name = name
+    return lm
+
+
+def _write_outputs(out_dir, results, table):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table + "\n")
+
+
+def run(settings, lms=None):
+    """Evaluate every model on every benchmark; writes out_dir/results.{md,json}; returns the results.
+
+    settings: DEFAULTS with overrides. lms: already-loaded models to use instead of --ckpt/--hf.
+    Returns {"settings": ..., "models": {name: {benchmark: metrics}}, "sources": {name: spec}}.
+    """
+    names = as_list(settings["benchmarks"])
+    check_benchmark_names(names)
+    specs = [(None, None, lm.name) for lm in lms] if lms is not None else model_specs(settings)
+    data = {name: load_benchmark(name, settings) for name in names}  # all data present before any model loads
+    results = {"settings": {k: settings[k] for k in DEFAULTS}, "models": {}, "sources": {}}
+    token_cache = {}  # tokenizing is shared by models with the same tokenizer
+    for m, (kind, path, display) in enumerate(specs):
+        lm = lms[m] if lms is not None else load_model(kind, path, display, settings)
+        metrics = {}
+        for name in names:
+            key = (lm.tokenizer_id, name)
+            if key not in token_cache:
+                try:
+                    token_cache[key] = benchmark_tokens(name, data[name], lm, settings["max_tokens"])
+                except ValueError as e:  # e.g. an HF model saved without its tokenizer
+                    raise EvalError(f"{lm.name}: {e}") from e
+            sequences, word_lens = token_cache[key]
+            metrics[name] = evaluate(lm, sequences, settings["context"], settings["stride"], settings["batch_size"],
+                                     word_lens, settings["progress"], desc=f"{lm.name} {name}")
+            print(f"{lm.name} {BENCHMARKS[name].title}: " + ", ".join(
+                f"{k} {v:.4g}" for k, v in metrics[name].items() if isinstance(v, float)))
+        results["models"][lm.name] = metrics
+        results["sources"][lm.name] = lm.source
+        _write_outputs(settings["out_dir"], results, format_table(results["models"]))
+        del lm  # free one model before the next is loaded
+    return results
+
+
+def main(argv=None):
+    from configurator import configure_or_exit
+
+    settings = configure_or_exit(DEFAULTS, argv, EXTRA_TYPES)
+    try:
+        results = run(settings)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print()
+    print(format_table(results["models"]))
+    print(f"\nwrote {os.path.join(settings['out_dir'], 'results.md')} and results.json")
+    return results
+
+
+if __name__ == "__main__":
+    main()
