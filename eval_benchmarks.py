@@ -417,21 +417,16 @@ def format_table(results):
 
 
 def model_specs(settings):
-    """[(kind, path, name)] for --ckpt and --hf, named as analyze.py names them: a run's folder name,
-    an HF hub name or local folder name; names that clash become the paths as given."""
-    specs = [("ckpt", p) for p in as_list(settings["ckpt"])] + [("hf", n) for n in as_list(settings["hf"])]
-    if not specs:
+    """[(kind, path, name)] for --ckpt and --hf (lm.model_specs: named as analyze.py names them)."""
+    from lm import model_specs
+
+    ckpts, hf_names = as_list(settings["ckpt"]), as_list(settings["hf"])
+    if not ckpts and not hf_names:
         raise EvalError("no models: give --ckpt path(s) and/or --hf name(s)")
-    names = []
-    for kind, path in specs:
-        if kind == "ckpt":
-            file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-            if not os.path.isfile(file):
-                raise EvalError(f"checkpoint not found: {file}")
-            names.append(os.path.basename(os.path.dirname(os.path.abspath(file))) or path)
-        else:
-            names.append(os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path)
-    return [(kind, path, name if names.count(name) == 1 else path) for (kind, path), name in zip(specs, names)]
+    try:
+        return model_specs(ckpts, hf_names)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from e
 
 
 def load_model(kind, path, name, settings):

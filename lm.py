@@ -307,3 +307,21 @@ def load_lm(ckpt=None, hf=None, device="cpu", dtype="float32", name=None):
     lm = OurGPT(model, label)
     lm.source = f"ckpt:{ckpt}"
     return lm
+
+
+def model_specs(ckpt=(), hf=()):
+    """[(kind, path, name)] for lists of checkpoints and HF models, before anything loads: names for
+    tables and plots are a run's folder name, an HF hub name or local folder name, and names that
+    clash (two runs in folders called "out") become the paths as given. A missing checkpoint is a
+    FileNotFoundError here, so a long multi-model run fails at once, not at its third model."""
+    specs = [("ckpt", p) for p in ckpt] + [("hf", n) for n in hf]
+    names = []
+    for kind, path in specs:
+        if kind == "ckpt":
+            file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"checkpoint not found: {file}")
+            names.append(os.path.basename(os.path.dirname(os.path.abspath(file))) or path)
+        else:
+            names.append(os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path)
+    return [(kind, path, name if names.count(name) == 1 else path) for (kind, path), name in zip(specs, names)]
