@@ -141,9 +141,62 @@ def bench_data(num_proc=None, repeats=5):
 
 
 # -----------------------------------------------------------------------------
+# eval
+
+
+def bench_eval(repeats=5, sliding_repeats=2):
+    """eval_benchmarks.evaluate against a bare forward (lm.logits) of the same model on the same tokens.
+
+    GPT-2 124M's shape with random weights (throughput does not depend on the weights), one full
+    1024-token window per pass, batch 1. The passes alternate and each path's best run counts: on a
+    shared machine a slow run says more about the neighbours than about the code.
+    """
+    import numpy as np
+    import torch
+
+    import eval_benchmarks
+    from lm import OurGPT
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    lm = OurGPT(GPT(GPTConfig()), "gpt2-124M-shape")  # 12 layers x 768, 1024 context, 50304 vocab
+    T = lm.block_size
+    tokens = np.random.default_rng(0).integers(0, 50257, 2 * T + 1)
+    x = torch.from_numpy(tokens[None, :T])
+
+    def forward_only():
+        with torch.inference_mode():
+            lm.logits(x)
+
+    def scored(n_tokens, stride):
+        return lambda: eval_benchmarks.evaluate(lm, tokens[:n_tokens + 1], context=T, stride=stride, batch_size=1)
+
+    forward_only()  # warm-up: allocator, thread pool
+    paths = [  # (name, tokens scored per run, run, repeats)
+        ("forward only: lm.logits", T, forward_only, repeats),
+        (f"evaluate, stride = context ({T})", T, scored(T, T), repeats),
+        (f"evaluate, stride = context / 2 ({T // 2}), 2 x {T} tokens", 2 * T, scored(2 * T, T // 2), sliding_repeats),
+    ]
+    best = {}
+    for r in range(repeats):
+        for name, n_tokens, run, n_repeats in paths:
+            if r < n_repeats:
+                start = time.perf_counter()
+                run()
+                best[name] = min(best.get(name, float("inf")), (time.perf_counter() - start) / n_tokens)
+    reference = 1 / best[paths[0][0]]
+    rows = [[name, f"{1 / seconds:,.0f}", f"{1 / seconds / reference:.1%}"] for name, seconds in best.items()]
+    print(f"### eval: scored tokens/s, GPT-2 124M shape, float32, batch 1, {torch.get_num_threads()} torch threads, "
+          f"best of {repeats} (sliding: {sliding_repeats})\n")
+    print(markdown_table(["path", "tokens/s", "vs forward only"], rows))
+    print("\nstride = context / 2 runs 3 windows for 2 windows' tokens: the price of >= 512 tokens of context each.")
+
+
+# -----------------------------------------------------------------------------
 
 SECTIONS = {
     "data": bench_data,
+    "eval": bench_eval,
 }
 KNOWN_SECTIONS = ["data", "train", "analyze", "eval"]
 
