@@ -1,0 +1,193 @@
+"""analyze.py end to end: an overlay of checkpoints on token shards, its files and plots, the training-log
+plots (alphas over training, cut sweep), and clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import analyze
+from data import write_shard
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RUNS = {"out-baseline": dict(residual_mode="none"), "out-cut": dict(residual_mode="cut", cut_layer=-1),
+        "out-gate": dict(residual_mode="gate", gate_mode="layer")}
+
+
+def save_run(folder, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=50304, **kw))
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_args": model.config.to_dict()}, folder / "ckpt.pt")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def overlay(tmp_path_factory):
+    """Three tiny runs (baseline / cut / gate) analysed together on GPT-2 token shards."""
+    tmp = tmp_path_factory.mktemp("overlay")
+    rng = np.random.default_rng(0)
+    write_shard(tmp / "demo_val_000000.bin", rng.integers(0, 50257, 3000).astype(np.uint16))
+    runs = [save_run(tmp / name, seed=i, **kw) for i, (name, kw) in enumerate(RUNS.items())]
+    out = tmp / "analysis"
+    analyze.main(["--ckpt", *runs, "--shards", str(tmp / "*_val_*.bin"), "--num_sequences=6", "--seq_len=16",
+                  "--out_dir", str(out), "--progress=False", "--k=3"])
+    return out
+
+
+def test_overlay_writes_metrics_for_every_checkpoint_and_layer(overlay, capsys):
+    data = json.loads((overlay / "metrics.json").read_text())
+    assert [m["label"] for m in data["models"]] == list(RUNS)
+    assert data["settings"]["shards"].endswith("*_val_*.bin") and data["settings"]["k"] == 3
+    for m in data["models"]:
+        assert (m["space"], m["lens_norm"], m["k"], m["positions"]) == ("raw", True, 3, 6 * 16)
+        assert [row["layer"] for row in m["layers"]] == [0.0, 1.0, 2.0]
+    csv_rows = (overlay / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("model,source,kind,layer,space,lens_norm,k,topk_input")
+    assert len(csv_rows) == 1 + 3 * 3 and all(",raw,True,3," in row for row in csv_rows[1:])
+
+
+@pytest.mark.parametrize("name", ["topk.png", "cosine_projection.png", "lens.png", "shift_depth.png"])
+def test_plots_are_valid_pngs(overlay, name):
+    import matplotlib.image
+
+    path = overlay / name
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(str(path))
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+
+
+def test_overlay_figures_have_one_curve_per_checkpoint(overlay):
+    results = json.loads((overlay / "metrics.json").read_text())["models"]
+    fig = analyze.plot_topk(results)
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"{run}: {what}" for run in RUNS for what in ("input t_i", "target t_i+1")]
+    for line, (result, name) in zip(ax.get_lines(), [(r, n) for r in results for n in ("topk_input", "topk_target")]):
+        assert list(line.get_ydata()) == [row[name] for row in result["layers"]]
+    fig = analyze.plot_cosine_projection(results)
+    assert [len(ax.get_lines()) for ax in fig.axes] == [2 * 3, 3 + 2]  # + the y = 0 and y = 1 guides
+    assert len(analyze.plot_lens(results).axes) == 3
+    bars = analyze.plot_shift_depth(results).axes[0].containers
+    assert len(bars) == 3 and all(len(b) == 2 + 2 for b in bars)  # layers 0..2 and "never"
+
+
+def test_mid_states_are_rows_between_layers(tmp_path):
+    run = save_run(tmp_path / "run")
+    write_shard(tmp_path / "v_val_000000.bin", np.arange(1000, dtype=np.uint16))
+    analyze.main(["--ckpt", run, "--shards", str(tmp_path / "*.bin"), "--num_sequences=2", "--seq_len=8",
+                  "--mid", "--space=normed", "--lens_norm=False", "--out_dir", str(tmp_path / "a"), "--progress=False"])
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())["models"][0]
+    assert [(r["kind"], r["layer"]) for r in m["layers"]] == [
+        ("resid", 0.0), ("resid", 1.0), ("resid", 2.0), ("mid", 0.5), ("mid", 1.5)]
+    assert (m["space"], m["lens_norm"]) == ("normed", False)
+
+# -----------------------------------------------------------------------------
+# Training logs, in train.py's format
+
+
+def write_log(folder, config, alphas, val_losses):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"type": "run", "iter": 0, "config": config}]
+    for it, a in enumerate(alphas):
+        rows.append({"type": "train", "iter": it * 10, "loss": 5.0, "alphas": a})
+    for it, loss in enumerate(val_losses):
+        rows.append({"type": "eval", "iter": it * 50, "val_loss": loss, "alphas": alphas[-1]})
+    rows.append({"type": "end", "iter": 100, "reason": "max_iters"})
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder / "log.jsonl")
+
+
+def test_alpha_plot_has_one_line_per_layer_over_training(tmp_path):
+    config = {"n_layer": 3, "residual_mode": "gate", "gate_mode": "layer", "cut_layer": -1}
+    alphas = [[0.8, 0.8, 0.8], [0.85, 0.8, 0.7], [0.95, 0.9, 0.6]]
+    path = write_log(tmp_path / "out-gate", config, alphas, [4.0, 3.5])
+    analyze.main(["--log", path, "--out_dir", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "alphas.png").read_bytes()[:8] == PNG_SIGNATURE
+    (ax,) = analyze.plot_alphas([analyze.read_log(path)]).axes
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [list(col) for col in zip(*alphas)]
+    assert list(ax.get_lines()[0].get_xdata()) == [0, 10, 20]
+    assert "out-gate" in ax.get_title() and "gate (layer)" in ax.get_title()
+
+
+def test_cut_sweep_plots_final_val_loss_per_cut_layer_and_the_baseline(tmp_path):
+    logs = []
+    for layer, loss in [(-1, 3.1), (0, 3.4), (1, 3.2)]:  # -1 is the last of 3 blocks
+        config = {"n_layer": 3, "residual_mode": "cut", "cut_layer": layer, "cut_alpha": 0.5}
+        logs.append(write_log(tmp_path / f"out-cut{layer}", config, [[1, 1, 1]], [5.0, loss]))
+    baseline = write_log(tmp_path / "out-baseline", {"n_layer": 3, "residual_mode": "none", "cut_layer": -1},
+                         [[1, 1, 1]], [5.0, 3.0])
+    analyze.main(["--cut_sweep", str(tmp_path / "out-cut*" / "log.jsonl"), "--baseline", baseline,
+                  "--out_dir", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "cut_sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+    fig = analyze.plot_cut_sweep([analyze.read_log(p) for p in logs], analyze.read_log(baseline))
+    sweep, base = fig.axes[0].get_lines()
+    assert list(sweep.get_xdata()) == [0, 1, 2] and list(sweep.get_ydata()) == [3.4, 3.2, 3.1]
+    assert list(base.get_ydata()) == [3.0, 3.0]
+
+
+def test_training_log_errors_name_the_file(tmp_path, capsys):
+    path = write_log(tmp_path / "out-x", {"n_layer": 3, "residual_mode": "none", "cut_layer": -1}, [[1, 1, 1]], [3.0])
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--cut_sweep", path, "--out_dir", str(tmp_path / "a")])
+    assert e.value.code == 1 and "out-x/log.jsonl: residual_mode is 'none', not 'cut'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        analyze.main(["--log", str(tmp_path / "nowhere.jsonl"), "--out_dir", str(tmp_path / "a")])
+    assert "training logs match" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# Bad input: a non-zero exit and a message naming the thing
+
+
+def test_missing_checkpoint_exits_non_zero_naming_the_file(tmp_path):
+    missing = tmp_path / "out-nothing" / "ckpt.pt"
+    result = subprocess.run([sys.executable, "analyze.py", "--ckpt", str(missing), "--out_dir", str(tmp_path / "a")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"checkpoint not found: {missing}" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--seq_len=64"], "--seq_len=64 is longer than run's block size 32"),
+    (["--data_files", "{empty}/*.txt"], "no text in --data_files"),
+    (["--data_files", "{empty}/*.csv"], "no input files match"),
+    (["--space=sideways"], "--space must be 'raw' or 'normed'"),
+    (["--k=0"], "--k must be >= 1"),
+    (["--shards", "{empty}/*.bin"], "no token shards match"),
+    (["--lens_dtype=float8"], "--lens_dtype must be one of ['auto', 'float32'"),
+    (["--dtype=float64"], "--dtype must be one of ['float32'"),
+    ([], "could not load 'wikitext'"),  # the default dataset, and no hub (tests are offline): say what to do
+])
+def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, argv, message):
+    run = save_run(tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n\n")
+    argv = [a.replace("{empty}", str(empty)) for a in argv]
+    with pytest.raises(SystemExit) as e:  # later settings win: argv overrides --seq_len=8
+        analyze.main(["--ckpt", run, "--out_dir", str(tmp_path / "a"), "--progress=False", "--seq_len=8",
+                      "--num_sequences=2", *argv])
+    assert e.value.code == 1
+    assert message in capsys.readouterr().err
+
+
+def test_nothing_to_analyse_and_unknown_settings(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--out_dir", str(tmp_path)])
+    assert e.value.code == 1 and "nothing to analyse" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--ckpts", "x"])
+    assert e.value.code == 2 and "did you mean --ckpt" in capsys.readouterr().err
+
+
+def test_rows_of_one_text_are_joined_and_documents_are_not(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a b\n", "", "c d\n"]))
+    files = [str(tmp_path / "d.jsonl")]
+    assert analyze.read_documents(data_files=files) == ["a b\n", "c d\n"]
+    assert analyze.read_documents(data_files=files, join_rows=True) == ["a b\nc d\n"]
