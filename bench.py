@@ -193,9 +193,122 @@ def bench_eval(repeats=5, sliding_repeats=2):
 
 
 # -----------------------------------------------------------------------------
+# train
+
+
+def _device_name(device):
+    import torch
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:  # platform.processor() is often empty on Linux
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def _matmul_peak(device, dtype, n, repeats=5):
+    """FLOP/s of an n x n x n matmul, best of repeats: the practical peak MFU is measured against."""
+    import torch
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        start = time.perf_counter()
+        (a @ b).sum().item()  # .item(): wait for the GPU
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def bench_train(steps=2, repeats=7, warmup=2):
+    """Training tokens/s and MFU for every residual mode on the same model, batch and seed.
+
+    A training step is train.py's: forward under autocast (bf16 on GPU, fp32 on CPU), backward, clip,
+    AdamW. On a GPU: GPT-2 124M, 16 x 1024 tokens, torch.compile. On CPU (a ~2-minute budget): GPT-2
+    small's 12 layers at half the width (384), 4 x 128 tokens and an 8192-token vocabulary: on CPU the
+    50k-wide logits of GPT-2's vocabulary are memory-bound and take most of a step, hiding the blocks
+    where alpha acts; and the narrower the model, the larger the alpha multiply's share of a layer. So
+    the CPU numbers overstate the attenuation cost, if anything. Modes are interleaved `repeats` times
+    (`steps` steps each, after `warmup` steps per mode) and the median counts. MFU is against the
+    measured peak of one large matmul in the training dtype on this device.
+    """
+    import statistics
+    from contextlib import nullcontext
+
+    import torch
+
+    from model import GPT, GPTConfig
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if cuda:
+        shape = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+        B, T, dtype, compiled = 16, 1024, torch.bfloat16, True
+    else:
+        shape = dict(n_layer=12, n_head=6, n_embd=384, vocab_size=8192)
+        B, T, dtype, compiled = 4, 128, torch.float32, False
+    ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    modes = {
+        "none": dict(residual_mode="none"),
+        "cut (layer -1, alpha 0.5)": dict(residual_mode="cut", cut_layer=-1, cut_alpha=0.5),
+        "gate layer": dict(residual_mode="gate", gate_mode="layer"),
+        "gate token": dict(residual_mode="gate", gate_mode="token"),
+        "gate scalar": dict(residual_mode="gate", gate_mode="scalar"),
+    }
+    generator = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, shape["vocab_size"], (B, T), generator=generator).to(device) for _ in range(2))
+
+    runs = {}
+    for name, residual in modes.items():
+        torch.manual_seed(0)  # the same initial weights for every mode (gates aside)
+        model = GPT(GPTConfig(block_size=T, **shape, **residual)).to(device)
+        optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
+        forward = torch.compile(model) if compiled else model
+        runs[name] = (model, forward, optimizer)
+
+    def train_steps(name, n):
+        model, forward, optimizer = runs[name]
+        for _ in range(n):
+            with ctx:
+                _, loss = forward(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss.item()  # wait for the device
+
+    for name in modes:
+        train_steps(name, warmup)  # compile, allocator, thread pool
+    seconds = {name: [] for name in modes}
+    for _ in range(repeats):
+        for name in modes:
+            start = time.perf_counter()
+            train_steps(name, steps)
+            seconds[name].append(time.perf_counter() - start)
+    peak = _matmul_peak(device, dtype, 8192 if cuda else 2048)
+
+    tokens = steps * B * T
+    reference = tokens / statistics.median(seconds["none"])
+    rows = []
+    for name, times in seconds.items():
+        rate = tokens / statistics.median(times)
+        mfu = runs[name][0].flops_per_token(T) * rate / peak
+        spread = (max(times) - min(times)) / statistics.median(times)
+        rows.append([name, f"{rate:,.0f}", f"{rate / reference:.1%}", f"{mfu:.1%}",
+                     f"{1000 * statistics.median(times) / steps:.0f}", f"{spread:.0%}"])
+    dtype_name = str(dtype).removeprefix("torch.")
+    print(f"### train: tokens/s per residual mode ({_device_name(device)}, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__})\n")
+    print(f"{shape['n_layer']} layers x {shape['n_embd']}, vocabulary {shape['vocab_size']}, {B} x {T} tokens per step, "
+          f"{dtype_name}, "
+          f"compile={compiled}; median of {repeats} interleaved runs of {steps} steps after {warmup} warm-up steps; "
+          f"MFU against a measured {dtype_name} matmul peak of {peak / 1e12:.3f} TFLOP/s\n")
+    print(markdown_table(["residual mode", "tokens/s", "vs none", "MFU", "ms / step", "spread (max-min)/median"],
+                         rows))
+
+
+# -----------------------------------------------------------------------------
 
 SECTIONS = {
     "data": bench_data,
+    "train": bench_train,
     "eval": bench_eval,
 }
 KNOWN_SECTIONS = ["data", "train", "analyze", "eval"]
