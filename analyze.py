@@ -707,24 +707,14 @@ def _as_list(value):
 
 
 def load_models(settings):
-    """The --ckpt and --hf models, labelled (run dir name / hub name or dir name, made unique)."""
-    from lm import load_lm
+    """The --ckpt and --hf models, named by lm.model_specs (run dir, hub or dir name; paths on a clash)."""
+    from lm import load_lm, model_specs
 
-    specs = [("ckpt", p) for p in _as_list(settings["ckpt"])] + [("hf", p) for p in _as_list(settings["hf"])]
     lms = []
-    for kind, path in specs:
-        if kind == "ckpt":
-            file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-            if not os.path.isfile(file):
-                raise AnalyzeError(f"checkpoint not found: {file}")
+    for kind, path, name in model_specs(_as_list(settings["ckpt"]), _as_list(settings["hf"])):
         lm = load_lm(**{kind: path}, device=settings["device"], dtype=settings["dtype"])
-        if kind == "hf":
-            lm.name = os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path
+        lm.name = name
         lms.append(lm)
-    names = [lm.name for lm in lms]
-    for lm, (kind, path) in zip(lms, specs):
-        if names.count(lm.name) > 1:  # e.g. two runs both in dirs called "out": use the path given
-            lm.name = path
     return lms
 
 

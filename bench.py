@@ -305,11 +305,99 @@ def bench_train(steps=2, repeats=7, warmup=2):
 
 
 # -----------------------------------------------------------------------------
+# analyze
+
+_ANALYZE_MEMORY_PROBE = """
+import json, re, sys
+import torch
+import analyze
+from lm import OurGPT
+from model import GPT, GPTConfig
+n, T, B = (int(a) for a in sys.argv[1:4])
+torch.manual_seed(0)
+lm = OurGPT(GPT(GPTConfig()), "gpt2-124M-shape")
+windows = torch.randint(0, 50257, (n, T + 1), generator=torch.Generator().manual_seed(0))
+status = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS (building the model peaks higher)
+baseline_kib = status("VmRSS")
+analyze.analyze_model(lm, analyze.batched(windows, B), progress=False)
+print(json.dumps({"baseline_kib": baseline_kib, "peak_kib": status("VmHWM")}))
+"""
+
+
+def bench_analyze(repeats=2, B=2, T=128, memory_sequences=(2, 8)):
+    """analyze.analyze_model against a bare forward (lm.logits) of the same model on the same tokens,
+    and its peak memory (a fresh Linux process each: /proc peak RSS) for two numbers of sequences.
+
+    GPT-2 124M's shape with random weights, B x T tokens, float32 on CPU. The analysis decodes all 13
+    states (embeddings + 12 blocks) through the 50304 x 768 unembedding where the forward decodes one,
+    so its floor is the trunk plus 13 lens matmuls, timed on their own (no metrics) as a reference.
+    Paths alternate, best of `repeats`.
+    """
+    import torch
+
+    import analyze
+    from lm import OurGPT
+    from model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    lm = OurGPT(GPT(GPTConfig()), "gpt2-124M-shape")
+    windows = torch.randint(0, 50257, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    x = windows[:, :-1]
+
+    @torch.inference_mode()
+    def forward_only():
+        lm.logits(x)
+
+    @torch.inference_mode()
+    def floor():  # the unavoidable work: hidden states, then every state through the unembedding
+        resid, _ = lm.hidden_states(x)
+        for h in resid:
+            lm.decode(h)
+
+    def analysis(lens_dtype):
+        return lambda: analyze.analyze_model(lm, [windows], progress=False, lens_dtype=lens_dtype)
+
+    forward_only()  # warm-up: allocator, thread pool
+    paths = {"forward only: lm.logits": forward_only,
+             f"floor: hidden states + {lm.n_layer + 1} lens matmuls, no metrics": floor,
+             "analyze_model, float32 lens (default)": analysis("auto"),
+             "analyze_model, bfloat16 lens (--lens_dtype=bfloat16)": analysis("bfloat16")}
+    wall, cpu = ({name: float("inf") for name in paths} for _ in range(2))  # CPU time: less noise from neighbours
+    for _ in range(repeats):
+        for name, run in paths.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            wall[name] = min(wall[name], time.perf_counter() - start)
+            cpu[name] = min(cpu[name], time.process_time() - start_cpu)
+    forward = "forward only: lm.logits"
+    rows = [[name, f"{B * T / wall[name]:,.0f}", f"{wall[name] / wall[forward]:.2f}x", f"{cpu[name] / cpu[forward]:.2f}x"]
+            for name in paths]
+
+    memory_rows = []
+    for n in memory_sequences:
+        result = subprocess.run([sys.executable, "-c", _ANALYZE_MEMORY_PROBE, str(n), str(T), str(B)],
+                                capture_output=True, text=True, check=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)))
+        probe = json.loads(result.stdout.strip().splitlines()[-1])
+        memory_rows.append([n, f"{n * T:,}", B, f"{probe['baseline_kib'] / 1024:.0f}", f"{probe['peak_kib'] / 1024:.0f}",
+                            f"{(probe['peak_kib'] - probe['baseline_kib']) / 1024:.0f}"])
+
+    print(f"### analyze: layerwise metrics vs a plain forward, GPT-2 124M shape, float32, {B} x {T} tokens, "
+          f"{torch.get_num_threads()} torch threads, best of {repeats}\n")
+    print(markdown_table(["path", "tokens/s (wall)", "time vs forward (wall)", "(CPU time)"], rows))
+    print("\n### analyze: peak memory (RSS, MiB, a fresh process per row)\n")
+    print(markdown_table(["sequences", "tokens", "batch", "before the analysis", "peak during it", "added"],
+                         memory_rows))
+
+
+# -----------------------------------------------------------------------------
 
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
     "eval": bench_eval,
+    "analyze": bench_analyze,
 }
 KNOWN_SECTIONS = ["data", "train", "analyze", "eval"]
 
