@@ -74,12 +74,12 @@ DEFAULTS = dict(
     ckpt=[],  # our checkpoints: ckpt.pt paths or run dirs holding one (label = run dir name)
     hf=[],  # transformers causal LMs: hub names or local save_pretrained dirs
     # text: the hub dataset (default WikiText-103 test, like the paper), local files, or token shards
-    dataset="wikitext",
+    dataset="Salesforce/wikitext",
     dataset_config="wikitext-103-raw-v1",
     split="test",
     data_files=[],  # local .txt (one document per file) / .jsonl / .parquet files or globs
     text_column="text",
-    join_rows=None,  # rows are lines of one text, not documents: None = auto (True for the hub's wikitext)
+    wikitext=None,  # rows are WikiText lines, grouped into articles: None = auto (True for the hub's wikitext)
     max_chars=20_000_000,  # read at most this much text (windows are sampled from it)
     shards="",  # glob of GPT-2 token shards (data.py format) instead of text
     num_sequences=1000,
@@ -125,12 +125,16 @@ class AnalyzeError(ValueError):
 
 
 def read_documents(dataset=None, dataset_config=None, split="test", data_files=None, text_column="text",
-                   join_rows=None, max_chars=20_000_000):
-    """Non-empty document strings (at most about max_chars characters) from the hub or local files."""
+                   wikitext=None, max_chars=20_000_000):
+    """Non-empty document strings (at most about max_chars characters) from the hub or local files.
+
+    WikiText's rows are the lines of its articles, not documents: they are grouped into articles the
+    way eval_benchmarks.py reads them (wikitext=None: for the hub's wikitext datasets).
+    """
     from data import iter_documents
 
-    if join_rows is None:  # WikiText's rows are the lines of its articles, not documents
-        join_rows = not data_files and (dataset or "").split("/")[-1] == "wikitext"
+    if wikitext is None:
+        wikitext = not data_files and (dataset or "").split("/")[-1] == "wikitext"
     where = f"--data_files {data_files}" if data_files else f"dataset {dataset!r} ({dataset_config}, {split})"
     documents, total = [], 0
     try:
@@ -145,7 +149,11 @@ def read_documents(dataset=None, dataset_config=None, split="test", data_files=N
         raise AnalyzeError(str(e).strip("'\"")) from e
     if not documents:
         raise AnalyzeError(f"no text in {where}: every document is empty")
-    return ["".join(documents)] if join_rows else documents
+    if wikitext:
+        from eval_benchmarks import wikitext_articles
+
+        documents = wikitext_articles(documents)
+    return documents
 
 
 _WORD_START = re.compile(r"(?<=\s)\S")
@@ -314,7 +322,7 @@ def _state_sums(lens, v, diff, ref, final):
         lens.topk_in.sum(), lens.topk_out.sum(), cos_in.sum(), cos_out.sum(),
         proj.where(ref.has_direction, 0.0).sum(), (lens.wins & diff).sum(), lens.ce.sum(), lens.entropy.sum(),
         lens.kl_from(final).sum(),
-    ]).double().cpu()
+    ]).cpu().double()  # (MPS has no float64)
 
 
 @torch.inference_mode()
@@ -338,6 +346,7 @@ def analyze_model(lm, token_batches, k=5, space="raw", lens_norm=True, mid=False
     states = [("resid", float(l)) for l in range(L + 1)] + ([("mid", l + 0.5) for l in range(L)] if mid else [])
     sums = torch.zeros(len(states), len(METRICS), dtype=torch.float64)
     counts = {"all": 0, "diff": 0, "proj": 0}
+    final_ce = 0.0  # the model's own loss on these tokens (the lens at the last layer, with the norm)
     first_win = torch.zeros(L + 2, dtype=torch.int64)  # layers 0..L, then "never"
     chunk = max(1, LENS_CHUNK_BYTES // (4 * lm.vocab_size))
 
@@ -381,6 +390,7 @@ def analyze_model(lm, token_batches, k=5, space="raw", lens_norm=True, mid=False
                 del lens
                 final.z = None  # only the final p and entropy are needed from here on
             first_win += torch.bincount((never_won_after + 1)[diff].cpu(), minlength=L + 2)
+            final_ce += final.ce.sum().item()
             counts["all"] += x.numel()
             counts["diff"] += int(diff.sum())
             counts["proj"] += int(ref.has_direction.sum())
@@ -390,16 +400,16 @@ def analyze_model(lm, token_batches, k=5, space="raw", lens_norm=True, mid=False
     bar.close()
     if counts["all"] == 0:
         raise AnalyzeError(f"{lm.name}: no tokens to analyse")
-    return _summarise(lm, states, sums, counts, first_win, k, space, lens_norm, lens_dtype)
+    return _summarise(lm, states, sums, counts, first_win, final_ce, k, space, lens_norm, lens_dtype)
 
 
-def _summarise(lm, states, sums, counts, first_win, k, space, lens_norm, lens_dtype):
+def _summarise(lm, states, sums, counts, first_win, final_ce, k, space, lens_norm, lens_dtype):
     rows = []
     n_diff = counts["diff"]
     for (kind, layer), row in zip(states, sums.tolist()):
         entry = {"kind": kind, "layer": layer}
         for (name, over), value in zip(METRICS, row):
-            entry[name] = value / counts[over] if counts[over] else float("nan")
+            entry[name] = value / counts[over] if counts[over] else None  # e.g. every t_i == t_{i+1}
         rows.append(entry)
     resid = [r for r in rows if r["kind"] == "resid"]
     layers = [r["layer"] for r in resid]
@@ -415,7 +425,8 @@ def _summarise(lm, states, sums, counts, first_win, k, space, lens_norm, lens_dt
     shift = {
         "topk_crossing": crossing_layer(layers, curve("topk_input"), curve("topk_target")),
         "cosine_crossing": crossing_layer(layers, curve("cos_input"), curve("cos_target")),
-        "projection_half": crossing_layer(layers, [0.5] * len(layers), curve("projection")),
+        "projection_half": (None if None in curve("projection")  # no position with t_i != t_{i+1}
+                            else crossing_layer(layers, [0.5] * len(layers), curve("projection"))),
         "first_win_hist": hist[:-1],
         "first_win_never": hist[-1],
         "first_win_median": median,
@@ -428,7 +439,7 @@ def _summarise(lm, states, sums, counts, first_win, k, space, lens_norm, lens_dt
         "space": space, "lens_norm": lens_norm, "k": k, "lens_dtype": lens_dtype,
         "positions": counts["all"], "positions_diff": n_diff,
         "positions_projection": counts["proj"],
-        "final_loss": resid[-1]["lens_ce"] if lens_norm else None,
+        "final_loss": final_ce / counts["all"],
         "layers": rows, "shift_depth": shift,
     }
 
@@ -456,7 +467,7 @@ def write_metrics(results, out_dir, settings=None):
     os.makedirs(out_dir, exist_ok=True)
     json_path, csv_path = os.path.join(out_dir, "metrics.json"), os.path.join(out_dir, "metrics.csv")
     with open(json_path, "w") as f:
-        json.dump({"settings": settings or {}, "models": results}, f, indent=1, default=str)
+        json.dump({"settings": settings or {}, "models": results}, f, indent=1, default=str, allow_nan=False)
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
@@ -500,6 +511,13 @@ def _figure(ncols=1, width=6.4, height=4.4):
     return fig, axes
 
 
+def _label(ax, title, xlabel, ylabel, ncol=1):
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, ncol=ncol)
+
+
 def _color(i):
     from matplotlib import colormaps
 
@@ -523,9 +541,11 @@ def _curves(ax, results, metrics, styles, ylabel):
     ax.legend(fontsize=8)
 
 
-def _describe(results):
-    r = results[0]
-    return f"{r['space']} state, lens {'with' if r['lens_norm'] else 'without'} final norm"
+def _mark_crossings(ax, results, key):
+    """A dotted vertical line per model at its crossing layer (shift_depth[key]), when there is one."""
+    for i, r in enumerate(results):
+        if r["shift_depth"][key] is not None:
+            ax.axvline(r["shift_depth"][key], color=_color(i), linestyle=":", linewidth=1.2)
 
 
 def plot_topk(results):
@@ -533,9 +553,10 @@ def plot_topk(results):
     fig, (ax,) = _figure()
     _curves(ax, results, [("topk_input", "input t_i"), ("topk_target", "target t_i+1")], ["o-", "s--"],
             f"top-{k} match")
+    _mark_crossings(ax, results, "topk_crossing")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"logit lens: input vs target in the top {k} ({'with' if results[0]['lens_norm'] else 'no'} "
-                 "final norm)")
+    norm = "final norm" if results[0]["lens_norm"] else "no final norm"
+    ax.set_title(f"logit lens top-{k} match ({norm}); dotted: crossing")
     return fig
 
 
@@ -543,7 +564,8 @@ def plot_cosine_projection(results):
     fig, (ax_cos, ax_proj) = _figure(2)
     _curves(ax_cos, results, [("cos_input", "cos(h, e_in)"), ("cos_target", "cos(h, e_out)")], ["o-", "s--"],
             "cosine similarity")
-    ax_cos.set_title(f"cosine to the input / target embedding ({results[0]['space']} state)")
+    _mark_crossings(ax_cos, results, "cosine_crossing")
+    ax_cos.set_title(f"cosine to the input / target embedding ({results[0]['space']} state; dotted: crossing)")
     _curves(ax_proj, results, [("projection", "projection")], ["o-"], "<h - e_in, e_out - e_in> / |e_out - e_in|^2")
     for y, text in ((0, "input"), (1, "target")):
         ax_proj.axhline(y, color="gray", linewidth=0.8, linestyle=":")
@@ -575,12 +597,10 @@ def plot_shift_depth(results):
         xs = np.array(list(range(r["n_layer"] + 1)) + [n_max + 1.5])
         ax.bar(xs - 0.4 + width * (i + 0.5), counts / max(counts.sum(), 1), width=width, color=_color(i),
                label=f"{r['label']} (median {s['first_win_median'] if s['first_win_median'] is not None else '-'})")
-    ticks = list(range(0, n_max + 1, max(1, (n_max + 1) // 14))) + [n_max + 1.5]
+    ticks = list(range(0, n_max + 1, math.ceil((n_max + 1) / 14))) + [n_max + 1.5]
     ax.set_xticks(ticks, [str(t) for t in ticks[:-1]] + ["never"])
-    ax.set_xlabel("first layer from which the target's logit stays above the input's")
-    ax.set_ylabel("fraction of positions")
-    ax.set_title("per-token shift depth")
-    ax.legend(fontsize=8)
+    _label(ax, "per-token shift depth", "first layer from which the target's logit stays above the input's",
+           "fraction of positions")
     return fig
 
 
@@ -641,11 +661,10 @@ def plot_alphas(logs):
         for layer in range(n):
             ax.plot(iters, values[:, layer], color=cmap(layer / max(n - 1, 1)), label=f"layer {layer}")
         cfg = run["config"] or {}
-        mode = cfg.get("residual_mode", "?") + (f" ({cfg.get('gate_mode')})" if cfg.get("residual_mode") == "gate" else "")
-        ax.set_title(f"{run['name']}: residual alpha per layer, {mode}")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("alpha")
-        ax.legend(fontsize=7, ncol=2 if n > 8 else 1)
+        mode = cfg.get("residual_mode", "?")
+        if mode == "gate":
+            mode += f" ({cfg.get('gate_mode')})"
+        _label(ax, f"{run['name']}: residual alpha per layer, {mode}", "iteration", "alpha", ncol=2 if n > 8 else 1)
     return fig
 
 
@@ -667,6 +686,9 @@ def plot_cut_sweep(runs, baseline=None):
         if run["final_val_loss"] is None:
             raise AnalyzeError(f"{run['path']} has no eval row with a val_loss")
         points.append((_cut_layers(run), run["final_val_loss"], run["config"].get("cut_alpha")))
+    ends = {run["name"]: run["final_iter"] for run in runs + ([baseline] if baseline else [])}
+    if len(set(ends.values())) > 1:  # e.g. a run stopped early: its "final" loss is from an earlier eval
+        print(f"note: the runs' last evals are at different iterations: {ends}")
     points.sort()
     fig, (ax,) = _figure()
     xs = [layers[0] for layers, _, _ in points]
@@ -682,10 +704,7 @@ def plot_cut_sweep(runs, baseline=None):
             raise AnalyzeError(f"{baseline['path']} has no eval row with a val_loss")
         ax.axhline(baseline["final_val_loss"], color="gray", linestyle="--", label=f"baseline ({baseline['name']})")
     ax.set_xticks(sorted(set(xs)))
-    ax.set_xlabel("cut layer (block index)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("validation loss vs cut layer")
-    ax.legend(fontsize=8)
+    _label(ax, "validation loss vs cut layer", "cut layer (block index)", "final validation loss")
     return fig
 
 
@@ -729,7 +748,7 @@ def token_windows(lms, settings):
         windows = shard_windows(settings["shards"], settings["num_sequences"], length, settings["seed"])
         return [windows] * len(lms)
     documents = read_documents(settings["dataset"], settings["dataset_config"], settings["split"],
-                               _as_list(settings["data_files"]), settings["text_column"], settings["join_rows"],
+                               _as_list(settings["data_files"]), settings["text_column"], settings["wikitext"],
                                settings["max_chars"])
     starts = text_starts(documents, settings["num_sequences"], settings["seed"])
     cache = {}  # models with the same tokenizer share their tokens

@@ -185,6 +185,15 @@ def test_crossing_layer_equals_a_dense_search_on_random_curves():
             assert got == pytest.approx(grid[np.flatnonzero(above)[-1]], abs=2e-5)
 
 
+def test_sequences_without_a_shift_give_no_projection_instead_of_nan():
+    lm = OurGPT(tie_model(), "tiny")
+    r = analyze_model(lm, [torch.full((2, 9), 4)], progress=False)  # t_i == t_{i+1} everywhere
+    assert r["positions_diff"] == 0 and r["shift_depth"]["projection_half"] is None
+    assert all(row["projection"] is None and row["target_wins"] is None for row in r["layers"])
+    assert r["layers"][0]["topk_input"] == 1.0  # the repeated token is its own target: counted by both
+    json.dumps(r, allow_nan=False)
+
+
 def test_analysis_is_the_same_for_any_batch_size_and_chunk(monkeypatch):
     model = tie_model()
     lm = OurGPT(model, "tiny")

@@ -69,10 +69,14 @@ def test_overlay_figures_have_one_curve_per_checkpoint(overlay):
     (ax,) = fig.axes
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == [f"{run}: {what}" for run in RUNS for what in ("input t_i", "target t_i+1")]
-    for line, (result, name) in zip(ax.get_lines(), [(r, n) for r in results for n in ("topk_input", "topk_target")]):
+    curves = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    for line, (result, name) in zip(curves, [(r, n) for r in results for n in ("topk_input", "topk_target")]):
         assert list(line.get_ydata()) == [row[name] for row in result["layers"]]
+    assert len(curves) == 2 * 3
     fig = analyze.plot_cosine_projection(results)
-    assert [len(ax.get_lines()) for ax in fig.axes] == [2 * 3, 3 + 2]  # + the y = 0 and y = 1 guides
+    labelled = lambda ax: [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert labelled(fig.axes[0]) == [f"{run}: cos(h, {e})" for run in RUNS for e in ("e_in", "e_out")]
+    assert labelled(fig.axes[1]) == [f"{run}: projection" for run in RUNS]
     assert len(analyze.plot_lens(results).axes) == 3
     bars = analyze.plot_shift_depth(results).axes[0].containers
     assert len(bars) == 3 and all(len(b) == 2 + 2 for b in bars)  # layers 0..2 and "never"
@@ -162,7 +166,7 @@ def test_missing_checkpoint_exits_non_zero_naming_the_file(tmp_path):
     (["--shards", "{empty}/*.bin"], "no token shards match"),
     (["--lens_dtype=float8"], "--lens_dtype must be one of ['auto', 'float32'"),
     (["--dtype=float64"], "--dtype must be one of ['float32'"),
-    ([], "could not load 'wikitext'"),  # the default dataset, and no hub (tests are offline): say what to do
+    ([], "could not load 'Salesforce/wikitext'"),  # the default dataset, and no hub (tests are offline): say what to do
 ])
 def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, argv, message):
     run = save_run(tmp_path / "run")
@@ -186,8 +190,10 @@ def test_nothing_to_analyse_and_unknown_settings(tmp_path, capsys):
     assert e.value.code == 2 and "did you mean --ckpt" in capsys.readouterr().err
 
 
-def test_rows_of_one_text_are_joined_and_documents_are_not(tmp_path):
-    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a b\n", "", "c d\n"]))
+def test_wikitext_rows_become_articles_and_other_rows_stay_documents(tmp_path):
+    rows = [" = Alpha = \n", "", " alpha text \n", " = = Part = = \n", " more alpha \n", " = Beta = \n", " beta \n"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     files = [str(tmp_path / "d.jsonl")]
-    assert analyze.read_documents(data_files=files) == ["a b\n", "c d\n"]
-    assert analyze.read_documents(data_files=files, join_rows=True) == ["a b\nc d\n"]
+    assert analyze.read_documents(data_files=files) == [r for r in rows if r]
+    assert analyze.read_documents(data_files=files, wikitext=True) == [
+        " = Alpha = \n alpha text \n = = Part = = \n more alpha \n", " = Beta = \n beta \n"]
