@@ -62,7 +62,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data import iter_documents, read_shard, read_shard_header
 
@@ -293,13 +292,25 @@ def window_plan(n, context, stride):
     return windows
 
 
+def nll_and_hits_(logits, targets):
+    """Cross-entropy (nats) and top-1 hits of [N, V] float32 logits; overwrites the logits.
+
+    One max pass gives both the argmax and the log-sum-exp shift, and the exp runs in place, so no
+    second [N, V] tensor is allocated (F.cross_entropy + argmax: ~1.6x slower on CPU).
+    """
+    top, pred = logits.max(dim=-1)
+    target_logit = logits.gather(1, targets[:, None])[:, 0]
+    log_sum_exp = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
+    return log_sum_exp - target_logit, pred == targets
+
+
 @torch.inference_mode()
 def score_tokens(lm, sequences, context, stride, batch_size=8, progress=False, desc=None):
     """Per-target NLL (nats, float32) and top-1 hits (bool) for each sequence: two lists of [n-1] arrays.
 
     Windows of every sequence are batched together, longest first, and right-padded: the model is
     causal, so padding after a window's last token never changes its logits. Cross-entropy and argmax
-    run on the scored positions only.
+    run on the scored positions only, in place on the logits lm.logits returns.
     """
     nll = [np.zeros(max(len(s) - 1, 0), dtype=np.float32) for s in sequences]
     hit = [np.zeros(max(len(s) - 1, 0), dtype=bool) for s in sequences]
@@ -329,8 +340,7 @@ def score_tokens(lm, sequences, context, stride, batch_size=8, progress=False, d
             cols_t = torch.from_numpy(np.concatenate(cols)).to(logits.device)
             scored_logits = logits[rows_t, cols_t]  # [N, V]
         target_t = torch.from_numpy(np.concatenate(targets)).to(logits.device)
-        batch_nll = F.cross_entropy(scored_logits, target_t, reduction="none").cpu().numpy()
-        batch_hit = (scored_logits.argmax(dim=-1) == target_t).cpu().numpy()
+        batch_nll, batch_hit = (t.cpu().numpy() for t in nll_and_hits_(scored_logits, target_t))
         pos = 0
         for i, start, length, scored in batch:
             first = start + length - scored  # array index of the first scored target (target index - 1)

@@ -94,6 +94,19 @@ def test_single_window_metrics_equal_hand_computation(trained_lm):
     assert_metrics(got, hand_metrics(nll, hit))
 
 
+def test_in_place_scoring_equals_cross_entropy_and_argmax():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 1000) * torch.tensor([1.0, 30.0, 1e4]).repeat(17)[:50, None]  # tame to extreme
+    targets = torch.randint(0, 1000, (50,))
+    targets[::3] = logits[::3].argmax(-1)  # some hits
+    expected_nll = F.cross_entropy(logits.double(), targets, reduction="none")
+    expected_hit = logits.argmax(-1) == targets
+    assert 0 < expected_hit.sum() < 50
+    nll, hit = eb.nll_and_hits_(logits.clone(), targets)
+    assert torch.allclose(nll.double(), expected_nll, rtol=1e-5, atol=1e-4)
+    assert torch.equal(hit, expected_hit)
+
+
 def test_sliding_window_metrics_equal_hand_computation(trained_lm):
     """Target t (predicted from tokens < t) is scored in the first window if t <= context, else in the
     window that starts at k*stride, k the fewest strides whose window reaches t."""
