@@ -466,6 +466,9 @@ def run(settings, lms=None):
     """
     names = as_list(settings["benchmarks"])
     check_benchmark_names(names)
+    for key, low in (("context", 1), ("batch_size", 1), ("stride", 0), ("max_tokens", 0)):
+        if settings[key] < low:
+            raise EvalError(f"--{key} must be >= {low}, got {settings[key]}")
     specs = [(None, None, lm.name) for lm in lms] if lms is not None else model_specs(settings)
     data = {name: load_benchmark(name, settings) for name in names}  # all data present before any model loads
     results = {"settings": {k: settings[k] for k in DEFAULTS}, "models": {}, "sources": {}}

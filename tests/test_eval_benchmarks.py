@@ -349,6 +349,12 @@ def test_unknown_benchmark_is_a_clear_error(capsys, ckpt_file):
     assert "'openwebtext', 'fineweb_edu'" in err  # the valid names are listed
 
 
+def test_bad_numbers_are_clear_errors(capsys, ckpt_file):
+    for setting, message in (("--context=0", "--context must be >= 1"), ("--max_tokens=-5", "--max_tokens must be >= 0"),
+                             ("--batch_size=0", "--batch_size must be >= 1")):
+        assert message in main_error(capsys, ["--ckpt", ckpt_file, setting])
+
+
 def test_missing_shards_say_how_to_make_them(capsys, ckpt_file, tmp_path):
     err = main_error(capsys, ["--ckpt", ckpt_file, "--benchmarks", "openwebtext",
                               f"--openwebtext_shards={tmp_path}/nothing_val_*.bin"])
