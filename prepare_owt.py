@@ -6,6 +6,9 @@ OpenWebText -> GPT-2 uint16 token shards for train.py / eval_benchmarks.py.
     python prepare_owt.py --data_files 'owt/*.parquet' # local files (offline machines)
     python prepare_owt.py --source <other parquet mirror> --revision main
 
+Settings use configurator.py (config files, --key=value or --key value, --key v1 v2 for
+--data_files, bare --flag for booleans); `--help` lists them.
+
 The original script-based `openwebtext` dataset does not load in current
 `datasets`; the default reads the parquet export of Skylion007/openwebtext
 (revision refs/convert/parquet). Change it with --source/--config/--revision.
@@ -16,22 +19,28 @@ As in nanoGPT, a random 0.0005 of the documents (seed 2357) form the val split,
 decided per document from a hash of (seed, document index), so it streams.
 Output: {out_dir}/openwebtext_{train,val}_{i:06d}.bin and _done.json (written last).
 """
-import argparse
-
-from data import add_prepare_arguments, hashed_split, prepare_from_args
+from data import PREPARE_DEFAULTS, configure_prepare, hashed_split, prepare_from_settings
 
 OWT_DOCUMENTS = 8_013_769  # documents in the full OpenWebText train split
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-add_prepare_arguments(parser, source="Skylion007/openwebtext", revision="refs/convert/parquet",
-                      out_dir="data/openwebtext")
-parser.add_argument("--val_fraction", type=float, default=0.0005, help="fraction of documents in val")
-parser.add_argument("--seed", type=int, default=2357, help="seed of the val/train document split")
+DEFAULTS = dict(
+    PREPARE_DEFAULTS,
+    source="Skylion007/openwebtext",
+    revision="refs/convert/parquet",
+    out_dir="data/openwebtext",
+    val_fraction=0.0005,  # fraction of documents in val
+    seed=2357,  # seed of the val/train document split
+)
 
-if __name__ == "__main__":
-    args = parser.parse_args()
-    manifest = prepare_from_args(args, "openwebtext", hashed_split(args.val_fraction, args.seed),
-                                 {"val_fraction": args.val_fraction, "seed": args.seed})
-    if not args.data_files and args.max_tokens is None and manifest["documents_read"] != OWT_DOCUMENTS:
+
+def main(argv=None):
+    settings = configure_prepare(DEFAULTS, argv)
+    manifest = prepare_from_settings(settings, "openwebtext", hashed_split(settings["val_fraction"], settings["seed"]),
+                                     {"val_fraction": settings["val_fraction"], "seed": settings["seed"]})
+    if not settings["data_files"] and settings["max_tokens"] is None and manifest["documents_read"] != OWT_DOCUMENTS:
         print(f"warning: read {manifest['documents_read']:,} documents, but OpenWebText has {OWT_DOCUMENTS:,}; "
               f"the source is probably a partial parquet export (see --source/--revision)")
+
+
+if __name__ == "__main__":
+    main()

@@ -319,7 +319,7 @@ def test_prepare_owt_script_val_split(tmp_path):
     docs = [f"Article {i}.\n\n" + DOCUMENTS[i % len(DOCUMENTS)] for i in range(60)]
     pattern = write_inputs(tmp_path / "in", "jsonl", docs)
     run_script("prepare_owt.py", "--data_files", pattern, "--out_dir", str(tmp_path / "out"),
-               "--val_fraction", "0.2", "--seed", "7", "--shard_tokens", "500", "--num_proc", "2")
+               "--val_fraction", "0.2", "--seed=7", "--shard_tokens", "500", "--num_proc=2")
     choose = hashed_split(0.2, seed=7)
     val_docs = [d for i, d in enumerate(docs) if choose(i, None) == "val"]
     train_docs = [d for i, d in enumerate(docs) if choose(i, None) == "train"]
@@ -334,8 +334,9 @@ def test_prepare_owt_script_val_split(tmp_path):
 
 def test_prepare_fineweb_script_and_offline_hub_message(tmp_path):
     pattern = write_inputs(tmp_path / "in", "txt", DOCUMENTS)
-    run_script("prepare_fineweb.py", "--data_files", pattern, "--out_dir", str(tmp_path / "out"),
-               "--val_tokens", "60", "--shard_tokens", "97", "--max_tokens", "250", "--name", "toy")
+    halves = [pattern.replace("*", "doc_00[0-4]"), pattern.replace("*", "doc_00[5-9]")]  # several globs, in order
+    run_script("prepare_fineweb.py", "--data_files", *halves, "--out_dir", str(tmp_path / "out"),
+               "--val_tokens", "60", "--shard_tokens", "97", "--max_tokens", "2_50", "--name", "toy")
     out = tmp_path / "out"
     assert os.path.exists(out / "toy_val_000000.bin")
     assert np.array_equal(np.concatenate(split_stream(out, "val") + split_stream(out, "train")),
@@ -344,6 +345,36 @@ def test_prepare_fineweb_script_and_offline_hub_message(tmp_path):
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "--data_files" in failed.stderr
 
+
+
+@pytest.mark.parametrize("script", ["prepare_fineweb.py", "prepare_owt.py"])
+def test_prepare_script_bad_setting_exits_2_naming_it(tmp_path, script):
+    for bad, named in ((["--shard_token=5"], "'shard_token'"), (["--max_tokens", "lots"], "max_tokens")):
+        result = subprocess.run([sys.executable, script, *bad, "--out_dir", str(tmp_path / "out")], cwd=REPO,
+                                capture_output=True, text=True)
+        assert result.returncode == 2, result.stderr
+        assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "did you mean --shard_tokens" in subprocess.run(
+        [sys.executable, script, "--shard_token=5"], cwd=REPO, capture_output=True, text=True).stderr
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_prepare_fineweb_settings_demo_defaults_and_value_forms(capsys):
+    import prepare_fineweb
+
+    assert prepare_fineweb.settings_from([]) == prepare_fineweb.DEFAULTS
+    demo = prepare_fineweb.settings_from(["--demo"])
+    assert demo == {**prepare_fineweb.DEFAULTS, **prepare_fineweb.DEMO, "demo": True}
+    override = prepare_fineweb.settings_from(["--demo", "--out_dir", "elsewhere", "--val_tokens=5"])
+    assert (override["out_dir"], override["val_tokens"], override["shard_tokens"]) == ("elsewhere", 5, 500_000)
+    forms = prepare_fineweb.settings_from(["--streaming", "--max_tokens", "1_000_000_000", "--data_files", "a/*.txt",
+                                           "b/*.txt", "--no_progress", "--overwrite"])
+    assert forms["max_tokens"] == 1_000_000_000 and forms["data_files"] == ["a/*.txt", "b/*.txt"]
+    assert forms["streaming"] and forms["no_progress"] and forms["overwrite"] and not forms["demo"]
+    assert prepare_fineweb.settings_from(["--data_files=dl/*.parquet"])["data_files"] == ["dl/*.parquet"]
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_fineweb.settings_from(["--max_tokens=0"])
+    assert exit_info.value.code == 2 and "max_tokens" in capsys.readouterr().err
 
 def test_demo_corpus_second_call_does_not_fetch(tmp_path, monkeypatch):
     cache = tmp_path / "demo"
