@@ -13,7 +13,13 @@ WikiText, LAMBADA, OpenWebText and FineWeb-Edu, for several models side by side.
 Models: --ckpt (our checkpoints or out dirs, several) and --hf (transformers causal LMs: hub names or
 local save_pretrained dirs, several), all loaded by lm.load_lm. Output: a markdown table, one column
 per model, printed and written to {out_dir}/results.md, and {out_dir}/results.json (rewritten after
-every model, so a long run that dies keeps what it finished).
+every model, so a long run that dies keeps what it finished). From Python (e.g. a demo script):
+
+    from eval_benchmarks import DEFAULTS, evaluate, format_table, run
+    metrics = evaluate(lm, tokens, context=256, stride=128)   # one lm (lm.load_lm), token array(s)
+    results = run(dict(DEFAULTS, ckpt=["out-demo"], benchmarks=["fineweb_edu"],
+                       fineweb_edu_shards="data/demo/*_val_*.bin", max_tokens=20_000))
+    print(format_table(results["models"]))
 
 Benchmarks (--benchmarks; each one's data can come from local files, for offline machines):
 
@@ -31,7 +37,8 @@ BOS for models whose tokenizer starts texts with one (Llama, Gemma, ...); else E
   give the same articles). The articles are tokenized and concatenated into ONE stream, like the
   standard WikiText perplexity eval, so a window's context may reach into the previous article.
 - LAMBADA: every passage is its own sequence (never a stream). The last word is what follows the
-  last space, as in lm-evaluation-harness: tokens = separator + encode(context) + encode(" " + word).
+  last space, as in lm-evaluation-harness, and so is the encoding: separator + encode(context) + the
+  tokens that encode(context + " " + word) adds after them (= encode(" " + word) for GPT-2).
   Loss/perplexity/accuracy cover every token of the passages; last-word accuracy counts a word right
   only if the argmax at each of its token positions is the true token (greedy); last-word perplexity
   is exp(mean over passages of the word's summed NLL), the harness's convention.
