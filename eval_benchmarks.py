@@ -17,8 +17,7 @@ every model, so a long run that dies keeps what it finished). From Python (e.g. 
 
     from eval_benchmarks import DEFAULTS, evaluate, format_table, run
     metrics = evaluate(lm, tokens, context=256, stride=128)   # one lm (lm.load_lm), token array(s)
-    results = run(dict(DEFAULTS, ckpt=["out-demo"], benchmarks=["fineweb_edu"],
-                       fineweb_edu_shards="data/demo/*_val_*.bin", max_tokens=20_000))
+    results = run(dict(DEFAULTS, ckpt=["out-demo/gate"], benchmarks=["demo"], max_tokens=20_000))
     print(format_table(results["models"]))
 
 Benchmarks (--benchmarks; each one's data can come from local files, for offline machines):
@@ -28,6 +27,7 @@ Benchmarks (--benchmarks; each one's data can come from local files, for offline
     lambada      LAMBADA, OpenAI version, test, hub EleutherAI/lambada_openai        --lambada_files
     openwebtext  our val shards from prepare_owt.py                                  --openwebtext_shards
     fineweb_edu  our val shards from prepare_fineweb.py                              --fineweb_edu_shards
+    demo         the demo corpus's val shard from prepare_fineweb.py --demo        --demo_shards
 
 How each is turned into tokens (one rule everywhere: every document starts with the model's document
 separator, lm.doc_separator: <|endoftext|> for GPT-2 tokenizers, exactly as in our training shards;
@@ -103,6 +103,8 @@ BENCHMARKS = {b.name: b for b in [
               prepare="python prepare_owt.py"),
     Benchmark("fineweb_edu", "FineWeb-Edu", "shards", shards="data/fineweb_edu/fineweb_edu_val_*.bin",
               prepare="python prepare_fineweb.py"),
+    Benchmark("demo", "Demo (Shakespeare val)", "shards", shards="data/demo/demo_val_*.bin",
+              prepare="python prepare_fineweb.py --demo"),
 ]}
 
 # what to download where the hub cannot be reached (named in the error message)
@@ -122,6 +124,7 @@ DEFAULTS = dict(
     lambada_files=[],
     openwebtext_shards=BENCHMARKS["openwebtext"].shards,
     fineweb_edu_shards=BENCHMARKS["fineweb_edu"].shards,
+    demo_shards=BENCHMARKS["demo"].shards,  # the demo corpus (not in the default list)
     max_tokens=0,  # cap on scored tokens per benchmark, 0 = all
     context=1024,  # window length in tokens (clipped to each model's block_size)
     stride=0,  # new tokens scored per window, 0 = context // 2
