@@ -17,8 +17,13 @@ Outputs go to --out_dir (default analysis/): metrics.json, metrics.csv (one row 
 topk.png, cosine_projection.png, lens.png, shift_depth.png (+ alphas.png, cut_sweep.png), and a
 printed summary of the shift depth per model. From Python:
 
-    from analyze import analyze_models, text_windows, batched, plot_topk
-    results = analyze_models([lm], batched(windows, 8), k=5)
+    from analyze import analyze_models, batched, read_documents, text_starts, text_windows, write_plots
+    from lm import load_lm
+    lm = load_lm(ckpt="out/ckpt.pt")
+    docs = read_documents(data_files=["texts/*.txt"])
+    windows = text_windows(lm, docs, text_starts(docs, 100, seed=0), 257)  # [100, 256 inputs + 1 target]
+    results = analyze_models([lm], batched(windows, 8), k=5)             # one dict per model
+    write_plots(results, "analysis")                                     # or plot_topk(results) -> Figure
 
 Metrics, for the state h = h_l[i] (l = 0 the embeddings ... L the last block; with --mid also the
 state after attention of block l, plotted at l - 1/2), input t = t_i, target u = t_{i+1}:
@@ -53,7 +58,10 @@ state after attention of block l, plotted at l - 1/2), input t = t_i, target u =
 
 Computed streaming: batch by batch, and within a batch token chunk by token chunk, one layer's
 logits at a time (a chunk holds at most LENS_CHUNK_BYTES of logits), accumulating sums per layer;
-memory depends on --batch_size and the model, never on --num_sequences.
+memory depends on --batch_size and the model, never on --num_sequences. The lens decodes all L+1
+states through the unembedding where a forward decodes one, so for GPT-2 124M it costs ~4x a
+forward (bench.py --section analyze); --lens_dtype=bfloat16 runs the lens matmuls in bf16 (~2.5x
+faster on CPUs with bf16 units, logits to ~3 digits).
 """
 
 import csv

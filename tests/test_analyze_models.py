@@ -146,6 +146,12 @@ def test_gemma2_embedding_scale_softcap_and_reference_vectors(tmp_path, tied, ca
         # the last layer's lens is the model's own (soft-capped) prediction
         ce = torch.nn.functional.cross_entropy(model_logits.reshape(-1, 64), toks[:, 1:].reshape(-1)).item()
         assert last["lens_ce"] == pytest.approx(ce, abs=1e-4) and last["kl_final"] == pytest.approx(0, abs=1e-6)
+    # and from the command line, on text with its own tokenizer, mid-block states included
+    run_cli("--hf", path, "--data_files", write_texts(tmp_path / "texts"), "--num_sequences=3", "--seq_len=16",
+            "--mid", "--out_dir", str(tmp_path / "out"))
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())["models"][0]
+    assert result["tied"] == tied and len(result["layers"]) == 2 * lm.n_layer + 1
+    assert result["embed_scale"] == pytest.approx(32 ** 0.5)
 
 
 def test_shards_are_refused_for_a_model_with_another_tokenizer(tmp_path, capsys):
