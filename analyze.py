@@ -137,9 +137,9 @@ def read_documents(dataset=None, dataset_config=None, split="test", data_files=N
     """Non-empty document strings (at most about max_chars characters) from the hub or local files.
 
     WikiText's rows are the lines of its articles, not documents: they are grouped into articles the
-    way eval_benchmarks.py reads them (wikitext=None: for the hub's wikitext datasets).
+    same way eval_benchmarks.py does (data.wikitext_articles; wikitext=None: for the hub's wikitext datasets).
     """
-    from data import iter_documents
+    from data import iter_documents, wikitext_articles
 
     if wikitext is None:
         wikitext = not data_files and (dataset or "").split("/")[-1] == "wikitext"
@@ -158,8 +158,6 @@ def read_documents(dataset=None, dataset_config=None, split="test", data_files=N
     if not documents:
         raise AnalyzeError(f"no text in {where}: every document is empty")
     if wikitext:
-        from eval_benchmarks import wikitext_articles
-
         documents = wikitext_articles(documents)
     return documents
 

@@ -354,6 +354,21 @@ def iter_documents(source=None, config=None, split="train", data_files=None, str
                            f"choose one with --text_column")
         yield from batch[text_column]
 
+_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")  # " = Title = "; sections are " = = Section = = "
+
+
+def wikitext_articles(rows):
+    """WikiText raw rows (lines, or whole files) -> article strings, split at top-level headings."""
+    articles = []
+    for row in rows:
+        for line in (row or "").splitlines():
+            if not line.strip():
+                continue  # the hub gives blank lines as "", the raw file as " ": drop both alike
+            if _ARTICLE_HEADING.match(line) or not articles:
+                articles.append([])
+            articles[-1].append(line + "\n")
+    return ["".join(lines) for lines in articles]
+
 # -----------------------------------------------------------------------------
 # Streaming shard writer: documents -> tokens (process pool) -> fixed-size shards
 

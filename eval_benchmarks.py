@@ -63,14 +63,13 @@ import glob
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from data import iter_documents, read_shard, read_shard_header
+from data import iter_documents, read_shard, read_shard_header, wikitext_articles
 
 
 class EvalError(Exception):
@@ -167,22 +166,6 @@ def _read_rows(bench, files):
             f"{' (offline mode: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1)' if offline else ''}.\n"
             f"Download it on a machine with internet and point --{bench.setting} at the local copy: "
             f"{LOCAL_FILE_HINTS[bench.kind]}.\n(cause: {str(e).splitlines()[0]})") from e
-
-
-_ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")  # " = Title = "; sections are " = = Section = = "
-
-
-def wikitext_articles(rows):
-    """WikiText raw rows (lines, or whole files) -> article strings, split at top-level headings."""
-    articles = []
-    for row in rows:
-        for line in (row or "").splitlines():
-            if not line.strip():
-                continue  # the hub gives blank lines as "", the raw file as " ": drop both alike
-            if _ARTICLE_HEADING.match(line) or not articles:
-                articles.append([])
-            articles[-1].append(line + "\n")
-    return ["".join(lines) for lines in articles]
 
 
 def lambada_passages(rows):

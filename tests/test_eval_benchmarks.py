@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import eval_benchmarks as eb
 from configurator import configure
+import data
 from data import EOT_TOKEN, get_tokenizer, shard_name, write_shard
 from lm import LanguageModel, OurGPT
 from model import GPT, GPTConfig
@@ -260,7 +261,7 @@ def test_wikitext_articles_same_from_hub_rows_and_raw_file():
                 " = Beta = \n", "", " Beta text . \n"]
     raw_file = [" \n = Alpha = \n \n Alpha text . \n = = Section = = \n More . \n \n = Beta = \n \n Beta text . \n"]
     expected = [" = Alpha = \n Alpha text . \n = = Section = = \n More . \n", " = Beta = \n Beta text . \n"]
-    assert eb.wikitext_articles(hub_rows) == eb.wikitext_articles(raw_file) == expected
+    assert data.wikitext_articles(hub_rows) == data.wikitext_articles(raw_file) == expected
 
 
 def test_text_stream_is_separator_plus_encoded_articles(trained_lm, tmp_path):
