@@ -39,7 +39,8 @@ crash; here ckpt.pt always holds the latest state and the best model has its own
 
 Exit status: 0 finished, or stopped by SIGTERM/SIGUSR1 after writing ckpt.pt (requeue with
 --init_from=resume or auto); 1 the loss became NaN/inf (ckpt.pt keeps the last good state);
-2 a bad setting.
+2 a bad setting. Under torchrun these are the workers' codes; torchrun itself exits 1 when it was
+the one signalled (it forwards SIGTERM to the workers, which checkpoint and exit 0).
 """
 
 import json
@@ -369,9 +370,9 @@ if master:
         with open(log_path + ".tmp", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(log_path + ".tmp", log_path)
-    elif init_from != "resume" and os.path.exists(ckpt_path):
+    elif init_from != "resume" and not eval_only and os.path.exists(ckpt_path):
         print(f"warning: starting from {init_from} in {out_dir}, which holds a checkpoint: it will be overwritten")
-    log_file = open(log_path, "a" if init_from == "resume" else "w")
+    log_file = open(log_path, "a" if init_from == "resume" or eval_only else "w")  # a new run starts a new log
     if wandb is not None:
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
                    config=config)
@@ -393,7 +394,8 @@ def alphas():
 
 log({"type": "run", "iter": iter_num, "init_from": init_from, "world_size": world_size,
      "grad_accum_steps": grad_accum_steps, "device": device, "dtype": dtype, "compile": use_compile,
-     "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak_flops,
+     "model_args": model_args, "n_params": raw_model.num_params(), "flops_per_token": flops_per_token,
+     "peak_flops": peak_flops,
      "eval_tokens": eval_steps * micro_tokens, "config": config})
 if master:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {world_size} rank(s) x {batch_size} x {block_size} tokens"
@@ -475,7 +477,8 @@ while True:
     stats = torch.stack([loss_sum / grad_accum_steps, torch.tensor(float(stop_signal is not None), device=device)])
     if ddp:
         dist.all_reduce(stats)
-    step_loss, stop_now = stats[0].item() / world_size, stats[1].item() > 0
+    loss_sum_ranks, stop_votes = stats.tolist()  # the one host-device sync of a step
+    step_loss, stop_now = loss_sum_ranks / world_size, stop_votes > 0
     if not math.isfinite(step_loss):
         # stop before the optimizer applies it: ckpt.pt keeps the last good state
         if master:

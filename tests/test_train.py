@@ -25,6 +25,10 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_siz
         "--total_batch_tokens=256", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=3",
         "--eval_interval=1000", "--eval_tokens=1024", "--log_interval=1", "--dropout=0.0", "--seed=7"]
 
+# one thread per run: tiny matmuls gain little from a second one, and on a busy 2-core machine two
+# threads per process spin against each other (2-3x slower); torchrun sets the same for its ranks
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
 
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
@@ -41,7 +45,7 @@ def text_data(tmp_path_factory):
 def train(out_dir, data, *args, launcher=(), expect=0):
     cmd = [*launcher] if launcher else [sys.executable]
     cmd += ["train.py", f"--data_dir={data}", f"--out_dir={out_dir}", *TINY, *args]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == expect, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
@@ -151,7 +155,7 @@ def test_resume_rejects_different_model_settings(stopped_at_4, text_data, tmp_pa
 def test_sigterm_checkpoints_and_resumes(text_data, tmp_path):
     out = str(tmp_path / "sigterm")
     cmd = [sys.executable, "train.py", f"--data_dir={text_data}", f"--out_dir={out}", *TINY, "--max_iters=100000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log_path = os.path.join(out, "log.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
