@@ -226,19 +226,19 @@ def _device_name(device):
     return names[0] if names else platform.processor() or platform.machine()
 
 
-def _matmul_peak(device, dtype, n, repeats=5):
+def _matmul_peak(device, dtype, n, clock, repeats=5):
     """FLOP/s of an n x n x n matmul, best of repeats: the practical peak MFU is measured against."""
     import torch
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
-        start = time.perf_counter()
+        start = clock()
         (a @ b).sum().item()  # .item(): wait for the GPU
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return 2 * n ** 3 / best
 
 
-def bench_train(steps=2, repeats=7, warmup=2):
+def bench_train(steps=1, repeats=13, warmup=2):
     """Training tokens/s and MFU for every residual mode on the same model, batch and seed.
 
     A training step is train.py's: forward under autocast (bf16 on GPU, fp32 on CPU), backward, clip,
@@ -246,9 +246,13 @@ def bench_train(steps=2, repeats=7, warmup=2):
     small's 12 layers at half the width (384), 4 x 128 tokens and an 8192-token vocabulary: on CPU the
     50k-wide logits of GPT-2's vocabulary are memory-bound and take most of a step, hiding the blocks
     where alpha acts; and the narrower the model, the larger the alpha multiply's share of a layer. So
-    the CPU numbers overstate the attenuation cost, if anything. Modes are interleaved `repeats` times
-    (`steps` steps each, after `warmup` steps per mode) and the median counts. MFU is against the
+    the CPU numbers overstate the attenuation cost, if anything. After `warmup` steps per mode, `repeats`
+    rounds run `steps` steps of every mode; tokens/s is the median over rounds. MFU is against the
     measured peak of one large matmul in the training dtype on this device.
+
+    Clock: wall time on a GPU. On CPU, one torch thread and that thread's CPU time: development
+    machines are shared, and wall time there swings by 2x with other tenants' load (and two threads
+    spin against each other), while a thread's CPU time does not; on an idle core the two are equal.
     """
     import statistics
     from contextlib import nullcontext
@@ -259,6 +263,10 @@ def bench_train(steps=2, repeats=7, warmup=2):
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
+    clock = time.perf_counter if cuda else time.thread_time
+    threads = torch.get_num_threads()
+    if not cuda:
+        torch.set_num_threads(1)  # every op then runs in this thread, so thread_time sees all of it
     if cuda:
         shape = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
         B, T, dtype, compiled = 16, 1024, torch.bfloat16, True
@@ -297,32 +305,37 @@ def bench_train(steps=2, repeats=7, warmup=2):
 
     for name in modes:
         train_steps(name, warmup)  # compile, allocator, thread pool
-    seconds = {name: [] for name in modes}
-    for _ in range(repeats):
-        for name in modes:
-            start = time.perf_counter()
+    # rounds: every mode once, the order rotated each round; "vs none" is the median over rounds of
+    # the ratio within a round, which cancels load that drifts between rounds (a shared machine)
+    names = list(modes)
+    seconds = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = clock()
             train_steps(name, steps)
-            seconds[name].append(time.perf_counter() - start)
-    peak = _matmul_peak(device, dtype, 8192 if cuda else 2048)
+            seconds[name].append(clock() - start)
+    peak = _matmul_peak(device, dtype, 8192 if cuda else 2048, clock)
+    torch.set_num_threads(threads)
 
     tokens = steps * B * T
-    reference = tokens / statistics.median(seconds["none"])
     rows = []
     for name, times in seconds.items():
         rate = tokens / statistics.median(times)
+        vs_none = statistics.median(t_none / t for t_none, t in zip(seconds["none"], times))
         mfu = runs[name][0].flops_per_token(T) * rate / peak
         spread = (max(times) - min(times)) / statistics.median(times)
-        rows.append([name, f"{rate:,.0f}", f"{rate / reference:.1%}", f"{mfu:.1%}",
+        rows.append([name, f"{rate:,.0f}", f"{vs_none:.1%}", f"{mfu:.1%}",
                      f"{1000 * statistics.median(times) / steps:.0f}", f"{spread:.0%}"])
     dtype_name = str(dtype).removeprefix("torch.")
+    timing = "wall time" if cuda else "CPU time of 1 torch thread"
     print(f"### train: tokens/s per residual mode ({_device_name(device)}, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__})\n")
+          f"torch {torch.__version__}, {timing})\n")
     print(f"{shape['n_layer']} layers x {shape['n_embd']}, vocabulary {shape['vocab_size']}, {B} x {T} tokens per step, "
           f"{dtype_name}, "
-          f"compile={compiled}; median of {repeats} interleaved runs of {steps} steps after {warmup} warm-up steps; "
+          f"compile={compiled}; median of {repeats} rounds of {steps} step(s) per mode after {warmup} warm-up steps; "
           f"MFU against a measured {dtype_name} matmul peak of {peak / 1e12:.3f} TFLOP/s\n")
-    print(markdown_table(["residual mode", "tokens/s", "vs none", "MFU", "ms / step", "spread (max-min)/median"],
-                         rows))
+    print(markdown_table(["residual mode", "tokens/s", "vs none (median ratio in a round)", "MFU", "ms / step",
+                          "spread (max-min)/median"], rows))
 
 
 # -----------------------------------------------------------------------------
