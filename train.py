@@ -29,8 +29,11 @@ jobs); 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local HuggingFace GPT
 fine-tunes those weights with the configured residual mode.
 
 Outputs in out_dir (rank 0 writes):
-    ckpt.pt    the latest state, written at every eval, at the end and on SIGTERM/SIGUSR1; everything
-               needed to resume exactly (GPT.from_checkpoint reads its 'model' and 'model_args')
+    ckpt.pt    the latest state, written at every eval (so at the end) and on SIGTERM/SIGUSR1: 'model'
+               (unwrapped state dict) and 'model_args' (GPTConfig.to_dict(); GPT.from_checkpoint reads
+               these two), 'optimizer', 'scaler', 'iter_num', 'best_val_loss', 'loader' (train data
+               position), 'rng' (python/numpy/torch/cuda states of every rank), 'config' (all settings),
+               'weights_from' ('scratch' or the pretrained weights the run started from)
     best.pt    a copy of ckpt.pt from the eval with the lowest val loss so far (save_best)
     log.jsonl  one JSON object per line: "type" is "run", "train", "eval" or "end"
 Both checkpoints are written to a temporary name and renamed, so a crash never leaves a broken one.
@@ -223,14 +226,20 @@ if wandb_log and master:
         config_error("wandb_log=True but wandb is not installed (pip install wandb)")
 
 # the model: scratch, the checkpoint to resume, or pretrained GPT-2 weights
-checkpoint = None
+residual_keys = ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")
+checkpoint, weights_from = None, init_from  # weights_from: where the run's weights first came from
 if init_from == "resume":
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    # resuming a different model would silently continue another experiment: the settings must match
-    changed = {k: (checkpoint["model_args"][k], v) for k, v in model_args.items() if checkpoint["model_args"].get(k) != v}
+    weights_from = checkpoint["weights_from"]
+    # the settings must describe the checkpoint's model, or this would silently continue another experiment
+    # (a fine-tune's shape came from the pretrained weights, so there only the residual settings count)
+    keys = model_args if weights_from == "scratch" else residual_keys
+    changed = {k: (checkpoint["model_args"].get(k), model_args[k]) for k in keys
+               if checkpoint["model_args"].get(k) != model_args[k]}
     if changed:
         config_error(f"{ckpt_path} was trained with different model settings: "
                      + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items()))
+    model_args = checkpoint["model_args"]
     try:
         train_loader.load_state_dict(checkpoint["loader"])
     except ValueError as e:
@@ -245,14 +254,13 @@ if init_from in ("scratch", "resume"):
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
 else:
-    residual_keys = ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")
     try:
         model = GPT.from_pretrained(init_from, **{k: config[k] for k in residual_keys})
-    except ValueError as e:
+    except (OSError, ValueError) as e:  # not on the hub / not in the local cache, or not a GPT-2
         config_error(f"init_from={init_from!r}: {e}")
     model_args = model.config.to_dict()
-    if block_size > model.config.block_size:
-        config_error(f"block_size={block_size} is longer than {init_from}'s context of {model.config.block_size}")
+if block_size > model.config.block_size:  # pretrained weights bring their own context length
+    config_error(f"block_size={block_size} is longer than the model's context of {model.config.block_size}")
 raw_model = model  # the unwrapped module: its state_dict has no '_orig_mod.' / 'module.' prefixes
 
 if ddp:  # everything above succeeded on every rank: now the process group
@@ -343,7 +351,7 @@ def save_checkpoint(copy_to_best):
     state = {
         "model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-        "loader": train_loader.state_dict(), "rng": rng, "config": config,
+        "loader": train_loader.state_dict(), "rng": rng, "config": config, "weights_from": weights_from,
     }
     tmp = ckpt_path + ".tmp"
     with open(tmp, "wb") as f:
@@ -392,11 +400,10 @@ def alphas():
     return [round(a, 6) for a in raw_model.residual_alphas()]
 
 
-log({"type": "run", "iter": iter_num, "init_from": init_from, "world_size": world_size,
+log({"type": "run", "iter": iter_num, "init_from": init_from, "weights_from": weights_from, "world_size": world_size,
      "grad_accum_steps": grad_accum_steps, "device": device, "dtype": dtype, "compile": use_compile,
-     "model_args": model_args, "n_params": raw_model.num_params(), "flops_per_token": flops_per_token,
-     "peak_flops": peak_flops,
-     "eval_tokens": eval_steps * micro_tokens, "config": config})
+     "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak_flops,
+     "eval_tokens": eval_steps * micro_tokens, "model_args": model_args, "config": config})
 if master:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {world_size} rank(s) x {batch_size} x {block_size} tokens"
           f" x {grad_accum_steps} accumulation step(s) = {total_batch_tokens:,} tokens per step; "

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from data import first_tokens_split, prepare_shards
+from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 layers, 32 wide, 32 tokens: a step takes milliseconds. Each optimizer step reads 256 tokens.
@@ -87,6 +88,8 @@ def test_loss_goes_down_on_real_text(reference):
     ckpt = load(reference)
     assert ckpt["iter_num"] == 20 and ckpt["model_args"]["n_layer"] == 2
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    model = GPT.from_checkpoint(os.path.join(reference, "ckpt.pt"))  # what analyze.py / eval_benchmarks.py load
+    assert all(torch.equal(value, ckpt["model"][name]) for name, value in model.state_dict().items())
 
 
 def test_torchrun_two_ranks_match_one_process(reference, text_data, tmp_path):
@@ -150,6 +153,22 @@ def test_resume_rejects_different_model_settings(stopped_at_4, text_data, tmp_pa
     shutil.copytree(stopped_at_4, out)
     result = train(out, text_data, *RESUME, "--max_iters=8", "--init_from=resume", "--n_embd=64", expect=2)
     assert "n_embd=32 (now 64)" in result.stderr
+
+
+def test_finetune_from_a_local_hf_gpt2_and_resume(text_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    hf_dir = str(tmp_path / "hf-gpt2")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=3, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+    out = str(tmp_path / "finetune")
+    train(out, text_data, f"--init_from={hf_dir}", "--residual_mode=gate", "--max_iters=4")
+    args = load(out)["model_args"]
+    assert (args["n_layer"], args["n_embd"], args["vocab_size"], args["residual_mode"]) == (3, 32, 50257, "gate")
+    assert len(log_rows(out, "train")[0]["alphas"]) == 3
+    # requeued with the same command line: the shape settings (n_layer=2 in TINY) are the weights', not these
+    train(out, text_data, "--init_from=auto", "--residual_mode=gate", "--max_iters=6")
+    assert load(out)["iter_num"] == 6 and load(out)["weights_from"] == hf_dir
 
 
 def test_sigterm_checkpoints_and_resumes(text_data, tmp_path):
