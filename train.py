@@ -72,7 +72,7 @@ from model import GPT, GPTConfig
 out_dir = "out"
 init_from = "scratch"  # 'scratch' | 'resume' | 'auto' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | HF dir
 eval_interval = 250  # iterations between evals; every eval also writes ckpt.pt
-eval_tokens = 10 * 2**20  # global val tokens per eval: the first ones of the val split, the same every time
+eval_tokens = 2**23  # global val tokens per eval (8.4M): the first ones of the val split, the same every time
 eval_only = False  # evaluate once (e.g. a pretrained GPT-2) and exit
 log_interval = 10  # iterations between train rows in log.jsonl (and console lines)
 save_best = True  # keep a copy of the lowest-val-loss checkpoint as best.pt
@@ -217,6 +217,9 @@ except (OSError, ValueError) as e:
     config_error(f"data (data_dir={data_dir!r}): {e}")
 val_windows = sum(n for _, n in val_loader.windows_per_shard)
 eval_steps = min(math.ceil(eval_tokens / micro_tokens), val_windows)  # never count a val token twice
+if eval_steps * micro_tokens < eval_tokens and rank == 0:
+    print(f"note: the val split holds {val_windows * micro_tokens:,} tokens in batches of {micro_tokens:,}; "
+          f"evaluating on those, not eval_tokens={eval_tokens:,}")
 
 wandb = None
 if wandb_log and master:

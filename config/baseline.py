@@ -36,9 +36,9 @@ beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
 
-# eval every 250 steps on the first 10 x 2**20 tokens of the val split (prepare_fineweb.py writes 10M)
+# eval every 250 steps on the first 2**23 = 8.4M tokens of the val split (prepare_fineweb.py writes 10M)
 eval_interval = 250
-eval_tokens = 10 * 2**20
+eval_tokens = 2**23
 log_interval = 10
 
 # system: bfloat16 autocast and torch.compile on CUDA (the 'auto' / None defaults)

@@ -1,6 +1,6 @@
 # Tiny demo on a laptop CPU, ~2 minutes on 2 cores: the Shakespeare corpus from `python prepare_fineweb.py --demo`.
 #   python train.py config/demo.py        (config/demo_cut.py, config/demo_gate.py: the same with attenuation)
-out_dir = "out-demo"
+out_dir = "out-demo-baseline"  # (demo.py puts its three runs in out-demo/)
 data_dir = "data/demo"
 device = "cpu"
 
