@@ -9,7 +9,6 @@ against the bare tokenizer (tiktoken encode_ordinary_batch) on the same text wit
 the same number of threads / processes, and the peak memory of a prepare run for
 two corpus sizes (it should not grow with the corpus).
 """
-import argparse
 import json
 import os
 import platform
@@ -430,19 +429,17 @@ def bench_analyze(repeats=2, B=2, T=128, memory_sequences=(2, 8)):
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
-    "eval": bench_eval,
     "analyze": bench_analyze,
+    "eval": bench_eval,
 }
-KNOWN_SECTIONS = ["data", "train", "analyze", "eval"]
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", default="all", choices=KNOWN_SECTIONS + ["all"])
-    args = parser.parse_args()
+    from configurator import configure_or_exit
+
+    section = configure_or_exit({"section": "all"})["section"]
+    if section != "all" and section not in SECTIONS:
+        sys.exit(f"bench.py: unknown --section={section!r}; choose from {list(SECTIONS) + ['all']}")
     print(f"machine: {machine_description()}\n")
-    for name in (KNOWN_SECTIONS if args.section == "all" else [args.section]):
-        if name not in SECTIONS:
-            print(f"### {name}: no benchmark in bench.py yet\n")
-            continue
+    for name in (SECTIONS if section == "all" else [section]):
         SECTIONS[name]()
         print()
