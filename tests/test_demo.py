@@ -1,0 +1,46 @@
+"""demo.py: the summary it writes from the runs' logs, and that a failing step stops the demo."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import demo
+
+
+def write_log(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
+    losses = {"baseline": 6.5, "cut": 6.25, "gate": 6.375}
+    for name, loss in losses.items():
+        write_log(tmp_path / name / "log.jsonl", [
+            {"type": "run", "iter": 0},
+            {"type": "eval", "iter": 0, "val_loss": 10.8, "alphas": [0.75] * 4},
+            {"type": "eval", "iter": 300, "val_loss": loss, "alphas": [0.9, 0.8, 0.7, 0.6]},
+            {"type": "end", "iter": 300, "reason": "max_iters"},
+        ])
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.md").write_text("| benchmark | metric |\n| --- | --- |\n| Demo | loss |\n")
+    text = demo.summarize(str(tmp_path), {"train baseline": 12.0, "total": 30.0})
+    assert "| baseline | 6.5000 | 300 |" in text and "| cut | 6.2500 | 300 |" in text
+    assert "| iter 0 | 0.750 | 0.750 | 0.750 | 0.750 |" in text
+    assert "| iter 300 | 0.900 | 0.800 | 0.700 | 0.600 |" in text
+    assert "Most attenuation is on block 3 (alpha 0.600; uniform is 0.750)" in text
+    assert "| Demo | loss |" in text and "| total | 30 |" in text
+
+
+def test_failing_step_stops_the_demo_with_its_exit_code(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        demo.run([sys.executable, "-c", "print('about to fail'); raise SystemExit(3)"], "boom", str(tmp_path))
+    assert stop.value.code == 3
+    assert (tmp_path / "logs" / "boom.log").read_text().strip() == "about to fail"
+    assert "step failed (exit 3)" in capsys.readouterr().err
+
+
+def test_unknown_step_is_rejected():
+    result = subprocess.run([sys.executable, "demo.py", "--steps=train,plot"], capture_output=True, text=True)
+    assert result.returncode != 0 and "unknown step(s) ['plot']" in result.stderr
