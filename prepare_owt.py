@@ -19,7 +19,7 @@ As in nanoGPT, a random 0.0005 of the documents (seed 2357) form the val split,
 decided per document from a hash of (seed, document index), so it streams.
 Output: {out_dir}/openwebtext_{train,val}_{i:06d}.bin and _done.json (written last).
 """
-from data import PREPARE_DEFAULTS, configure_prepare, hashed_split, prepare_from_settings
+from data import PREPARE_DEFAULTS, configure_prepare, run_prepare_script, hashed_split, prepare_from_settings
 
 OWT_DOCUMENTS = 8_013_769  # documents in the full OpenWebText train split
 
@@ -43,4 +43,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_prepare_script(main)

@@ -386,3 +386,17 @@ def test_demo_corpus_second_call_does_not_fetch(tmp_path, monkeypatch):
         raise AssertionError("demo_corpus fetched again")
     monkeypatch.setattr(subprocess, "run", no_fetch)
     assert data.demo_corpus(str(cache)) == [str(cache / "hamlet_gut.txt")]
+
+
+@pytest.mark.parametrize("script, argv, needle", [
+    ("prepare_fineweb.py", [], "could not load 'HuggingFaceFW/fineweb-edu'"),
+    ("prepare_owt.py", ["--data_files", "/nonexistent/*.txt"], "no input files match '/nonexistent/*.txt'"),
+])
+def test_prepare_script_input_problem_is_one_message_not_a_traceback(tmp_path, script, argv, needle):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, script, f"--out_dir={tmp_path / 'out'}", *argv],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and f"error: {needle}" in result.stderr
+    if script == "prepare_fineweb.py":
+        assert "--data_files" in result.stderr  # says how to work offline
