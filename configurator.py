@@ -147,5 +147,10 @@ def configure_or_exit(defaults, argv=None, extra_types=None):
     try:
         return configure(defaults, sys.argv[1:] if argv is None else argv, extra_types)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_config_error(e)
+
+
+def exit_with_config_error(message):
+    """How every entry point reports a bad setting: one line on stderr, exit status 2."""
+    print(f"config error: {message}", file=sys.stderr)
+    sys.exit(2)

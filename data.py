@@ -631,7 +631,7 @@ PREPARE_DEFAULTS = dict(
 def configure_prepare(defaults, argv=None):
     """A prepare script's settings from the command line (configurator.configure_or_exit), checked:
     a bad one exits with status 2 and a message naming it. --data_files also takes one plain string."""
-    from configurator import configure_or_exit
+    from configurator import configure_or_exit, exit_with_config_error
 
     settings = configure_or_exit(defaults, argv, {"data_files": (str,)})
     if isinstance(settings["data_files"], str):
@@ -644,8 +644,7 @@ def configure_prepare(defaults, argv=None):
     elif settings["num_proc"] < 1 or settings["shard_tokens"] < 1:
         problem = f"num_proc and shard_tokens must be >= 1, got {settings['num_proc']} and {settings['shard_tokens']}"
     if problem:
-        print(f"config error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_config_error(problem)
     return settings
 
 

@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure_or_exit
+from configurator import configure_or_exit, exit_with_config_error
 from data import ShardLoader
 from model import GPT, GPTConfig
 
@@ -128,60 +128,55 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 
-def config_error(message):
-    print(f"config error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 # every check that needs no data or model comes first, so a typo costs seconds, not a queue slot
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "auto":
     init_from = "resume" if os.path.exists(ckpt_path) else "scratch"
 if init_from not in ("scratch", "resume") + GPT2_NAMES and not os.path.isdir(init_from):
-    config_error(f"init_from={init_from!r}: expected 'scratch', 'resume', 'auto', one of {GPT2_NAMES} "
+    exit_with_config_error(f"init_from={init_from!r}: expected 'scratch', 'resume', 'auto', one of {GPT2_NAMES} "
                  f"or a local HuggingFace GPT-2 directory")
 if init_from == "resume" and not os.path.exists(ckpt_path):
-    config_error(f"init_from='resume' but there is no checkpoint at {ckpt_path} (check out_dir)")
+    exit_with_config_error(f"init_from='resume' but there is no checkpoint at {ckpt_path} (check out_dir)")
 for key in ("batch_size", "block_size", "total_batch_tokens", "eval_interval", "eval_tokens", "log_interval"):
     if config[key] <= 0:
-        config_error(f"{key} must be positive, got {config[key]}")
+        exit_with_config_error(f"{key} must be positive, got {config[key]}")
 for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
     if config[key] < 0:
-        config_error(f"{key} must be >= 0, got {config[key]}")
+        exit_with_config_error(f"{key} must be >= 0, got {config[key]}")
 if not learning_rate > 0 or not 0 <= min_lr <= learning_rate:
-    config_error(f"need learning_rate > 0 and 0 <= min_lr <= learning_rate, got learning_rate={learning_rate}, "
+    exit_with_config_error(f"need learning_rate > 0 and 0 <= min_lr <= learning_rate, got learning_rate={learning_rate}, "
                  f"min_lr={min_lr}")
 if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or gate_lr_mult < 0:
-    config_error(f"need betas in [0, 1) and gate_lr_mult >= 0, got beta1={beta1}, beta2={beta2}, "
+    exit_with_config_error(f"need betas in [0, 1) and gate_lr_mult >= 0, got beta1={beta1}, beta2={beta2}, "
                  f"gate_lr_mult={gate_lr_mult}")
 if lr_schedule not in ("cosine", "wsd"):
-    config_error(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
+    exit_with_config_error(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
 if not 0 < wsd_decay_frac <= 1:
-    config_error(f"wsd_decay_frac must be in (0, 1], got {wsd_decay_frac}")
+    exit_with_config_error(f"wsd_decay_frac must be in (0, 1], got {wsd_decay_frac}")
 decay_end = lr_decay_iters or max_iters  # the schedule reaches min_lr here
 decay_start = decay_end - wsd_decay_frac * decay_end if lr_schedule == "wsd" else decay_end
 if not eval_only and warmup_iters > decay_start:
-    config_error(f"warmup_iters={warmup_iters} does not fit the schedule: it must be <= {decay_start:g} "
+    exit_with_config_error(f"warmup_iters={warmup_iters} does not fit the schedule: it must be <= {decay_start:g} "
                  f"(lr_schedule={lr_schedule!r}, lr_decay_iters or max_iters = {decay_end})")
 if compile not in (None, True, False):
-    config_error(f"compile must be None (auto), True or False, got {compile!r}")
+    exit_with_config_error(f"compile must be None (auto), True or False, got {compile!r}")
 if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float))
                                or peak_flops <= 0):
-    config_error(f"peak_flops must be None or a positive number of FLOP/s, got {peak_flops!r}")
+    exit_with_config_error(f"peak_flops must be None or a positive number of FLOP/s, got {peak_flops!r}")
 if dtype not in ("auto", "float32", "bfloat16", "float16"):
-    config_error(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    exit_with_config_error(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 if device.split(":")[0] not in ("cpu", "cuda"):
-    config_error(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    exit_with_config_error(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 device_type = device.split(":")[0]
 if device_type == "cuda" and not torch.cuda.is_available():
-    config_error(f"device={device!r} but torch sees no CUDA GPU")
+    exit_with_config_error(f"device={device!r} but torch sees no CUDA GPU")
 if dtype == "auto":
     dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
 if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-    config_error("dtype='bfloat16' but this GPU does not support it; use dtype='float16'")
+    exit_with_config_error("dtype='bfloat16' but this GPU does not support it; use dtype='float16'")
 use_compile = device_type == "cuda" if compile is None else compile
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one plain process
@@ -193,7 +188,7 @@ if ddp and device_type == "cuda":
     device = f"cuda:{local_rank}"
 micro_tokens = batch_size * block_size * world_size  # global tokens per micro-step
 if total_batch_tokens % micro_tokens:
-    config_error(f"total_batch_tokens={total_batch_tokens} is not a multiple of batch_size * block_size * "
+    exit_with_config_error(f"total_batch_tokens={total_batch_tokens} is not a multiple of batch_size * block_size * "
                  f"world_size = {batch_size} * {block_size} * {world_size} = {micro_tokens}")
 grad_accum_steps = total_batch_tokens // micro_tokens
 
@@ -204,7 +199,7 @@ if init_from in ("scratch", "resume"):
     try:
         GPTConfig(**model_args)
     except ValueError as e:
-        config_error(e)
+        exit_with_config_error(e)
 
 # data: one loader call returns a whole optimizer step ([grad_accum_steps * batch_size, block_size] on each
 # rank), so the token stream depends only on total_batch_tokens, not on how it is split into ranks and
@@ -214,7 +209,7 @@ try:
     train_loader = ShardLoader(train_glob, grad_accum_steps * batch_size, block_size, rank, world_size, seed)
     val_loader = ShardLoader(val_glob, batch_size, block_size, rank, world_size, seed, shuffle=False)
 except (OSError, ValueError) as e:
-    config_error(f"data (data_dir={data_dir!r}): {e}")
+    exit_with_config_error(f"data (data_dir={data_dir!r}): {e}")
 val_windows = sum(n for _, n in val_loader.windows_per_shard)
 eval_steps = min(math.ceil(eval_tokens / micro_tokens), val_windows)  # never count a val token twice
 if eval_steps * micro_tokens < eval_tokens and rank == 0:
@@ -226,7 +221,7 @@ if wandb_log and master:
     try:
         import wandb
     except ImportError:
-        config_error("wandb_log=True but wandb is not installed (pip install wandb)")
+        exit_with_config_error("wandb_log=True but wandb is not installed (pip install wandb)")
 
 # the model: scratch, the checkpoint to resume, or pretrained GPT-2 weights
 residual_keys = ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")
@@ -240,13 +235,13 @@ if init_from == "resume":
     changed = {k: (checkpoint["model_args"].get(k), model_args[k]) for k in keys
                if checkpoint["model_args"].get(k) != model_args[k]}
     if changed:
-        config_error(f"{ckpt_path} was trained with different model settings: "
+        exit_with_config_error(f"{ckpt_path} was trained with different model settings: "
                      + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items()))
     model_args = checkpoint["model_args"]
     try:
         train_loader.load_state_dict(checkpoint["loader"])
     except ValueError as e:
-        config_error(f"cannot resume the data stream of {ckpt_path} (keep total_batch_tokens, block_size, seed "
+        exit_with_config_error(f"cannot resume the data stream of {ckpt_path} (keep total_batch_tokens, block_size, seed "
                      f"and the data the same): {e}")
 
 torch.manual_seed(seed + rank)  # rank 0's initial weights are broadcast by DDP; dropout differs per rank
@@ -260,10 +255,10 @@ else:
     try:
         model = GPT.from_pretrained(init_from, **{k: config[k] for k in residual_keys})
     except (OSError, ValueError) as e:  # not on the hub / not in the local cache, or not a GPT-2
-        config_error(f"init_from={init_from!r}: {e}")
+        exit_with_config_error(f"init_from={init_from!r}: {e}")
     model_args = model.config.to_dict()
 if block_size > model.config.block_size:  # pretrained weights bring their own context length
-    config_error(f"block_size={block_size} is longer than the model's context of {model.config.block_size}")
+    exit_with_config_error(f"block_size={block_size} is longer than the model's context of {model.config.block_size}")
 raw_model = model  # the unwrapped module: its state_dict has no '_orig_mod.' / 'module.' prefixes
 
 if ddp:  # everything above succeeded on every rank: now the process group
