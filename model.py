@@ -333,13 +333,19 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu", **overrides):
-        """Rebuild a model from a training checkpoint: ours or karpathy/nanoGPT's ('model_args' + 'model')."""
-        try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"checkpoint not found: {path}") from None
-        except Exception as e:
-            raise ValueError(f"could not read checkpoint {path}: {e}") from e
+        """Rebuild a model from a training checkpoint: ours or karpathy/nanoGPT's ('model_args' + 'model').
+
+        path may also be a checkpoint dict already loaded (train.py's resume reads the rest of it too).
+        """
+        if isinstance(path, dict):
+            ckpt, path = path, "the checkpoint"
+        else:
+            try:
+                ckpt = torch.load(path, map_location=map_location, weights_only=False)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"checkpoint not found: {path}") from None
+            except Exception as e:
+                raise ValueError(f"could not read checkpoint {path}: {e}") from e
         if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
             keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
             raise ValueError(f"{path} is not a training checkpoint (needs 'model' and 'model_args', has {keys})")

@@ -247,10 +247,10 @@ if init_from == "resume":
 torch.manual_seed(seed + rank)  # rank 0's initial weights are broadcast by DDP; dropout differs per rank
 random.seed(seed + rank)
 np.random.seed(seed + rank)
-if init_from in ("scratch", "resume"):
+if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+elif init_from == "resume":
+    model = GPT.from_checkpoint(checkpoint)
 else:
     try:
         model = GPT.from_pretrained(init_from, **{k: config[k] for k in residual_keys})
