@@ -343,7 +343,7 @@ def analyze_model(lm, token_batches, k=5, space="raw", lens_norm=True, mid=False
     if not 1 <= k <= lm.vocab_size:
         raise AnalyzeError(f"--k={k} must be between 1 and the vocabulary size {lm.vocab_size}")
     normed_space = space == "normed"
-    from lm import DTYPES
+    from model import DTYPES
 
     if lens_dtype != "auto" and lens_dtype not in DTYPES:
         raise AnalyzeError(f"--lens_dtype must be one of {['auto'] + list(DTYPES)}, got {lens_dtype!r}")
@@ -772,7 +772,7 @@ def check_settings(settings):
         raise AnalyzeError(f"--seq_len must be >= 1 (or 0 for the models' block size), got {settings['seq_len']}")
     if settings["space"] not in ("raw", "normed"):
         raise AnalyzeError(f"--space must be 'raw' or 'normed', got {settings['space']!r}")
-    from lm import DTYPES
+    from model import DTYPES
 
     for key, allowed in (("dtype", list(DTYPES)), ("lens_dtype", ["auto"] + list(DTYPES))):
         if settings[key] not in allowed:

@@ -25,7 +25,9 @@ import os
 
 import torch
 
-EOT_GPT2 = 50256  # GPT-2's <|endoftext|>
+from data import EOT_TOKEN as EOT_GPT2
+from model import DTYPES
+
 # covers words, numbers, punctuation, unicode, runs of spaces and newlines: where BPEs differ
 _TOKENIZER_PROBE = "Hello world! It's 1999: naïve café, 3.14 + x**2 -- \"ok\"\n\n   indented\tend. 日本語"
 
@@ -285,8 +287,6 @@ class _Gpt2Tokenizer:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": self.enc.encode_ordinary(text)}
 
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_lm(ckpt=None, hf=None, device="cpu", dtype="float32", name=None):

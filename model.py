@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 RESIDUAL_MODES = ("none", "cut", "gate")
 GATE_MODES = ("layer", "token", "scalar")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names settings use
 SCALAR_GATE_INIT_ALPHA = 0.98  # "near 1": standard residual at init, but with a gradient
 
 

@@ -64,7 +64,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure_or_exit, exit_with_config_error
 from data import ShardLoader
-from model import GPT, GPTConfig
+from model import DTYPES, GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 124M on FineWeb-Edu (config/baseline.py spells the paper's run out)
@@ -268,7 +268,7 @@ if ddp:  # everything above succeeded on every rank: now the process group
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # only affects float32 matmuls (fp32 runs, the lm loss)
     torch.backends.cudnn.allow_tf32 = True
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+ptdtype = DTYPES[dtype]
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 model.to(device)
 
