@@ -12,61 +12,28 @@ state through the embeddings and watch it move from the input token t_i to the t
     python analyze.py --log out-gate/log.jsonl                         # residual alphas over training
     python analyze.py --cut_sweep 'out-cut*/log.jsonl' --baseline out-baseline/log.jsonl
 
-Settings use configurator.py (config files, --key=value, --key v1 v2 for lists); --help lists them.
-Outputs go to --out_dir (default analysis/): metrics.json, metrics.csv (one row per model and layer),
-topk.png, cosine_projection.png, lens.png, shift_depth.png (+ alphas.png, cut_sweep.png), and a
-printed summary of the shift depth per model. From Python:
+Settings use configurator.py (config files, --key=value, --key v1 v2 for lists); --help lists and
+describes them. Outputs go to --out_dir (default analysis/), each written atomically: metrics.json,
+metrics.csv (one row per model and layer), topk.png, cosine_projection.png, lens.png, shift_depth.png
+(+ alphas.png, cut_sweep.png), and a printed summary of the shift depth per model. Exit status: 0 done,
+1 bad or missing input (models, text, logs), 2 a bad setting. From Python:
 
-    from analyze import analyze_models, batched, read_documents, text_starts, text_windows, write_plots
+    from analyze import batched, read_documents, text_starts, text_windows, write_plots
+    from lens import LensOptions, analyze_models
     from lm import load_lm
     lm = load_lm(ckpt="out/ckpt.pt")
     docs = read_documents(data_files=["texts/*.txt"])
     windows = text_windows(lm, docs, text_starts(docs, 100, seed=0), 257)  # [100, 256 inputs + 1 target]
-    results = analyze_models([lm], batched(windows, 8), k=5)             # one dict per model
-    write_plots(results, "analysis")                                     # or plot_topk(results) -> Figure
+    results = analyze_models([lm], batched(windows, 8), LensOptions(k=5))  # one dict per model
+    write_plots(results, "analysis")                                      # or plot_topk(results) -> Figure
 
-Metrics, for the state h = h_l[i] (l = 0 the embeddings ... L the last block; with --mid also the
-state after attention of block l, plotted at l - 1/2), input t = t_i, target u = t_{i+1}:
-
-- decoding (logit lens): z = LN_f(h) E_out^T with the final norm recomputed on h (--lens_norm=False:
-  z = h E_out^T), soft-capped like the model (Gemma-2). Over every row of the unembedding (padding rows
-  included), so the lens at the last layer is exactly the model's own prediction.
-- top-k match: t (input) or u (target) counts as in the top k if z[t] >= the k-th largest logit.
-  Ties at the k-th place therefore all count (torch.topk would pick among them arbitrarily): the rule
-  is "fewer than k tokens have a strictly larger logit".
-- cosine: cos(h, e_in) and cos(h, e_out); projection <h - e_in, e_out - e_in> / ||e_out - e_in||^2
-  (0 at the input embedding, 1 at the target's), averaged over positions with t != u only (and
-  e_in != e_out: distinct tokens with the same embedding row have no direction to project on).
-  Reference vectors: e_in = s * E_in[t], the token part of h_0 (s = sqrt(d) for Gemma, 1 otherwise;
-  GPT-2's position embedding is not part of it), e_out = s * E_in[u] for tied embeddings (the "shifted
-  input": same space, same scale), E_out[u] for untied ones (the row that scores u; printed at load).
-  --space=raw compares the raw residual state (the paper's reading); --space=normed compares LN_f(h)
-  with LN_f(e_in), LN_f(e_out): state and references go through the same final norm, so nothing
-  but the direction of the state moves the metric (a normed state against raw embeddings would
-  mix scales: the projection of a position-free model would not even be 0 at layer 0).
-- lens extras: cross-entropy -log p_l(u), entropy H(p_l), and KL(p_final || p_l) =
-  sum_v p_final(v) (log p_final(v) - log p_l(v)), where p_final is the model's own output
-  distribution (the final norm is always applied to it): the extra nats paid for coding the model's
-  prediction with layer l's lens. 0 at the last layer when --lens_norm is on.
-- target wins (per token and layer): z[u] > z[t] (strictly; positions with t == u skipped).
-  The per-token first-win layer is the first layer from which the target wins at every later layer,
-  "never" when it does not win at the last layer. Its distribution is the per-token shift depth.
-- crossing layer of an input/target pair of curves (top-k match, cosine): the layer from which the
-  target curve stays at or above the input curve, linearly interpolated between the two layers around
-  it; 0 if the target is never behind, none if the input is still ahead at the last layer. The same rule
-  with the constant 1/2 as "input" gives the layer where the projection passes half-way.
-
-Computed streaming: batch by batch, and within a batch token chunk by token chunk, one layer's
-logits at a time (a chunk holds at most LENS_CHUNK_BYTES of logits), accumulating sums per layer;
-memory depends on --batch_size and the model, never on --num_sequences. The lens decodes all L+1
-states through the unembedding where a forward decodes one, so for GPT-2 124M it costs ~4x a
-forward (bench.py --section analyze); --lens_dtype=bfloat16 runs the lens matmuls in bf16 (~2.5x
-faster on CPUs with bf16 units, logits to ~3 digits).
+What the metrics are, exactly, is in lens.py (the engine that training and the demo use too).
+The lens decodes all L+1 states through the unembedding where a forward decodes one, so for GPT-2
+124M it costs ~4x a forward (bench.py --section analyze); --lens_dtype=bfloat16 runs the lens
+matmuls in bf16 (~2.5x faster on CPUs with bf16 units, logits to ~3 digits).
 """
 
 import csv
-import glob
-import json
 import math
 import os
 import re
@@ -75,7 +42,12 @@ import sys
 import numpy as np
 import torch
 
-from configurator import configure_or_exit
+from common import InputError, SettingError, atomic_write, check_out_dir, expand_globs, read_jsonl, run_main, write_json
+from configurator import configure
+from data import iter_documents, read_shard, read_shard_header, wikitext_articles
+from lens import METRICS, LensOptions, analyze_models, summary_table
+from lm import load_models
+from model import dtype_from_name
 
 DEFAULTS = dict(
     # models: several of each for an overlay
@@ -111,22 +83,8 @@ DEFAULTS = dict(
     cut_sweep=[],  # log.jsonl globs of runs with a cut at different layers: final val loss vs cut layer
     baseline="",  # the baseline run's log.jsonl, a horizontal line in the cut-sweep plot
 )
-# list settings also take one plain string: --ckpt=out/ckpt.pt
-EXTRA_TYPES = {key: (str,) for key in ("ckpt", "hf", "data_files", "log", "cut_sweep")}
 
-LENS_CHUNK_BYTES = 128 << 20  # float32 logits of one token chunk (~4 such buffers live); large chunks
-# amortise reading the unembedding matrix: below a few hundred rows the lens matmul is memory-bound
 DEFAULT_MAX_SEQ_LEN = 1024
-
-# per-layer metrics: (name, averaged over) -- "all" positions, "diff" = positions with t_i != t_{i+1},
-# "proj" = those whose reference vectors differ too (distinct tokens can share an embedding row)
-METRICS = [("topk_input", "all"), ("topk_target", "all"), ("cos_input", "all"), ("cos_target", "all"),
-           ("projection", "proj"), ("target_wins", "diff"), ("lens_ce", "all"), ("entropy", "all"),
-           ("kl_final", "all")]
-
-
-class AnalyzeError(ValueError):
-    """Bad input (models, text, settings): main() prints the message and exits with status 1."""
 
 # -----------------------------------------------------------------------------
 # Text -> token windows
@@ -139,24 +97,19 @@ def read_documents(dataset=None, dataset_config=None, split="test", data_files=N
     WikiText's rows are the lines of its articles, not documents: they are grouped into articles the
     same way eval_benchmarks.py does (data.wikitext_articles; wikitext=None: for the hub's wikitext datasets).
     """
-    from data import iter_documents, wikitext_articles
-
     if wikitext is None:
         wikitext = not data_files and (dataset or "").split("/")[-1] == "wikitext"
     where = f"--data_files {data_files}" if data_files else f"dataset {dataset!r} ({dataset_config}, {split})"
     documents, total = [], 0
-    try:
-        for doc in iter_documents(dataset, dataset_config, split, data_files or None, text_column=text_column):
-            if not doc or doc.isspace():
-                continue
-            documents.append(doc)
-            total += len(doc)
-            if total >= max_chars:
-                break
-    except (RuntimeError, KeyError) as e:  # hub unreachable, no such column: the message says what to do
-        raise AnalyzeError(str(e).strip("'\"")) from e
+    for doc in iter_documents(dataset, dataset_config, split, data_files or None, text_column=text_column):
+        if not doc or doc.isspace():
+            continue
+        documents.append(doc)
+        total += len(doc)
+        if total >= max_chars:
+            break
     if not documents:
-        raise AnalyzeError(f"no text in {where}: every document is empty")
+        raise InputError(f"no text in {where}: every document is empty")
     if wikitext:
         documents = wikitext_articles(documents)
     return documents
@@ -220,7 +173,7 @@ def text_windows(lm, documents, starts, length):
             first, d = False, (d + 1) % len(documents)
         else:
             chars = sum(map(len, documents))
-            raise AnalyzeError(f"the text ({chars:,} characters) gives {lm.name} fewer than {length} tokens: "
+            raise InputError(f"the text ({chars:,} characters) gives {lm.name} fewer than {length} tokens: "
                                "too little text for one sequence of --seq_len + 1 tokens")
         windows[row] = ids[:length]
     return torch.from_numpy(windows)
@@ -228,15 +181,11 @@ def text_windows(lm, documents, starts, length):
 
 def shard_windows(pattern, num_sequences, length, seed):
     """[num_sequences, length] int64 windows at random offsets of GPT-2 token shards (within a shard)."""
-    from data import read_shard, read_shard_header
-
-    paths = sorted(glob.glob(pattern))
-    if not paths:
-        raise AnalyzeError(f"no token shards match --shards {pattern!r}")
+    paths = expand_globs(pattern, "token shards (--shards)")
     sizes = np.array([read_shard_header(p) for p in paths], dtype=np.int64)
     valid = np.maximum(sizes - length + 1, 0)  # window starts per shard
     if valid.sum() == 0:
-        raise AnalyzeError(f"every shard matching {pattern!r} is shorter than one sequence of {length} tokens "
+        raise InputError(f"every shard matching {pattern!r} is shorter than one sequence of {length} tokens "
                            f"(largest: {sizes.max()} tokens)")
     offsets = np.concatenate([[0], np.cumsum(valid)])
     rng = np.random.default_rng(seed)
@@ -256,226 +205,19 @@ def batched(windows, batch_size):
     return list(torch.split(windows, batch_size))
 
 # -----------------------------------------------------------------------------
-# Metrics
-
-
-def _rowdot(a, b):
-    """sum_v a[i, v] b[i, v] per row, without materialising a * b."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
-
-
-def crossing_layer(layers, input_curve, target_curve):
-    """The layer from which target_curve stays >= input_curve, interpolated; 0 if never behind, None if
-    the input curve is still ahead at the last layer."""
-    d = [a - b for a, b in zip(input_curve, target_curve)]
-    m = len(d)
-    while m > 0 and d[m - 1] <= 0:
-        m -= 1
-    if m == len(d):
-        return None
-    if m == 0:
-        return float(layers[0])
-    # d[m - 1] > 0 >= d[m]: linear interpolation between the two layers
-    return float(layers[m - 1] + (layers[m] - layers[m - 1]) * d[m - 1] / (d[m - 1] - d[m]))
-
-
-class _Reference:
-    """Per token chunk: the input/target reference vectors in the chosen space."""
-
-    def __init__(self, lm, x, y, normed_space):
-        e_in, e_out = lm.input_vectors(x), lm.target_vectors(y)
-        if normed_space:
-            e_in, e_out = lm.final_norm(e_in), lm.final_norm(e_out)
-        self.e_in, self.e_out = e_in.float(), e_out.float()
-        self.in_norm, self.out_norm = self.e_in.norm(dim=-1), self.e_out.norm(dim=-1)
-        self.direction = self.e_out - self.e_in
-        self.direction_sq = _rowdot(self.direction, self.direction)
-        self.has_direction = (self.direction_sq > 0) & (x != y)
-
-
-class LensStats:
-    """What the metrics need from one state's lens logits z [n, V], in one topk and one softmax pass.
-
-    z is shifted in place by its row maximum: the distribution is unchanged, and the float32 dot
-    products below then sum terms that are small wherever p is large (as p log p does), instead of
-    terms of the size of the raw logits (~100 for GPT-2), which would cost three digits.
-    """
-
-    def __init__(self, z, x, y, k):
-        top, top_index = z.topk(k, dim=-1)  # sorted: [:, 0] the largest logit, [:, -1] the k-th largest
-        z_in, z_out = z.gather(1, x[:, None]).squeeze(1), z.gather(1, y[:, None]).squeeze(1)
-        self.topk_in, self.topk_out = z_in >= top[:, -1], z_out >= top[:, -1]
-        self.wins = z_out > z_in
-        self.z = z.sub_(top[:, :1])
-        self.p = torch.softmax(z, dim=-1)
-        self.lse = -self.p.gather(1, top_index[:, :1]).squeeze(1).log()  # p(argmax) = exp(0 - lse)
-        self.ce = self.lse - (z_out - top[:, 0])
-        self.entropy = self.lse - _rowdot(self.p, z)
-
-    def kl_from(self, final):
-        """KL(final || self) = sum_v p_f (log p_f - log p) = -H_f - p_f . z + lse (z shifted, any shift)."""
-        return self.lse - _rowdot(final.p, self.z) - final.entropy
-
-
-def _state_sums(lens, v, diff, ref, final):
-    """Sums over a token chunk of every per-layer metric, from the lens and the compared state v [n, C]."""
-    v = v.float()
-    v_norm = v.norm(dim=-1).clamp_min(1e-12)
-    cos_in = _rowdot(v, ref.e_in) / (v_norm * ref.in_norm).clamp_min(1e-12)
-    cos_out = _rowdot(v, ref.e_out) / (v_norm * ref.out_norm).clamp_min(1e-12)
-    proj = _rowdot(v - ref.e_in, ref.direction) / ref.direction_sq.where(ref.has_direction, 1.0)
-    return torch.stack([
-        lens.topk_in.sum(), lens.topk_out.sum(), cos_in.sum(), cos_out.sum(),
-        proj.where(ref.has_direction, 0.0).sum(), (lens.wins & diff).sum(), lens.ce.sum(), lens.entropy.sum(),
-        lens.kl_from(final).sum(),
-    ]).cpu().double()  # (MPS has no float64)
-
-
-@torch.inference_mode()
-def analyze_model(lm, token_batches, k=5, space="raw", lens_norm=True, mid=False, progress=True,
-                  lens_dtype="auto"):
-    """Stream token batches ([B, T+1] int64: inputs then one target) through lm; the per-layer metrics.
-
-    Returns {"label", "source", "n_layer", ..., "layers": [row per state], "shift_depth": {...}}.
-    """
-    if space not in ("raw", "normed"):
-        raise AnalyzeError(f"--space must be 'raw' or 'normed', got {space!r}")
-    if not 1 <= k <= lm.vocab_size:
-        raise AnalyzeError(f"--k={k} must be between 1 and the vocabulary size {lm.vocab_size}")
-    normed_space = space == "normed"
-    from model import DTYPES
-
-    if lens_dtype != "auto" and lens_dtype not in DTYPES:
-        raise AnalyzeError(f"--lens_dtype must be one of {['auto'] + list(DTYPES)}, got {lens_dtype!r}")
-    weight = None if lens_dtype == "auto" else lm.out_embedding.detach().to(DTYPES[lens_dtype])
-    L = lm.n_layer
-    states = [("resid", float(l)) for l in range(L + 1)] + ([("mid", l + 0.5) for l in range(L)] if mid else [])
-    sums = torch.zeros(len(states), len(METRICS), dtype=torch.float64)
-    counts = {"all": 0, "diff": 0, "proj": 0}
-    final_ce = 0.0  # the model's own loss on these tokens (the lens at the last layer, with the norm)
-    first_win = torch.zeros(L + 2, dtype=torch.int64)  # layers 0..L, then "never"
-    chunk = max(1, LENS_CHUNK_BYTES // (4 * lm.vocab_size))
-
-    from tqdm import tqdm
-
-    total = sum(b.numel() - b.size(0) for b in token_batches) if hasattr(token_batches, "__len__") else None
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc=lm.name, disable=not progress)
-    for batch in token_batches:
-        batch = batch.to(lm.device)
-        if batch.dim() != 2 or batch.size(1) < 2:
-            raise AnalyzeError(f"token batches must be [B, T+1] with T >= 1, got {tuple(batch.shape)}")
-        top = int(batch.max())
-        if top >= lm.vocab_size or int(batch.min()) < 0:
-            raise AnalyzeError(f"token id {top} is outside {lm.name}'s vocabulary of {lm.vocab_size}")
-        if batch.size(1) - 1 > lm.block_size:
-            raise AnalyzeError(f"sequences of {batch.size(1) - 1} tokens are longer than {lm.name}'s "
-                               f"block size {lm.block_size}: lower --seq_len")
-        x_all, y_all = batch[:, :-1], batch[:, 1:]
-        resid, mids = lm.hidden_states(x_all, mid=mid)
-        C = resid[0].size(-1)
-        flat = [s.reshape(-1, C) for s in resid] + [s.reshape(-1, C) for s in (mids if mid else [])]
-        x_all, y_all = x_all.reshape(-1), y_all.reshape(-1)
-        for start in range(0, x_all.numel(), chunk):
-            sl = slice(start, start + chunk)
-            x, y = x_all[sl], y_all[sl]
-            diff = x != y
-            ref = _Reference(lm, x, y, normed_space)
-            # the model's own distribution first: with lens_norm the last layer's lens *is* it
-            final = LensStats(lm.decode(flat[L][sl], True, weight), x, y, k)
-            never_won_after = torch.full_like(x, -1)  # the last layer at which the target did not win
-            for s in [L] + [s for s in range(len(states)) if s != L]:
-                h = flat[s][sl]
-                normed = lm.final_norm(h) if (lens_norm or normed_space) else None
-                if s == L and lens_norm:
-                    lens = final
-                else:
-                    lens = LensStats(lm.unembed(normed if lens_norm else h, weight), x, y, k)
-                sums[s] += _state_sums(lens, normed if normed_space else h, diff, ref, final)
-                if s <= L:  # residual states only; visited in increasing order after L, so clamp = max
-                    never_won_after = torch.where(lens.wins, never_won_after, never_won_after.clamp(min=s))
-                del lens
-                final.z = None  # only the final p and entropy are needed from here on
-            first_win += torch.bincount((never_won_after + 1)[diff].cpu(), minlength=L + 2)
-            final_ce += final.ce.sum().item()
-            counts["all"] += x.numel()
-            counts["diff"] += int(diff.sum())
-            counts["proj"] += int(ref.has_direction.sum())
-            del final, ref
-        del resid, mids, flat
-        bar.update(x_all.numel())
-    bar.close()
-    if counts["all"] == 0:
-        raise AnalyzeError(f"{lm.name}: no tokens to analyse")
-    return _summarise(lm, states, sums, counts, first_win, final_ce, k, space, lens_norm, lens_dtype)
-
-
-def _summarise(lm, states, sums, counts, first_win, final_ce, k, space, lens_norm, lens_dtype):
-    rows = []
-    n_diff = counts["diff"]
-    for (kind, layer), row in zip(states, sums.tolist()):
-        entry = {"kind": kind, "layer": layer}
-        for (name, over), value in zip(METRICS, row):
-            entry[name] = value / counts[over] if counts[over] else None  # e.g. every t_i == t_{i+1}
-        rows.append(entry)
-    resid = [r for r in rows if r["kind"] == "resid"]
-    layers = [r["layer"] for r in resid]
-    curve = lambda name: [r[name] for r in resid]
-    hist = first_win.tolist()
-    winners = sum(hist[:-1])
-    cumulative, median = 0, None
-    for layer, count in enumerate(hist):  # the median token's first-win layer, "never" counted as last
-        cumulative += count
-        if n_diff and cumulative * 2 >= n_diff:
-            median = layer if layer <= lm.n_layer else None
-            break
-    shift = {
-        "topk_crossing": crossing_layer(layers, curve("topk_input"), curve("topk_target")),
-        "cosine_crossing": crossing_layer(layers, curve("cos_input"), curve("cos_target")),
-        "projection_half": (None if None in curve("projection")  # no position with t_i != t_{i+1}
-                            else crossing_layer(layers, [0.5] * len(layers), curve("projection"))),
-        "first_win_hist": hist[:-1],
-        "first_win_never": hist[-1],
-        "first_win_median": median,
-        "first_win_mean": (sum(l * c for l, c in enumerate(hist[:-1])) / winners) if winners else None,
-        "never_fraction": hist[-1] / n_diff if n_diff else None,
-    }
-    return {
-        "label": lm.name, "source": getattr(lm, "source", lm.name), "n_layer": lm.n_layer,
-        "vocab_size": lm.vocab_size, "tied": lm.tied, "embed_scale": lm.embed_scale,
-        "space": space, "lens_norm": lens_norm, "k": k, "lens_dtype": lens_dtype,
-        "positions": counts["all"], "positions_diff": n_diff,
-        "positions_projection": counts["proj"],
-        "final_loss": final_ce / counts["all"],
-        "layers": rows, "shift_depth": shift,
-    }
-
-
-def analyze_models(lms, token_batches, k=5, space="raw", lens_norm=True, mid=False, progress=True,
-                   lens_dtype="auto"):
-    """analyze_model for each model. token_batches: one iterable of [B, T+1] token tensors shared by all
-    models, or a list with one such iterable per model (models with different tokenizers)."""
-    per_model = (isinstance(token_batches, (list, tuple)) and len(token_batches) == len(lms)
-                 and all(isinstance(b, (list, tuple)) for b in token_batches))
-    if not per_model:
-        token_batches = [token_batches] * len(lms)
-    return [analyze_model(lm, batches, k, space, lens_norm, mid, progress, lens_dtype)
-            for lm, batches in zip(lms, token_batches)]
-
-# -----------------------------------------------------------------------------
-# Outputs: JSON, CSV, summary
+# Outputs: JSON, CSV
 
 
 CSV_FIELDS = ["model", "source", "kind", "layer", "space", "lens_norm", "k"] + [name for name, _ in METRICS]
 
 
 def write_metrics(results, out_dir, settings=None):
-    """metrics.json (everything) and metrics.csv (one row per model and state); returns their paths."""
+    """metrics.json (everything) and metrics.csv (one row per model and state), each atomic; their paths."""
     os.makedirs(out_dir, exist_ok=True)
     json_path, csv_path = os.path.join(out_dir, "metrics.json"), os.path.join(out_dir, "metrics.csv")
-    with open(json_path, "w") as f:
-        json.dump({"settings": settings or {}, "models": results}, f, indent=1, default=str, allow_nan=False)
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    write_json(json_path, {"settings": settings or {}, "models": results})
+    with atomic_write(csv_path, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         for r in results:
             for row in r["layers"]:
@@ -483,25 +225,6 @@ def write_metrics(results, out_dir, settings=None):
                                  "lens_norm": r["lens_norm"], "k": r["k"], **row})
     return [json_path, csv_path]
 
-
-def _fmt(value, digits=2):
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def summary_table(results):
-    """Markdown table: the shift depth of each model."""
-    header = ["model", "layers", "tokens", "top-k cross", "cosine cross", "projection 1/2",
-              "first-win median", "never", "final CE"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in results:
-        s = r["shift_depth"]
-        lines.append("| " + " | ".join([
-            r["label"], str(r["n_layer"]), f"{r['positions']:,}", _fmt(s["topk_crossing"]),
-            _fmt(s["cosine_crossing"]), _fmt(s["projection_half"]),
-            "-" if s["first_win_median"] is None else str(s["first_win_median"]),
-            "-" if s["never_fraction"] is None else f"{s['never_fraction']:.1%}", _fmt(r["final_loss"], 3),
-        ]) + " |")
-    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 # Plots (matplotlib's object API with the Agg canvas: no pyplot state, no display needed)
@@ -611,7 +334,9 @@ def plot_shift_depth(results):
 
 
 def save_figure(fig, path):
-    fig.savefig(path, dpi=120)
+    """Write a figure as PNG, atomically."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=120, format="png")
     return path
 
 
@@ -628,16 +353,8 @@ def write_plots(results, out_dir):
 def read_log(path):
     """{"name", "path", "config", "alphas": [(iter, [alpha per layer])], "final_val_loss", "final_iter"}."""
     if not os.path.isfile(path):
-        raise AnalyzeError(f"training log not found: {path}")
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise AnalyzeError(f"{path}:{number}: not a JSON line ({e})") from e
+        raise InputError(f"training log not found: {path}")
+    rows = read_jsonl(path)
     configs = [r["config"] for r in rows if r.get("type") == "run" and isinstance(r.get("config"), dict)]
     evals = [r for r in rows if r.get("type") == "eval" and r.get("val_loss") is not None]
     # train rows are the dense series; a log with evals only (eval_only runs) falls back to them
@@ -659,7 +376,7 @@ def plot_alphas(logs):
     fig, axes = _figure(len(logs), width=5.5)
     for ax, run in zip(axes, logs):
         if not run["alphas"]:
-            raise AnalyzeError(f"{run['path']} has no rows with 'alphas'")
+            raise InputError(f"{run['path']} has no rows with 'alphas'")
         iters = [it for it, _ in run["alphas"]]
         values = np.array([a for _, a in run["alphas"]], dtype=float)  # [steps, layers]
         n = values.shape[1]
@@ -677,7 +394,7 @@ def plot_alphas(logs):
 def _cut_layers(run):
     cfg = run["config"]
     if not cfg or "cut_layer" not in cfg or "n_layer" not in cfg:
-        raise AnalyzeError(f"{run['path']} has no run row with the config (cut_layer, n_layer): not a train.py log?")
+        raise InputError(f"{run['path']} has no run row with the config (cut_layer, n_layer): not a train.py log?")
     layers = cfg["cut_layer"] if isinstance(cfg["cut_layer"], list) else [cfg["cut_layer"]]
     return sorted(int(l) % int(cfg["n_layer"]) for l in layers)  # negative cut layers count from the end
 
@@ -687,10 +404,10 @@ def plot_cut_sweep(runs, baseline=None):
     points = []
     for run in runs:
         if (run["config"] or {}).get("residual_mode") != "cut":
-            raise AnalyzeError(f"{run['path']}: residual_mode is {(run['config'] or {}).get('residual_mode')!r}, "
+            raise InputError(f"{run['path']}: residual_mode is {(run['config'] or {}).get('residual_mode')!r}, "
                                "not 'cut' (give the baseline with --baseline)")
         if run["final_val_loss"] is None:
-            raise AnalyzeError(f"{run['path']} has no eval row with a val_loss")
+            raise InputError(f"{run['path']} has no eval row with a val_loss")
         points.append((_cut_layers(run), run["final_val_loss"], run["config"].get("cut_alpha")))
     ends = {run["name"]: run["final_iter"] for run in runs + ([baseline] if baseline else [])}
     if len(set(ends.values())) > 1:  # e.g. a run stopped early: its "final" loss is from an earlier eval
@@ -707,40 +424,15 @@ def plot_cut_sweep(runs, baseline=None):
                         fontsize=8)
     if baseline is not None:
         if baseline["final_val_loss"] is None:
-            raise AnalyzeError(f"{baseline['path']} has no eval row with a val_loss")
+            raise InputError(f"{baseline['path']} has no eval row with a val_loss")
         ax.axhline(baseline["final_val_loss"], color="gray", linestyle="--", label=f"baseline ({baseline['name']})")
     ax.set_xticks(sorted(set(xs)))
     _label(ax, "validation loss vs cut layer", "cut layer (block index)", "final validation loss")
     return fig
 
 
-def _expand(patterns, what):
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern))
-        if not matches:
-            raise AnalyzeError(f"no {what} match {pattern!r}")
-        paths += matches
-    return paths
-
 # -----------------------------------------------------------------------------
 # Command line
-
-
-def _as_list(value):
-    return [value] if isinstance(value, str) else list(value)
-
-
-def load_models(settings):
-    """The --ckpt and --hf models, named by lm.model_specs (run dir, hub or dir name; paths on a clash)."""
-    from lm import load_lm, model_specs
-
-    lms = []
-    for kind, path, name in model_specs(_as_list(settings["ckpt"]), _as_list(settings["hf"])):
-        lm = load_lm(**{kind: path}, device=settings["device"], dtype=settings["dtype"])
-        lm.name = name
-        lms.append(lm)
-    return lms
 
 
 def token_windows(lms, settings):
@@ -749,12 +441,12 @@ def token_windows(lms, settings):
     if settings["shards"]:
         for lm in lms:
             if not lm.uses_gpt2_tokens():
-                raise AnalyzeError(f"--shards hold GPT-2 tokens, but {lm.name} uses another tokenizer: "
-                                   "give it text instead (--data_files or the default dataset)")
+                raise InputError(f"--shards hold GPT-2 tokens, but {lm.name} uses another tokenizer: "
+                                 "give it text instead (--data_files or the default dataset)")
         windows = shard_windows(settings["shards"], settings["num_sequences"], length, settings["seed"])
         return [windows] * len(lms)
     documents = read_documents(settings["dataset"], settings["dataset_config"], settings["split"],
-                               _as_list(settings["data_files"]), settings["text_column"], settings["wikitext"],
+                               settings["data_files"], settings["text_column"], settings["wikitext"],
                                settings["max_chars"])
     starts = text_starts(documents, settings["num_sequences"], settings["seed"])
     cache = {}  # models with the same tokenizer share their tokens
@@ -765,66 +457,59 @@ def token_windows(lms, settings):
 
 
 def check_settings(settings):
-    for key in ("num_sequences", "batch_size", "k"):
+    """Every check that needs no model or data (SettingError naming the setting); the lens options."""
+    for key in ("num_sequences", "batch_size"):
         if settings[key] < 1:
-            raise AnalyzeError(f"--{key} must be >= 1, got {settings[key]}")
+            raise SettingError(f"{key} must be >= 1, got {settings[key]}")
     if settings["seq_len"] < 0:
-        raise AnalyzeError(f"--seq_len must be >= 1 (or 0 for the models' block size), got {settings['seq_len']}")
-    if settings["space"] not in ("raw", "normed"):
-        raise AnalyzeError(f"--space must be 'raw' or 'normed', got {settings['space']!r}")
-    from model import DTYPES
-
-    for key, allowed in (("dtype", list(DTYPES)), ("lens_dtype", ["auto"] + list(DTYPES))):
-        if settings[key] not in allowed:
-            raise AnalyzeError(f"--{key} must be one of {allowed}, got {settings[key]!r}")
+        raise SettingError(f"seq_len must be >= 1 (or 0 for the models' block size), got {settings['seq_len']}")
+    dtype_from_name(settings["dtype"])
     if settings["shards"] and settings["data_files"]:
-        raise AnalyzeError("give either --shards or --data_files, not both")
+        raise SettingError("give either --shards or --data_files, not both")
     if not (settings["ckpt"] or settings["hf"] or settings["log"] or settings["cut_sweep"]):
-        raise AnalyzeError("nothing to analyse: give --ckpt and/or --hf models (or --log / --cut_sweep)")
+        raise SettingError("nothing to analyse: give --ckpt and/or --hf models (or --log / --cut_sweep)")
     if settings["baseline"] and not settings["cut_sweep"]:
-        raise AnalyzeError("--baseline is the reference line of --cut_sweep: give --cut_sweep too")
+        raise SettingError("--baseline is the reference line of --cut_sweep: give --cut_sweep too")
+    return LensOptions.from_settings(settings)
 
 
 def run(settings):
     """Everything main() does, with errors as exceptions; returns the results (one dict per model)."""
-    check_settings(settings)
+    options = check_settings(settings)
     out_dir = settings["out_dir"]
-    os.makedirs(out_dir, exist_ok=True)
+    check_out_dir(out_dir)
+    logs = [read_log(p) for p in expand_globs(settings["log"], "training logs")]
+    sweep = [read_log(p) for p in expand_globs(settings["cut_sweep"], "training logs")]
+    baseline = read_log(settings["baseline"]) if settings["baseline"] else None
     results = []
     if settings["ckpt"] or settings["hf"]:
-        lms = load_models(settings)
+        lms = list(load_models(settings["ckpt"], settings["hf"], settings["device"], settings["dtype"]))
         auto = min(DEFAULT_MAX_SEQ_LEN, *(lm.block_size for lm in lms))
         settings["seq_len"] = settings["seq_len"] or auto
         for lm in lms:
             if settings["seq_len"] > lm.block_size:
-                raise AnalyzeError(f"--seq_len={settings['seq_len']} is longer than {lm.name}'s block size "
+                raise SettingError(f"seq_len={settings['seq_len']} is longer than {lm.name}'s block size "
                                    f"{lm.block_size}")
         windows = token_windows(lms, settings)
         batches = [batched(w, settings["batch_size"]) for w in windows]
-        results = analyze_models(lms, batches, settings["k"], settings["space"], settings["lens_norm"],
-                                 settings["mid"], settings["progress"], settings["lens_dtype"])
+        results = analyze_models(lms, batches, options, settings["progress"])
         for path in write_metrics(results, out_dir, settings) + write_plots(results, out_dir):
             print(f"wrote {path}")
-        print(f"\nshift depth ({settings['num_sequences']} x {settings['seq_len']} tokens, {settings['space']} "
-              f"state, lens {'with' if settings['lens_norm'] else 'without'} final norm, top-{settings['k']}):\n")
+        print(f"\nshift depth ({settings['num_sequences']} x {settings['seq_len']} tokens, {options.space} "
+              f"state, lens {'with' if options.lens_norm else 'without'} final norm, top-{options.k}):\n")
         print(summary_table(results))
-    if settings["log"]:
-        logs = [read_log(p) for p in _expand(_as_list(settings["log"]), "training logs")]
+    if logs:
+        os.makedirs(out_dir, exist_ok=True)
         print(f"wrote {save_figure(plot_alphas(logs), os.path.join(out_dir, 'alphas.png'))}")
-    if settings["cut_sweep"]:
-        runs = [read_log(p) for p in _expand(_as_list(settings["cut_sweep"]), "training logs")]
-        baseline = read_log(settings["baseline"]) if settings["baseline"] else None
-        print(f"wrote {save_figure(plot_cut_sweep(runs, baseline), os.path.join(out_dir, 'cut_sweep.png'))}")
+    if sweep:
+        os.makedirs(out_dir, exist_ok=True)
+        print(f"wrote {save_figure(plot_cut_sweep(sweep, baseline), os.path.join(out_dir, 'cut_sweep.png'))}")
     return results
 
 
 def main(argv=None):
-    settings = configure_or_exit(DEFAULTS, argv, EXTRA_TYPES)
-    try:
-        run(settings)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # AnalyzeError, and model / shard loading errors
-        print(f"analyze.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    """The command line: settings from argv (default sys.argv), then run(); errors exit by common.run_main."""
+    return run_main(lambda: run(configure(DEFAULTS, sys.argv[1:] if argv is None else argv, help_from=__file__)))
 
 
 if __name__ == "__main__":

@@ -10,25 +10,35 @@ the same number of threads / processes, and the peak memory of a prepare run for
 two corpus sizes (it should not grow with the corpus).
 """
 import json
+import multiprocessing
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+import eval_benchmarks
+from common import SettingError, markdown_table, run_main
+from configurator import configure
+from data import get_tokenizer, iter_documents
+from lens import LensOptions, analyze_model
+from lm import OurGPT
+from model import GPT, GPTConfig
+from prepare import demo_corpus, first_tokens_split, prepare_shards
 
 
 def machine_description():
-    import torch
     return (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
             f"Python {platform.python_version()}, torch {torch.__version__}, {platform.system()}")
 
-
-def markdown_table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 # -----------------------------------------------------------------------------
 # data
@@ -36,7 +46,6 @@ def markdown_table(header, rows):
 
 def _demo_documents(target_chars=5000):
     """The demo corpus (Shakespeare) cut at paragraph breaks into web-page-sized documents."""
-    from data import demo_corpus
     documents = []
     for path in demo_corpus():
         with open(path, encoding="utf-8") as f:
@@ -53,14 +62,12 @@ def _demo_documents(target_chars=5000):
 
 
 def _chunk_tokens(documents):
-    from data import get_tokenizer
     enc = get_tokenizer()
     return sum(len(enc.encode_ordinary(doc)) for doc in documents)
 
 
 def _raw_process_pool(documents, num_proc, chunk_docs=64):
     """Bare tokenizer in a process pool (results counted and dropped): the best a pool can do."""
-    import multiprocessing
     chunks = [documents[i:i + chunk_docs] for i in range(0, len(documents), chunk_docs)]
     with multiprocessing.Pool(num_proc) as pool:
         return sum(pool.imap(_chunk_tokens, chunks))
@@ -69,7 +76,8 @@ def _raw_process_pool(documents, num_proc, chunk_docs=64):
 _MEMORY_PROBE = """
 import json, resource, sys
 import datasets, pyarrow, torch  # everything prepare imports, so the baseline below includes it
-from data import first_tokens_split, get_tokenizer, iter_documents, prepare_shards
+from data import get_tokenizer, iter_documents
+from prepare import first_tokens_split, prepare_shards
 get_tokenizer()
 baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 manifest = prepare_shards(iter_documents(data_files=sys.argv[1]), sys.argv[2], "bench", first_tokens_split(0),
@@ -81,11 +89,6 @@ print(json.dumps({"tokens": manifest["total_tokens"], "baseline_kib": baseline_k
 
 
 def bench_data(num_proc=None, repeats=5):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from data import first_tokens_split, get_tokenizer, iter_documents, prepare_shards
-
     num_proc = num_proc or os.cpu_count()
     enc = get_tokenizer()
     documents = _demo_documents()
@@ -151,13 +154,6 @@ def bench_eval(repeats=5, sliding_repeats=2):
     shared machine a slow run says more about the neighbours than about the code. evaluate's own
     forward is timed too, which splits each evaluate run into forward + scoring within the same run.
     """
-    import numpy as np
-    import torch
-
-    import eval_benchmarks
-    from lm import OurGPT
-    from model import GPT, GPTConfig
-
     class TimedLM(OurGPT):
         forward_seconds = 0.0
 
@@ -217,7 +213,6 @@ def bench_eval(repeats=5, sliding_repeats=2):
 
 
 def _device_name(device):
-    import torch
     if device == "cuda":
         return torch.cuda.get_device_name()
     with open("/proc/cpuinfo") as f:  # platform.processor() is often empty on Linux
@@ -227,7 +222,6 @@ def _device_name(device):
 
 def _matmul_peak(device, dtype, n, clock, repeats=5):
     """FLOP/s of an n x n x n matmul, best of repeats: the practical peak MFU is measured against."""
-    import torch
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     best = float("inf")
     for _ in range(repeats + 1):  # the first is a warm-up
@@ -253,13 +247,6 @@ def bench_train(steps=1, repeats=13, warmup=2):
     machines are shared, and wall time there swings by 2x with other tenants' load (and two threads
     spin against each other), while a thread's CPU time does not; on an idle core the two are equal.
     """
-    import statistics
-    from contextlib import nullcontext
-
-    import torch
-
-    from model import GPT, GPTConfig
-
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     clock = time.perf_counter if cuda else time.thread_time
@@ -343,7 +330,7 @@ def bench_train(steps=1, repeats=13, warmup=2):
 _ANALYZE_MEMORY_PROBE = """
 import json, re, sys
 import torch
-import analyze
+from lens import analyze_model
 from lm import OurGPT
 from model import GPT, GPTConfig
 n, T, B = (int(a) for a in sys.argv[1:4])
@@ -353,7 +340,7 @@ windows = torch.randint(0, 50257, (n, T + 1), generator=torch.Generator().manual
 status = lambda key: int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS (building the model peaks higher)
 baseline_kib = status("VmRSS")
-analyze.analyze_model(lm, analyze.batched(windows, B), progress=False)
+analyze_model(lm, list(torch.split(windows, B)), progress=False)
 print(json.dumps({"baseline_kib": baseline_kib, "peak_kib": status("VmHWM")}))
 """
 
@@ -367,12 +354,6 @@ def bench_analyze(repeats=2, B=2, T=128, memory_sequences=(2, 8)):
     so its floor is the trunk plus 13 lens matmuls, timed on their own (no metrics) as a reference.
     Paths alternate, best of `repeats`.
     """
-    import torch
-
-    import analyze
-    from lm import OurGPT
-    from model import GPT, GPTConfig
-
     torch.manual_seed(0)
     lm = OurGPT(GPT(GPTConfig()), "gpt2-124M-shape")
     windows = torch.randint(0, 50257, (B, T + 1), generator=torch.Generator().manual_seed(0))
@@ -389,7 +370,7 @@ def bench_analyze(repeats=2, B=2, T=128, memory_sequences=(2, 8)):
             lm.decode(h)
 
     def analysis(lens_dtype):
-        return lambda: analyze.analyze_model(lm, [windows], progress=False, lens_dtype=lens_dtype)
+        return lambda: analyze_model(lm, [windows], LensOptions(lens_dtype=lens_dtype), progress=False)
 
     forward_only()  # warm-up: allocator, thread pool
     paths = {"forward only: lm.logits": forward_only,
@@ -433,13 +414,20 @@ SECTIONS = {
     "eval": bench_eval,
 }
 
-if __name__ == "__main__":
-    from configurator import configure_or_exit
+DEFAULTS = dict(
+    section="all",  # which benchmark: all | data | train | analyze | eval
+)
 
-    section = configure_or_exit({"section": "all"})["section"]
+
+def run(argv):
+    section = configure(DEFAULTS, argv, help_from=__file__)["section"]
     if section != "all" and section not in SECTIONS:
-        sys.exit(f"bench.py: unknown --section={section!r}; choose from {list(SECTIONS) + ['all']}")
+        raise SettingError(f"unknown section={section!r}; choose from {list(SECTIONS) + ['all']}")
     print(f"machine: {machine_description()}\n")
     for name in (SECTIONS if section == "all" else [section]):
         SECTIONS[name]()
         print()
+
+
+if __name__ == "__main__":
+    run_main(run, sys.argv[1:])

@@ -16,17 +16,25 @@ A script declares its settings as a dict of defaults and calls
 
 Values are checked against the default's type: an int is accepted for a float, booleans parse
 from True/False/true/false/1/0, strings are taken literally, a default of None accepts any
-Python literal (falling back to the raw string). Unknown keys fail with the closest valid names.
+Python literal (falling back to the raw string), a list setting also takes one plain string
+(`--ckpt=a.pt` is `["a.pt"]`), so every list setting arrives as a list. Unknown keys fail with the
+closest valid names.
+
+`--help` lists every setting with its value and a one-line description: the comment next to the
+setting's default in the entry point's source (`help_from`), so the defaults block is the one place
+a setting is described.
 """
 
 import ast
 import difflib
+import io
 import os
 import sys
+import tokenize
 
+from common import SettingError, exit_with
 
-class ConfigError(ValueError):
-    pass
+ConfigError = SettingError  # a bad setting: exit status 2 (common.py's rule)
 
 
 _BOOL_WORDS = {"true": True, "1": True, "false": False, "0": False}
@@ -43,6 +51,8 @@ def _check(key, value, default, extra_types=()):
     types = tuple(dict.fromkeys((type(default),) + tuple(extra_types)))
     if isinstance(value, bool) and bool not in types:
         raise ConfigError(f"{key}: expected {_type_name(types)}, got bool {value!r}")
+    if list in types and isinstance(value, str) and str not in types:
+        return [value]  # one plain string for a list setting
     if isinstance(value, types):
         return list(value) if isinstance(value, tuple) and list in types else value
     if float in types and isinstance(value, int) and not isinstance(value, bool):
@@ -61,6 +71,12 @@ def _parse(key, text, default, extra_types=()):
         return _BOOL_WORDS[word]
     if isinstance(default, str) and not extra_types:
         return text  # strings are literal: --out_dir=123 is the string "123"
+    if isinstance(default, list) and not extra_types:
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        return _check(key, value if isinstance(value, (list, tuple)) else text, default)
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -74,10 +90,44 @@ def _unknown(key, known):
     return ConfigError(f"unknown setting {key!r}{hint} (run with --help to list all settings)")
 
 
-def _help(settings):
+def setting_comments(*paths):
+    """{name: description} from the comments next to assignments (`name = value  # text` at module level,
+    `name=value,  # text` in a dict) in the given source files; comment-only lines right below, indented
+    deeper than the name, continue the description. The first described assignment of a name wins."""
+    found = {}
+    for path in paths:
+        with open(path) as f:
+            source = f.read()
+        lines = source.split("\n")
+        comments = {}  # line number (1-based) -> comment text
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = (tok.start[1], tok.string.lstrip("#").strip())
+        for number, line in enumerate(lines, 1):
+            stripped = line.lstrip()
+            name = stripped.split("=", 1)[0].strip() if "=" in stripped else ""
+            if not name.isidentifier() or stripped[len(name):].lstrip().startswith("==") or number not in comments:
+                continue
+            column, text = comments[number]
+            if column <= len(line) - len(stripped):
+                continue  # a comment-only line
+            indent = len(line) - len(stripped)
+            follow = number + 1
+            while follow in comments and follow <= len(lines) and lines[follow - 1].strip().startswith("#") \
+                    and comments[follow][0] > indent:
+                text += " " + comments[follow][1]
+                follow += 1
+            found.setdefault(name, text)
+    return found
+
+
+def _help(settings, descriptions):
     width = max(map(len, settings), default=0)
-    lines = ["settings (defaults after config files):"]
-    lines += [f"  --{k:<{width}} = {v!r}" for k, v in settings.items()]
+    lines = ["settings (--key=value; defaults after config files):"]
+    for k, v in settings.items():
+        lines.append(f"  --{k:<{width}} = {v!r}")
+        if descriptions.get(k):
+            lines.append(f"      {descriptions[k]}")
     return "\n".join(lines)
 
 
@@ -99,11 +149,12 @@ def _run_config_file(path, settings, extra_types):
         settings[key] = _check(f"{path}: {key}", value, settings[key], extra_types.get(key, ()))
 
 
-def configure(defaults, argv, extra_types=None):
+def configure(defaults, argv, extra_types=None, help_from=()):
     """Apply config files and overrides in argv to a copy of defaults; return the new dict.
 
     extra_types: {key: (type, ...)} for settings that accept more than their default's type
-    (e.g. cut_layer: an int or a list of ints).
+    (e.g. cut_layer: an int or a list of ints). help_from: source files whose comments describe
+    the settings (--help).
     """
     extra_types = extra_types or {}
     settings = dict(defaults)
@@ -112,7 +163,8 @@ def configure(defaults, argv, extra_types=None):
         arg = argv[i]
         i += 1
         if arg in ("-h", "--help"):
-            print(_help(settings))
+            help_from = [help_from] if isinstance(help_from, str) else help_from
+            print(_help(settings, setting_comments(*help_from)))
             sys.exit(0)
         if not arg.startswith("--"):
             _run_config_file(arg, settings, extra_types)
@@ -133,7 +185,8 @@ def configure(defaults, argv, extra_types=None):
                 raise ConfigError(f"--{key} needs a value: --{key}=VALUE")
             settings[key] = True
         elif isinstance(default, list) or list in extra:
-            item_default = default[0] if isinstance(default, list) and default else None
+            # items of a list setting: like its first item, strings if it is empty; of an int-or-list: literals
+            item_default = (default[0] if default else "") if isinstance(default, list) else None
             settings[key] = [_parse(key, v, item_default) for v in values]
         elif len(values) == 1:
             settings[key] = _parse(key, values[0], default, extra)
@@ -142,15 +195,14 @@ def configure(defaults, argv, extra_types=None):
     return settings
 
 
-def configure_or_exit(defaults, argv=None, extra_types=None):
+def configure_or_exit(defaults, argv=None, extra_types=None, help_from=()):
     """configure() for entry points: a bad setting prints one clear line and exits with status 2."""
     try:
-        return configure(defaults, sys.argv[1:] if argv is None else argv, extra_types)
+        return configure(defaults, sys.argv[1:] if argv is None else argv, extra_types, help_from)
     except ConfigError as e:
-        exit_with_config_error(e)
+        exit_with(e)
 
 
 def exit_with_config_error(message):
-    """How every entry point reports a bad setting: one line on stderr, exit status 2."""
-    print(f"config error: {message}", file=sys.stderr)
-    sys.exit(2)
+    """How every entry point reports a bad setting: one line on stderr, exit status 2 (common.exit_with)."""
+    exit_with(SettingError(str(message)))

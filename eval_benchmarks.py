@@ -11,9 +11,10 @@ WikiText, LAMBADA, OpenWebText and FineWeb-Edu, for several models side by side.
     python eval_benchmarks.py --help                                   # every setting
 
 Models: --ckpt (our checkpoints or out dirs, several) and --hf (transformers causal LMs: hub names or
-local save_pretrained dirs, several), all loaded by lm.load_lm. Output: a markdown table, one column
-per model, printed and written to {out_dir}/results.md, and {out_dir}/results.json (rewritten after
-every model, so a long run that dies keeps what it finished). From Python (e.g. a demo script):
+local save_pretrained dirs, several), all loaded by lm.load_models. Output: a markdown table, one
+column per model, printed and written to {out_dir}/results.md, and {out_dir}/results.json (both
+rewritten atomically after every model, so a long run that dies keeps what it finished). Exit status:
+0 done, 1 bad or missing data or models, 2 a bad setting. From Python (e.g. a demo script):
 
     from eval_benchmarks import DEFAULTS, evaluate, format_table, run
     metrics = evaluate(lm, tokens, context=256, stride=128)   # one lm (lm.load_lm), token array(s)
@@ -59,8 +60,6 @@ softmax runs over all of the model's output rows (for our models the padded 5030
 """
 
 import difflib
-import glob
-import json
 import math
 import os
 import sys
@@ -68,12 +67,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from data import iter_documents, read_shard, read_shard_header, wikitext_articles
-
-
-class EvalError(Exception):
-    """A problem with the user's settings, data or models: main prints the message, no traceback."""
+from common import InputError, SettingError, check_out_dir, expand_globs, markdown_table, run_main, write_json, write_text
+from configurator import configure
+from data import HubError, iter_documents, read_shard, read_shard_header, wikitext_articles
+from lm import load_models
+from model import dtype_from_name
 
 # -----------------------------------------------------------------------------
 # Benchmarks
@@ -133,13 +133,8 @@ DEFAULTS = dict(
     out_dir="out-eval",
     progress=True,  # tqdm progress bars
 )
-# settings that also take a single string on the command line (--ckpt=a.pt); lists are normalised below
-EXTRA_TYPES = {key: (str,) for key, value in DEFAULTS.items() if isinstance(value, list)}
-EXTRA_TYPES.update({f"{b.name}_shards": (list,) for b in BENCHMARKS.values() if b.kind == "shards"})
-
-
-def as_list(value):
-    return [value] if isinstance(value, str) else [str(v) for v in value]
+# the shard settings take one glob or a list of them
+EXTRA_TYPES = {f"{b.name}_shards": (list,) for b in BENCHMARKS.values() if b.kind == "shards"}
 
 
 def check_benchmark_names(names):
@@ -147,9 +142,9 @@ def check_benchmark_names(names):
         if name not in BENCHMARKS:
             close = difflib.get_close_matches(name, BENCHMARKS, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise EvalError(f"unknown benchmark {name!r}{hint}; choose from {list(BENCHMARKS)}")
+            raise SettingError(f"unknown benchmark {name!r}{hint}; choose from {list(BENCHMARKS)}")
     if not names:
-        raise EvalError(f"no benchmarks selected; choose from {list(BENCHMARKS)}")
+        raise SettingError(f"no benchmarks selected; choose from {list(BENCHMARKS)}")
 
 
 def _read_rows(bench, files):
@@ -157,15 +152,15 @@ def _read_rows(bench, files):
     dataset, config, split = bench.hub
     try:
         return list(iter_documents(dataset, config, split, data_files=files or None))
-    except (FileNotFoundError, ValueError, KeyError) as e:  # bad local files
-        raise EvalError(f"{bench.title}: --{bench.setting}: {e}") from e
-    except RuntimeError as e:  # the hub could not be reached (offline) or has no such dataset
+    except HubError as e:  # the hub could not be reached (offline) or has no such dataset
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise EvalError(
+        raise InputError(
             f"{bench.title}: could not load {dataset} ({config}, {split}) from the HuggingFace hub"
             f"{' (offline mode: HF_DATASETS_OFFLINE/HF_HUB_OFFLINE=1)' if offline else ''}.\n"
             f"Download it on a machine with internet and point --{bench.setting} at the local copy: "
             f"{LOCAL_FILE_HINTS[bench.kind]}.\n(cause: {str(e).splitlines()[0]})") from e
+    except InputError as e:  # bad local files
+        raise InputError(f"{bench.title}: --{bench.setting}: {e}") from e
 
 
 def lambada_passages(rows):
@@ -177,17 +172,14 @@ def split_last_word(passage):
     """(context, target) as lm-evaluation-harness splits LAMBADA: the target is ' ' + the last word."""
     context, space, word = passage.rpartition(" ")
     if not space or not context.strip() or not word:
-        raise EvalError(f"LAMBADA passage has no 'context last-word' split at a space: {passage[:80]!r}")
+        raise InputError(f"LAMBADA passage has no 'context last-word' split at a space: {passage[:80]!r}")
     trailing = len(context) - len(context.rstrip())  # the harness moves the context's trailing spaces
     return context[:len(context) - trailing], context[len(context) - trailing:] + " " + word
 
 
 def shard_paths(bench, patterns):
-    paths = sorted({p for pattern in patterns for p in glob.glob(os.path.expanduser(pattern))})
-    if not paths:
-        raise EvalError(f"{bench.title}: no token shards match {patterns}. Write them with `{bench.prepare}` "
-                        f"or point --{bench.setting} at existing *_val_*.bin shards.")
-    return paths
+    return expand_globs(patterns, f"{bench.title} token shards", hint=f". Write them with `{bench.prepare}` or "
+                        f"point --{bench.setting} at existing *_val_*.bin shards.")
 
 
 def load_benchmark(name, settings):
@@ -197,17 +189,17 @@ def load_benchmark(name, settings):
     """
     bench = BENCHMARKS[name]
     if bench.kind == "shards":
-        paths = shard_paths(bench, as_list(settings.get(bench.setting) or bench.shards))
+        paths = shard_paths(bench, settings.get(bench.setting) or bench.shards)
         for path in paths:
             try:
                 read_shard_header(path)
             except ValueError as e:
-                raise EvalError(f"{bench.title}: {e}") from e
+                raise InputError(f"{bench.title}: {e}") from e
         return paths
-    rows = _read_rows(bench, as_list(settings.get(bench.setting) or []))
+    rows = _read_rows(bench, settings.get(bench.setting) or [])
     documents = wikitext_articles(rows) if bench.kind == "wikitext" else lambada_passages(rows)
     if not documents:
-        raise EvalError(f"{bench.title}: the data holds no text (--{bench.setting})")
+        raise InputError(f"{bench.title}: the data holds no text (--{bench.setting})")
     return documents
 
 # -----------------------------------------------------------------------------
@@ -224,7 +216,7 @@ def benchmark_tokens(name, data, lm, max_tokens=0):
     limit = max_tokens + 1 if max_tokens else None  # n tokens hold n - 1 targets
     if bench.kind == "shards":
         if not lm.uses_gpt2_tokens():
-            raise EvalError(f"{lm.name} does not use the GPT-2 tokenizer, but {bench.title} is read from GPT-2 "
+            raise InputError(f"{lm.name} does not use the GPT-2 tokenizer, but {bench.title} is read from GPT-2 "
                             f"token shards; evaluate it on text benchmarks only (e.g. --benchmarks wikitext103 lambada)")
         pieces, total = [], 0
         for path in data:
@@ -254,7 +246,7 @@ def benchmark_tokens(name, data, lm, max_tokens=0):
         context_ids = list(lm.encode(context))
         word = list(lm.encode(context + target))[len(context_ids):]
         if not word:
-            raise EvalError(f"{lm.name}: the last word of this LAMBADA passage encodes to no token: {passage[:80]!r}")
+            raise InputError(f"{lm.name}: the last word of this LAMBADA passage encodes to no token: {passage[:80]!r}")
         seq = np.asarray(lm.doc_separator + context_ids + word, dtype=np.int64)
         sequences.append(seq)
         word_lens.append(len(word))
@@ -310,8 +302,6 @@ def score_tokens(lm, sequences, context, stride, batch_size=8, progress=False, d
     windows = [(i, start, length, scored) for i, seq in enumerate(sequences)
                for start, length, scored in window_plan(len(seq), context, stride)]
     windows.sort(key=lambda w: -w[2])  # similar lengths share a batch: little padding
-    from tqdm import tqdm
-
     bar = tqdm(total=sum(w[3] for w in windows), unit="tok", unit_scale=True, desc=desc, disable=not progress,
                leave=False)
     for b in range(0, len(windows), batch_size):
@@ -349,7 +339,7 @@ def summarize(nll, hit, word_lens=None):
     """Token-weighted metrics from per-target arrays; LAMBADA's last-word metrics if word_lens."""
     all_nll = np.concatenate(nll).astype(np.float64) if nll else np.zeros(0)
     if all_nll.size == 0:
-        raise EvalError("nothing to score: every sequence is shorter than two tokens")
+        raise InputError("nothing to score: every sequence is shorter than two tokens")
     loss = float(all_nll.mean())
     out = {"loss": loss, "ppl": math.exp(loss), "acc": 100.0 * float(np.concatenate(hit).mean()),
            "tokens": int(all_nll.size)}
@@ -375,12 +365,12 @@ def evaluate(lm, sequences, context=1024, stride=0, batch_size=8, word_lens=None
     context = min(context, lm.block_size)
     stride = stride or max(1, context // 2)
     if not 1 <= stride <= context:
-        raise EvalError(f"--stride={stride} must be between 1 and the context ({context} tokens for {lm.name})")
+        raise InputError(f"--stride={stride} must be between 1 and the context ({context} tokens for {lm.name})")
     if batch_size < 1:
-        raise EvalError(f"--batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"--batch_size must be >= 1, got {batch_size}")
     top = max((int(s.max()) for s in sequences if s.size), default=0)
     if top >= lm.vocab_size:
-        raise EvalError(f"token id {top} is outside {lm.name}'s vocabulary of {lm.vocab_size}")
+        raise InputError(f"token id {top} is outside {lm.name}'s vocabulary of {lm.vocab_size}")
     nll, hit = score_tokens(lm, sequences, context, stride, batch_size, progress, desc)
     return dict(summarize(nll, hit, word_lens), context=context, stride=stride)
 
@@ -404,51 +394,31 @@ def format_table(results):
     results: {model name: {benchmark name: metrics dict}} (what run() returns as results["models"]).
     """
     models = list(results)
-    benches = [b for b in BENCHMARKS if any(b in results[m] for m in models)]
-    lines = ["| benchmark | metric | " + " | ".join(models) + " |",
-             "| --- | --- | " + " | ".join("---:" for _ in models) + " |"]
-    for b in benches:
+    rows = []
+    for b in (b for b in BENCHMARKS if any(b in results[m] for m in models)):
         first = True
         for key, label, cell in METRIC_ROWS:
             metrics = [results[m].get(b, {}) for m in models]
             if not any(key in m for m in metrics):
                 continue
-            text = [cell(m) if key in m else "-" for m in metrics]
-            lines.append(f"| {BENCHMARKS[b].title if first else ''} | {label} | " + " | ".join(text) + " |")
+            rows.append([BENCHMARKS[b].title if first else "", label] + [cell(m) if key in m else "-" for m in metrics])
             first = False
-    return "\n".join(lines)
-
-
-def model_specs(settings):
-    """[(kind, path, name)] for --ckpt and --hf (lm.model_specs: named as analyze.py names them)."""
-    from lm import model_specs
-
-    ckpts, hf_names = as_list(settings["ckpt"]), as_list(settings["hf"])
-    if not ckpts and not hf_names:
-        raise EvalError("no models: give --ckpt path(s) and/or --hf name(s)")
-    try:
-        return model_specs(ckpts, hf_names)
-    except FileNotFoundError as e:
-        raise EvalError(str(e)) from e
-
-
-def load_model(kind, path, name, settings):
-    from lm import load_lm
-
-    try:
-        lm = load_lm(**{kind: path}, device=settings["device"], dtype=settings["dtype"])
-    except (OSError, ValueError, ImportError, RuntimeError, KeyError) as e:
-        raise EvalError(f"could not load {'checkpoint' if kind == 'ckpt' else 'HF model'} {path}: {e}") from e
-    lm.name = name
-    return lm
+    return markdown_table(["benchmark", "metric"] + models, rows, align=["left", "left"] + ["right"] * len(models))
 
 
 def _write_outputs(out_dir, results, table):
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(table + "\n")
+    write_json(os.path.join(out_dir, "results.json"), results, indent=2)
+    write_text(os.path.join(out_dir, "results.md"), table + "\n")
+
+
+def check_settings(settings):
+    """Every check that needs no data or model (SettingError naming the setting)."""
+    check_benchmark_names(settings["benchmarks"])
+    for key, low in (("context", 1), ("batch_size", 1), ("stride", 0), ("max_tokens", 0)):
+        if settings[key] < low:
+            raise SettingError(f"{key} must be >= {low}, got {settings[key]}")
+    dtype_from_name(settings["dtype"])
 
 
 def run(settings, lms=None):
@@ -457,17 +427,15 @@ def run(settings, lms=None):
     settings: DEFAULTS with overrides. lms: already-loaded models to use instead of --ckpt/--hf.
     Returns {"settings": ..., "models": {name: {benchmark: metrics}}, "sources": {name: spec}}.
     """
-    names = as_list(settings["benchmarks"])
-    check_benchmark_names(names)
-    for key, low in (("context", 1), ("batch_size", 1), ("stride", 0), ("max_tokens", 0)):
-        if settings[key] < low:
-            raise EvalError(f"--{key} must be >= {low}, got {settings[key]}")
-    specs = [(None, None, lm.name) for lm in lms] if lms is not None else model_specs(settings)
+    check_settings(settings)
+    check_out_dir(settings["out_dir"])  # before hours of work, not after
+    names = settings["benchmarks"]
     data = {name: load_benchmark(name, settings) for name in names}  # all data present before any model loads
+    if lms is None:
+        lms = load_models(settings["ckpt"], settings["hf"], settings["device"], settings["dtype"])
     results = {"settings": {k: settings[k] for k in DEFAULTS}, "models": {}, "sources": {}}
     token_cache = {}  # tokenizing is shared by models with the same tokenizer
-    for m, (kind, path, display) in enumerate(specs):
-        lm = lms[m] if lms is not None else load_model(kind, path, display, settings)
+    for lm in lms:  # a generator: one model in memory at a time
         metrics = {}
         for name in names:
             key = (lm.tokenizer_id, name)
@@ -475,7 +443,7 @@ def run(settings, lms=None):
                 try:
                     token_cache[key] = benchmark_tokens(name, data[name], lm, settings["max_tokens"])
                 except ValueError as e:  # e.g. an HF model saved without its tokenizer
-                    raise EvalError(f"{lm.name}: {e}") from e
+                    raise InputError(f"{lm.name}: {e}") from e
             sequences, word_lens = token_cache[key]
             metrics[name] = evaluate(lm, sequences, settings["context"], settings["stride"], settings["batch_size"],
                                      word_lens, settings["progress"], desc=f"{lm.name} {name}")
@@ -485,22 +453,16 @@ def run(settings, lms=None):
         results["sources"][lm.name] = lm.source
         _write_outputs(settings["out_dir"], results, format_table(results["models"]))
         del lm  # free one model before the next is loaded
-    return results
-
-
-def main(argv=None):
-    from configurator import configure_or_exit
-
-    settings = configure_or_exit(DEFAULTS, argv, EXTRA_TYPES)
-    try:
-        results = run(settings)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print()
     print(format_table(results["models"]))
     print(f"\nwrote {os.path.join(settings['out_dir'], 'results.md')} and results.json")
     return results
+
+
+def main(argv=None):
+    """The command line: settings from argv (default sys.argv), then run(); errors exit by common.run_main."""
+    return run_main(lambda: run(configure(DEFAULTS, sys.argv[1:] if argv is None else argv, EXTRA_TYPES,
+                                          help_from=__file__)))
 
 
 if __name__ == "__main__":

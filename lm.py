@@ -25,8 +25,10 @@ import os
 
 import torch
 
+from common import InputError
 from data import EOT_TOKEN as EOT_GPT2
-from model import DTYPES
+from data import get_tokenizer
+from model import GPT, dtype_from_name
 
 # covers words, numbers, punctuation, unicode, runs of spaces and newlines: where BPEs differ
 _TOKENIZER_PROBE = "Hello world! It's 1999: naïve café, 3.14 + x**2 -- \"ok\"\n\n   indented\tend. 日本語"
@@ -81,8 +83,6 @@ class LanguageModel:
 
     def uses_gpt2_tokens(self):
         """True if the model reads GPT-2 token ids (same encoding, same EOT): our shards are GPT-2 tokens."""
-        from data import get_tokenizer
-
         try:
             ids = list(self.encode(_TOKENIZER_PROBE))
         except Exception:
@@ -115,8 +115,6 @@ class LanguageModel:
 
 class OurGPT(LanguageModel):
     def __init__(self, model, name):
-        from data import get_tokenizer
-
         self.model, self.name = model.eval(), name
         cfg = model.config
         self.n_layer, self.block_size, self.vocab_size = cfg.n_layer, cfg.block_size, cfg.vocab_size
@@ -280,7 +278,6 @@ class _Gpt2Tokenizer:
     """Our offline GPT-2 tokenizer behind the small part of the transformers API that HFCausalLM uses."""
 
     def __init__(self):
-        from data import get_tokenizer
         self.enc = get_tokenizer()
         self.eos_token_id = self.enc.eot_token
 
@@ -290,21 +287,21 @@ class _Gpt2Tokenizer:
 
 
 def load_lm(ckpt=None, hf=None, device="cpu", dtype="float32", name=None):
-    """Load one model: our checkpoint path (ckpt) or a transformers name / local dir (hf)."""
+    """Load one model: our checkpoint path or run dir (ckpt) or a transformers name / local dir (hf).
+
+    name: the label for tables and plots (default: the run folder's name, or the HF name).
+    """
     if (ckpt is None) == (hf is None):
         raise ValueError("give exactly one of ckpt= or hf=")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}, expected one of {list(DTYPES)}")
-    torch_dtype = DTYPES[dtype]
+    torch_dtype = dtype_from_name(dtype)
     if hf is not None:
-        return _load_hf(hf, device, torch_dtype)
-    from model import GPT
-
+        lm = _load_hf(hf, device, torch_dtype)
+        lm.name = name or lm.name
+        return lm
     if os.path.isdir(ckpt):
         ckpt = os.path.join(ckpt, "ckpt.pt")
     model = GPT.from_checkpoint(ckpt, map_location=device).to(device=device, dtype=torch_dtype)
-    label = name or os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt
-    lm = OurGPT(model, label)
+    lm = OurGPT(model, name or os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt)
     lm.source = f"ckpt:{ckpt}"
     return lm
 
@@ -312,16 +309,37 @@ def load_lm(ckpt=None, hf=None, device="cpu", dtype="float32", name=None):
 def model_specs(ckpt=(), hf=()):
     """[(kind, path, name)] for lists of checkpoints and HF models, before anything loads: names for
     tables and plots are a run's folder name, an HF hub name or local folder name, and names that
-    clash (two runs in folders called "out") become the paths as given. A missing checkpoint is a
-    FileNotFoundError here, so a long multi-model run fails at once, not at its third model."""
+    clash (two runs in folders called "out") become the paths as given. A missing checkpoint is an
+    InputError here, so a long multi-model run fails at once, not at its third model."""
     specs = [("ckpt", p) for p in ckpt] + [("hf", n) for n in hf]
     names = []
     for kind, path in specs:
         if kind == "ckpt":
             file = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"checkpoint not found: {file}")
+                raise InputError(f"checkpoint not found: {file}")
             names.append(os.path.basename(os.path.dirname(os.path.abspath(file))) or path)
         else:
             names.append(os.path.basename(os.path.normpath(path)) if os.path.isdir(path) else path)
     return [(kind, path, name if names.count(name) == 1 else path) for (kind, path), name in zip(specs, names)]
+
+
+def load_models(ckpt=(), hf=(), device="cpu", dtype="float32"):
+    """The --ckpt and --hf models that analyze.py and eval_benchmarks.py share, named by model_specs.
+
+    A generator: each model loads when it is asked for (eval frees one before the next loads), and
+    every checkpoint path is checked before the first one loads. A model that cannot be loaded is an
+    InputError naming it.
+    """
+    if not ckpt and not hf:
+        raise InputError("no models: give --ckpt path(s) and/or --hf name(s)")
+    specs = model_specs(ckpt, hf)
+    dtype_from_name(dtype)  # a bad dtype fails before anything loads
+
+    def load_each():
+        for kind, path, name in specs:
+            try:
+                yield load_lm(**{kind: path}, device=device, dtype=dtype, name=name)
+            except (InputError, OSError, ValueError, KeyError) as e:
+                raise InputError(f"could not load {'checkpoint' if kind == 'ckpt' else 'HF model'} {path}: {e}") from e
+    return load_each()

@@ -31,9 +31,20 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from checkpoint import load_checkpoint
+from common import InputError, SettingError
+
 RESIDUAL_MODES = ("none", "cut", "gate")
 GATE_MODES = ("layer", "token", "scalar")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names settings use
+
+
+def dtype_from_name(name, setting="dtype", also=()):
+    """The torch dtype a settings name stands for; a SettingError naming the setting and the choices
+    (`also`: further words the caller handles itself, e.g. "auto", listed in the message)."""
+    if name not in DTYPES:
+        raise SettingError(f"{setting} must be one of {list(also) + list(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 SCALAR_GATE_INIT_ALPHA = 0.98  # "near 1": standard residual at init, but with a gradient
 
 
@@ -341,15 +352,10 @@ class GPT(nn.Module):
         if isinstance(path, dict):
             ckpt, path = path, "the checkpoint"
         else:
-            try:
-                ckpt = torch.load(path, map_location=map_location, weights_only=False)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"checkpoint not found: {path}") from None
-            except Exception as e:
-                raise ValueError(f"could not read checkpoint {path}: {e}") from e
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
-            keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f"{path} is not a training checkpoint (needs 'model' and 'model_args', has {keys})")
+            ckpt = load_checkpoint(path, map_location)  # weights-only: never runs code from the file
+        if "model" not in ckpt or "model_args" not in ckpt:
+            raise InputError(f"{path} is not a training checkpoint (needs 'model' and 'model_args', "
+                             f"has {list(ckpt)[:8]})")
         args = dict(ckpt["model_args"])
         if "residual_mode" not in args:  # written by karpathy/nanoGPT, which uses the exact GELU
             args.setdefault("gelu_approx", "none")

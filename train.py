@@ -19,38 +19,51 @@ SLURM (one task per node; SLURM sends SIGTERM at pre-emption or time limit, torc
         --rdzv_backend=c10d --rdzv_endpoint=$head:29500 train.py config/gate.py --init_from=auto
 
 Settings: the flat block below; config files and --key=value overrides change them
-(configurator.py; `python train.py --help` lists them). Every setting is checked, and the data
-and model built, before the process group starts or any training runs; a bad one exits with
-status 2 and a message naming it.
+(configurator.py; `python train.py --help` lists and describes them). Every setting is checked, and
+the data and model built, before the process group starts or any training runs; a bad one exits
+with status 2 and a message naming it.
 
 init_from: 'scratch'; 'resume' continues out_dir/ckpt.pt exactly (same losses and weights as a run
 that was never stopped); 'auto' resumes if that file exists, else starts from scratch (for requeued
 jobs); 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local HuggingFace GPT-2 directory
-fine-tunes those weights with the configured residual mode.
+fine-tunes those weights with the configured residual mode. A new run (scratch or pretrained) into
+an out_dir that already holds ckpt.pt is refused unless --overwrite=True.
 
 Outputs in out_dir (rank 0 writes):
     ckpt.pt    the latest state, written at every eval (so at the end) and on SIGTERM/SIGUSR1: 'model'
                (unwrapped state dict) and 'model_args' (GPTConfig.to_dict(); GPT.from_checkpoint reads
                these two), 'optimizer', 'scaler', 'iter_num', 'best_val_loss', 'loader' (train data
                position), 'rng' (python/numpy/torch/cuda states of every rank), 'config' (all settings),
-               'weights_from' ('scratch' or the pretrained weights the run started from)
-    best.pt    a copy of ckpt.pt from the eval with the lowest val loss so far (save_best)
+               'weights_from' ('scratch' or the pretrained weights the run started from). With
+               save_optimizer_at_end=False the final one (max_iters reached) holds the weights only.
+    best.pt    the weights (no optimizer) of the eval with the lowest val loss so far (save_best); a hard
+               link to ckpt.pt, not a copy, when the final weights-only ckpt.pt is that eval
     log.jsonl  one JSON object per line: "type" is "run", "train", "eval" or "end"
-Both checkpoints are written to a temporary name and renamed, so a crash never leaves a broken one.
+
+Reliability:
+- Checkpoints are written atomically (a temporary file, fsynced, renamed): a crash, kill -9 or a full
+  disk mid-save leaves the previous ckpt.pt whole and no temporary file. They are read weights-only
+  (checkpoint.py): a crafted file cannot run code here.
+- A non-finite loss (train or val) or non-finite weights never reach a checkpoint: the run stops with
+  exit 1 and names the file that holds the last good state.
+- A new run never destroys an old one: --overwrite=True is needed to replace a run, and even then the
+  old ckpt.pt, best.pt and log.jsonl stay until the new run writes its first checkpoint.
+- A data folder without the prepare's _done.json (an interrupted prepare) is refused; a token id
+  outside the model's vocabulary is an error naming the shard and position.
 (nanoGPT's always_save_checkpoint=False skipped saves when val got worse, which loses progress on a
 crash; here ckpt.pt always holds the latest state and the best model has its own file.)
 
 Exit status: 0 finished, or stopped by SIGTERM/SIGUSR1 after writing ckpt.pt (requeue with
---init_from=resume or auto); 1 the loss became NaN/inf (ckpt.pt keeps the last good state);
-2 a bad setting. Under torchrun these are the workers' codes; torchrun itself exits 1 when it was
-the one signalled (it forwards SIGTERM to the workers, which checkpoint and exit 0).
+--init_from=resume or auto); 1 bad data, an unreadable checkpoint, a failed write, or the loss became
+NaN/inf; 2 a bad setting. Under torchrun these are the workers' codes; torchrun itself exits 1 when
+it was the one signalled (it forwards SIGTERM to the workers, which checkpoint and exit 0).
 """
 
+import glob
 import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
 import time
@@ -62,57 +75,65 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure_or_exit, exit_with_config_error
-from data import ShardLoader
-from model import DTYPES, GPT, GPTConfig
+import checkpoint
+from common import (InputError, NanoshiftError, SettingError, atomic_write, check_out_dir, exit_with, read_jsonl,
+                    report_uncaught_errors, set_threads)
+from configurator import configure_or_exit
+from data import GPT2_VOCAB_SIZE, MANIFEST_NAME, ShardLoader, read_manifest
+from model import GPT, GPTConfig, dtype_from_name
+
+report_uncaught_errors()  # bad data found mid-run (common.InputError): one line and exit 1, not a traceback
 
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 124M on FineWeb-Edu (config/baseline.py spells the paper's run out)
 # I/O
-out_dir = "out"
+out_dir = "out"  # folder for ckpt.pt, best.pt and log.jsonl
 init_from = "scratch"  # 'scratch' | 'resume' | 'auto' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | HF dir
+overwrite = False  # let a new run (scratch or pretrained) replace the run already in out_dir
 eval_interval = 250  # iterations between evals; every eval also writes ckpt.pt
 eval_tokens = 2**23  # global val tokens per eval (8.4M): the first ones of the val split, the same every time
 eval_only = False  # evaluate once (e.g. a pretrained GPT-2) and exit
 log_interval = 10  # iterations between train rows in log.jsonl (and console lines)
-save_best = True  # keep a copy of the lowest-val-loss checkpoint as best.pt
+save_best = True  # keep the weights of the lowest-val-loss eval as best.pt
+save_optimizer_at_end = True  # the final ckpt.pt keeps the optimizer (extendable); False: weights only, 1/3 the size
 wandb_log = False  # also log to Weights & Biases (imported only when on)
-wandb_project = "nanoshift"
-wandb_run_name = ""  # empty: the out_dir name
+wandb_project = "nanoshift"  # Weights & Biases project
+wandb_run_name = ""  # Weights & Biases run name; empty: the out_dir name
 # data: shards written by prepare_fineweb.py ({dataset}_{split}_{index:06d}.bin)
-data_dir = "data/fineweb_edu"
-train_pattern = "*_train_*.bin"  # glob inside data_dir
-val_pattern = "*_val_*.bin"
+data_dir = "data/fineweb_edu"  # folder of token shards written by prepare_fineweb.py / prepare_owt.py
+train_pattern = "*_train_*.bin"  # glob of the train shards inside data_dir
+val_pattern = "*_val_*.bin"  # glob of the val shards inside data_dir
+require_manifest = True  # refuse a data_dir without the prepare's _done.json (False: shards from llm.c etc.)
 # batch
 batch_size = 32  # sequences per micro-step per rank
 block_size = 1024  # tokens per sequence (and the model's context length)
 total_batch_tokens = 2**19  # global tokens per optimizer step; gradient accumulation makes up the rest
 # model (GPTConfig)
-n_layer = 12
-n_head = 12
-n_embd = 768
+n_layer = 12  # transformer blocks
+n_head = 12  # attention heads per block
+n_embd = 768  # width of the residual stream
 vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64
-dropout = 0.0
-bias = True
-gelu_approx = "tanh"
+dropout = 0.0  # dropout probability (0 for pretraining)
+bias = True  # biases in linear layers and LayerNorms, as GPT-2
+gelu_approx = "tanh"  # 'tanh' (GPT-2's own GELU) | 'none' (exact, karpathy/nanoGPT's)
 # residual attenuation (model.py): x_{l+1} = alpha_l * x_l + F_l(x_l)
 residual_mode = "none"  # 'none' | 'cut' | 'gate'
-cut_layer = -1  # block index or list of indices for 'cut' (negative counts from the end)
-cut_alpha = 0.5  # alpha at the cut layer(s), in (0, 1]
-gate_mode = "layer"  # 'layer' (the paper's) | 'token' | 'scalar'
-gate_alpha_min = 0.5  # gate: alpha_l = 1 - (1 - gate_alpha_min) * p_l
-gate_lr_mult = 1.0  # the gate parameters' learning rate is learning_rate * gate_lr_mult
+cut_layer = -1  # cut: block index or list of indices (negative counts from the end)
+cut_alpha = 0.5  # cut: alpha at the cut layer(s), in (0, 1]
+gate_mode = "layer"  # gate: 'layer' (the paper's) | 'token' | 'scalar'
+gate_alpha_min = 0.5  # gate: alpha_l = 1 - (1 - gate_alpha_min) * p_l, in [0, 1)
+gate_lr_mult = 1.0  # gate: the gate parameters' learning rate is learning_rate * gate_lr_mult
 # AdamW
-learning_rate = 6e-4
-min_lr = 6e-5
-weight_decay = 0.1
-beta1 = 0.9
-beta2 = 0.95
+learning_rate = 6e-4  # peak learning rate
+min_lr = 6e-5  # learning rate at the end of the schedule, in [0, learning_rate]
+weight_decay = 0.1  # AdamW weight decay of the >= 2-D weights
+beta1 = 0.9  # AdamW beta1, in [0, 1)
+beta2 = 0.95  # AdamW beta2, in [0, 1)
 grad_clip = 1.0  # max global gradient norm; 0 disables clipping
 # learning-rate schedule: linear warmup, then 'cosine' to min_lr or 'wsd' (warmup-stable-decay)
-lr_schedule = "cosine"
-warmup_iters = 715
-max_iters = 19073
+lr_schedule = "cosine"  # 'cosine' | 'wsd' (warmup-stable-decay)
+warmup_iters = 715  # iterations of linear warmup
+max_iters = 19073  # optimizer steps of the run
 lr_decay_iters = 0  # iteration where the schedule reaches min_lr; 0 = max_iters (set it to stop a run early)
 wsd_decay_frac = 0.2  # wsd: the last fraction of the schedule decays linearly to min_lr
 # system
@@ -120,64 +141,97 @@ device = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda'
 dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16; float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
 compile = None  # torch.compile; None = on for CUDA, off for CPU
 peak_flops = None  # peak FLOP/s of one device for MFU; None = looked up from the GPU name (none on CPU)
-seed = 1337
+threads = 0  # CPU threads per process: 0 = OMP_NUM_THREADS if set, else half the cores (see common.cpu_threads)
+seed = 1337  # seed of the weights, the data order and dropout
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
-config = configure_or_exit({k: globals()[k] for k in config_keys}, extra_types={"cut_layer": (int, list)})
+DEFAULTS = {k: globals()[k] for k in config_keys}
+config = configure_or_exit(DEFAULTS, extra_types={"cut_layer": (int, list)}, help_from=__file__)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
-
-# every check that needs no data or model comes first, so a typo costs seconds, not a queue slot
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+# settings a fine-tune takes from the configuration (its shape comes from the pretrained weights)
+RESIDUAL_KEYS = ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")
+# settings that only act in some residual modes: {setting: the modes it acts in}
+MODE_SETTINGS = {"cut_layer": ("cut",), "cut_alpha": ("cut",), "gate_mode": ("gate",), "gate_alpha_min": ("gate",),
+                 "gate_lr_mult": ("gate",)}
+
+
+def check_settings(c):
+    """Every check that needs no data or model, so a typo costs seconds, not a queue slot (SettingError)."""
+    if c["init_from"] not in ("scratch", "resume", "auto") + GPT2_NAMES and not os.path.isdir(c["init_from"]):
+        raise SettingError(f"init_from={c['init_from']!r}: expected 'scratch', 'resume', 'auto', one of "
+                           f"{GPT2_NAMES} or a local HuggingFace GPT-2 directory")
+    for key in ("batch_size", "block_size", "total_batch_tokens", "eval_interval", "eval_tokens", "log_interval"):
+        if c[key] <= 0:
+            raise SettingError(f"{key} must be positive, got {c[key]}")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "threads"):
+        if c[key] < 0:
+            raise SettingError(f"{key} must be >= 0, got {c[key]}")
+    if not c["learning_rate"] > 0 or not 0 <= c["min_lr"] <= c["learning_rate"]:
+        raise SettingError(f"need learning_rate > 0 and 0 <= min_lr <= learning_rate, got learning_rate="
+                           f"{c['learning_rate']}, min_lr={c['min_lr']}")
+    if not (0 <= c["beta1"] < 1 and 0 <= c["beta2"] < 1) or c["gate_lr_mult"] < 0:
+        raise SettingError(f"need betas in [0, 1) and gate_lr_mult >= 0, got beta1={c['beta1']}, "
+                           f"beta2={c['beta2']}, gate_lr_mult={c['gate_lr_mult']}")
+    if c["lr_schedule"] not in ("cosine", "wsd"):
+        raise SettingError(f"lr_schedule must be 'cosine' or 'wsd', got {c['lr_schedule']!r}")
+    if not 0 < c["wsd_decay_frac"] <= 1:
+        raise SettingError(f"wsd_decay_frac must be in (0, 1], got {c['wsd_decay_frac']}")
+    decay_end = c["lr_decay_iters"] or c["max_iters"]
+    decay_start = decay_end - c["wsd_decay_frac"] * decay_end if c["lr_schedule"] == "wsd" else decay_end
+    if not c["eval_only"] and c["warmup_iters"] > decay_start:
+        raise SettingError(f"warmup_iters={c['warmup_iters']} does not fit the schedule: it must be <= "
+                           f"{decay_start:g} (lr_schedule={c['lr_schedule']!r}, lr_decay_iters or max_iters = "
+                           f"{decay_end})")
+    if c["compile"] not in (None, True, False):
+        raise SettingError(f"compile must be None (auto), True or False, got {c['compile']!r}")
+    flops = c["peak_flops"]
+    if flops is not None and (isinstance(flops, bool) or not isinstance(flops, (int, float)) or flops <= 0):
+        raise SettingError(f"peak_flops must be None or a positive number of FLOP/s, got {flops!r}")
+    if c["dtype"] != "auto":
+        dtype_from_name(c["dtype"], also=["auto"])
+    if c["device"] != "auto" and c["device"].split(":")[0] not in ("cpu", "cuda"):
+        raise SettingError(f"device must be 'auto', 'cpu' or 'cuda', got {c['device']!r}")
+    if c["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise SettingError(f"device={c['device']!r} but torch sees no CUDA GPU")
+    if c["dtype"] == "bfloat16" and c["device"].startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise SettingError("dtype='bfloat16' but this GPU does not support it; use dtype='float16'")
+    check_out_dir(c["out_dir"])
+    ckpt = os.path.join(c["out_dir"], "ckpt.pt")
+    if c["init_from"] == "resume" and not os.path.exists(ckpt):
+        raise SettingError(f"init_from='resume' but there is no checkpoint at {ckpt} (check out_dir)")
+    new_run = c["init_from"] not in ("resume", "auto") and not c["eval_only"]
+    if new_run and os.path.exists(ckpt) and not c["overwrite"]:
+        raise SettingError(f"{c['out_dir']} already holds a run ({ckpt}); init_from={c['init_from']!r} would replace "
+                           f"it. Continue it with --init_from=resume, choose another --out_dir, or pass "
+                           f"--overwrite=True to replace it")
+
+
+def unused_setting_warnings(c):
+    """Settings changed from their defaults that do nothing in the chosen residual mode."""
+    return [f"warning: {key}={c[key]!r} has no effect with residual_mode={c['residual_mode']!r} "
+            f"(it acts in {' / '.join(modes)})" for key, modes in MODE_SETTINGS.items()
+            if c[key] != DEFAULTS[key] and c["residual_mode"] not in modes]
+
+
+try:
+    check_settings(config)
+except SettingError as e:
+    exit_with(e)
+set_threads(threads)
+ckpt_path, best_path, log_path = (os.path.join(out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl"))
 if init_from == "auto":
     init_from = "resume" if os.path.exists(ckpt_path) else "scratch"
-if init_from not in ("scratch", "resume") + GPT2_NAMES and not os.path.isdir(init_from):
-    exit_with_config_error(f"init_from={init_from!r}: expected 'scratch', 'resume', 'auto', one of {GPT2_NAMES} "
-                 f"or a local HuggingFace GPT-2 directory")
-if init_from == "resume" and not os.path.exists(ckpt_path):
-    exit_with_config_error(f"init_from='resume' but there is no checkpoint at {ckpt_path} (check out_dir)")
-for key in ("batch_size", "block_size", "total_batch_tokens", "eval_interval", "eval_tokens", "log_interval"):
-    if config[key] <= 0:
-        exit_with_config_error(f"{key} must be positive, got {config[key]}")
-for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip"):
-    if config[key] < 0:
-        exit_with_config_error(f"{key} must be >= 0, got {config[key]}")
-if not learning_rate > 0 or not 0 <= min_lr <= learning_rate:
-    exit_with_config_error(f"need learning_rate > 0 and 0 <= min_lr <= learning_rate, got learning_rate={learning_rate}, "
-                 f"min_lr={min_lr}")
-if not (0 <= beta1 < 1 and 0 <= beta2 < 1) or gate_lr_mult < 0:
-    exit_with_config_error(f"need betas in [0, 1) and gate_lr_mult >= 0, got beta1={beta1}, beta2={beta2}, "
-                 f"gate_lr_mult={gate_lr_mult}")
-if lr_schedule not in ("cosine", "wsd"):
-    exit_with_config_error(f"lr_schedule must be 'cosine' or 'wsd', got {lr_schedule!r}")
-if not 0 < wsd_decay_frac <= 1:
-    exit_with_config_error(f"wsd_decay_frac must be in (0, 1], got {wsd_decay_frac}")
-decay_end = lr_decay_iters or max_iters  # the schedule reaches min_lr here
-decay_start = decay_end - wsd_decay_frac * decay_end if lr_schedule == "wsd" else decay_end
-if not eval_only and warmup_iters > decay_start:
-    exit_with_config_error(f"warmup_iters={warmup_iters} does not fit the schedule: it must be <= {decay_start:g} "
-                 f"(lr_schedule={lr_schedule!r}, lr_decay_iters or max_iters = {decay_end})")
-if compile not in (None, True, False):
-    exit_with_config_error(f"compile must be None (auto), True or False, got {compile!r}")
-if peak_flops is not None and (isinstance(peak_flops, bool) or not isinstance(peak_flops, (int, float))
-                               or peak_flops <= 0):
-    exit_with_config_error(f"peak_flops must be None or a positive number of FLOP/s, got {peak_flops!r}")
-if dtype not in ("auto", "float32", "bfloat16", "float16"):
-    exit_with_config_error(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
-if device.split(":")[0] not in ("cpu", "cuda"):
-    exit_with_config_error(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
 device_type = device.split(":")[0]
-if device_type == "cuda" and not torch.cuda.is_available():
-    exit_with_config_error(f"device={device!r} but torch sees no CUDA GPU")
 if dtype == "auto":
     dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
-if device_type == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-    exit_with_config_error("dtype='bfloat16' but this GPU does not support it; use dtype='float16'")
 use_compile = device_type == "cuda" if compile is None else compile
+decay_end = lr_decay_iters or max_iters  # the schedule reaches min_lr here
+decay_start = decay_end - wsd_decay_frac * decay_end if lr_schedule == "wsd" else decay_end
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one plain process
 ddp = "RANK" in os.environ
@@ -188,9 +242,12 @@ if ddp and device_type == "cuda":
     device = f"cuda:{local_rank}"
 micro_tokens = batch_size * block_size * world_size  # global tokens per micro-step
 if total_batch_tokens % micro_tokens:
-    exit_with_config_error(f"total_batch_tokens={total_batch_tokens} is not a multiple of batch_size * block_size * "
-                 f"world_size = {batch_size} * {block_size} * {world_size} = {micro_tokens}")
+    exit_with(SettingError(f"total_batch_tokens={total_batch_tokens} is not a multiple of batch_size * block_size * "
+                           f"world_size = {batch_size} * {block_size} * {world_size} = {micro_tokens}"))
 grad_accum_steps = total_batch_tokens // micro_tokens
+if master:
+    for line in unused_setting_warnings(config):
+        print(line, file=sys.stderr)
 
 # the model's settings, validated by GPTConfig itself (pretrained weights bring their own shape and are
 # checked when they load, below)
@@ -199,20 +256,59 @@ if init_from in ("scratch", "resume"):
     try:
         GPTConfig(**model_args)
     except ValueError as e:
-        exit_with_config_error(e)
+        exit_with(SettingError(str(e)))
 
-# data: one loader call returns a whole optimizer step ([grad_accum_steps * batch_size, block_size] on each
-# rank), so the token stream depends only on total_batch_tokens, not on how it is split into ranks and
-# micro-steps: 8 GPUs, 1 GPU with 8x accumulation, or a resume on another node count read the same tokens
-train_glob, val_glob = os.path.join(data_dir, train_pattern), os.path.join(data_dir, val_pattern)
+
+def open_data():
+    """The train and val loaders. One train-loader call returns a whole optimizer step
+    ([grad_accum_steps * batch_size, block_size] on each rank), so the token stream depends only on
+    total_batch_tokens, not on how it is split into ranks and micro-steps: 8 GPUs, 1 GPU with 8x
+    accumulation, or a resume on another node count read the same tokens."""
+    if require_manifest and read_manifest(data_dir) is None:
+        raise InputError(f"data_dir={data_dir!r} has no {MANIFEST_NAME}: its prepare did not finish (or never ran). "
+                         f"Rerun the prepare command that writes it (e.g. python prepare_fineweb.py "
+                         f"--out_dir={data_dir} ...; a rerun redoes an interrupted prepare), or pass "
+                         f"--require_manifest=False for shards written by another tool (llm.c)")
+    train_glob, val_glob = os.path.join(data_dir, train_pattern), os.path.join(data_dir, val_pattern)
+    try:
+        return (ShardLoader(train_glob, grad_accum_steps * batch_size, block_size, rank, world_size, seed),
+                ShardLoader(val_glob, batch_size, block_size, rank, world_size, seed, shuffle=False))
+    except ValueError as e:
+        raise InputError(f"data_dir={data_dir!r}: {e}") from e
+
+
+def load_resume_checkpoint():
+    """ckpt.pt, checked against the settings: they must describe its model, or this would silently continue
+    another experiment (a fine-tune's shape came from the pretrained weights: only the residual settings)."""
+    ckpt = checkpoint.load_checkpoint(ckpt_path)
+    if "optimizer" not in ckpt:
+        raise InputError(f"{ckpt_path} is a final weights-only checkpoint (save_optimizer_at_end=False): it cannot "
+                         "be resumed. Analyse or evaluate it; to train further, start a run with "
+                         "save_optimizer_at_end=True")
+    keys = model_args if ckpt["weights_from"] == "scratch" else RESIDUAL_KEYS
+    changed = {k: (ckpt["model_args"].get(k), model_args[k]) for k in keys if ckpt["model_args"].get(k) != model_args[k]}
+    if changed:
+        raise SettingError(f"{ckpt_path} was trained with different model settings: "
+                           + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items()))
+    return ckpt
+
+
 try:
-    train_loader = ShardLoader(train_glob, grad_accum_steps * batch_size, block_size, rank, world_size, seed)
-    val_loader = ShardLoader(val_glob, batch_size, block_size, rank, world_size, seed, shuffle=False)
-except (OSError, ValueError) as e:
-    exit_with_config_error(f"data (data_dir={data_dir!r}): {e}")
+    train_loader, val_loader = open_data()
+    checkpoint_in = load_resume_checkpoint() if init_from == "resume" else None
+    if checkpoint_in is not None:
+        model_args = checkpoint_in["model_args"]
+        try:
+            train_loader.load_state_dict(checkpoint_in["loader"])
+        except ValueError as e:
+            raise SettingError(f"cannot resume the data stream of {ckpt_path} (keep total_batch_tokens, block_size, "
+                               f"seed and the data the same): {e}") from e
+except NanoshiftError as e:
+    exit_with(e)
+weights_from = checkpoint_in["weights_from"] if checkpoint_in is not None else init_from
 val_windows = sum(n for _, n in val_loader.windows_per_shard)
 eval_steps = min(math.ceil(eval_tokens / micro_tokens), val_windows)  # never count a val token twice
-if eval_steps * micro_tokens < eval_tokens and rank == 0:
+if eval_steps * micro_tokens < eval_tokens and master:
     print(f"note: the val split holds {val_windows * micro_tokens:,} tokens in batches of {micro_tokens:,}; "
           f"evaluating on those, not eval_tokens={eval_tokens:,}")
 
@@ -221,44 +317,29 @@ if wandb_log and master:
     try:
         import wandb
     except ImportError:
-        exit_with_config_error("wandb_log=True but wandb is not installed (pip install wandb)")
+        exit_with(SettingError("wandb_log=True but wandb is not installed (pip install wandb)"))
 
 # the model: scratch, the checkpoint to resume, or pretrained GPT-2 weights
-residual_keys = ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")
-checkpoint, weights_from = None, init_from  # weights_from: where the run's weights first came from
-if init_from == "resume":
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    weights_from = checkpoint["weights_from"]
-    # the settings must describe the checkpoint's model, or this would silently continue another experiment
-    # (a fine-tune's shape came from the pretrained weights, so there only the residual settings count)
-    keys = model_args if weights_from == "scratch" else residual_keys
-    changed = {k: (checkpoint["model_args"].get(k), model_args[k]) for k in keys
-               if checkpoint["model_args"].get(k) != model_args[k]}
-    if changed:
-        exit_with_config_error(f"{ckpt_path} was trained with different model settings: "
-                     + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items()))
-    model_args = checkpoint["model_args"]
-    try:
-        train_loader.load_state_dict(checkpoint["loader"])
-    except ValueError as e:
-        exit_with_config_error(f"cannot resume the data stream of {ckpt_path} (keep total_batch_tokens, block_size, seed "
-                     f"and the data the same): {e}")
-
 torch.manual_seed(seed + rank)  # rank 0's initial weights are broadcast by DDP; dropout differs per rank
 random.seed(seed + rank)
 np.random.seed(seed + rank)
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
 elif init_from == "resume":
-    model = GPT.from_checkpoint(checkpoint)
+    model = GPT.from_checkpoint(checkpoint_in)
 else:
     try:
-        model = GPT.from_pretrained(init_from, **{k: config[k] for k in residual_keys})
+        model = GPT.from_pretrained(init_from, **{k: config[k] for k in RESIDUAL_KEYS})
     except (OSError, ValueError) as e:  # not on the hub / not in the local cache, or not a GPT-2
-        exit_with_config_error(f"init_from={init_from!r}: {e}")
+        exit_with(SettingError(f"init_from={init_from!r}: {e}"))
     model_args = model.config.to_dict()
 if block_size > model.config.block_size:  # pretrained weights bring their own context length
-    exit_with_config_error(f"block_size={block_size} is longer than the model's context of {model.config.block_size}")
+    exit_with(SettingError(f"block_size={block_size} is longer than the model's context of {model.config.block_size}"))
+manifest = read_manifest(data_dir)
+if manifest is not None and manifest.get("tokenizer") == "gpt2" and model.config.vocab_size < GPT2_VOCAB_SIZE:
+    exit_with(SettingError(f"{data_dir} holds GPT-2 tokens (ids up to {GPT2_VOCAB_SIZE - 1}) but the model's "
+                           f"vocab_size is {model.config.vocab_size}"))
+train_loader.vocab_size = val_loader.vocab_size = model.config.vocab_size  # every batch checked (cheap)
 raw_model = model  # the unwrapped module: its state_dict has no '_orig_mod.' / 'module.' prefixes
 
 if ddp:  # everything above succeeded on every rank: now the process group
@@ -268,22 +349,22 @@ if ddp:  # everything above succeeded on every rank: now the process group
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # only affects float32 matmuls (fp32 runs, the lm loss)
     torch.backends.cudnn.allow_tf32 = True
-ptdtype = DTYPES[dtype]
+ptdtype = dtype_from_name(dtype)
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
 model.to(device)
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, gate_lr_mult)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # bf16 and fp32 need no loss scaling
 iter_num, best_val_loss = 0, float("inf")
-if checkpoint is not None:
+if checkpoint_in is not None:
     # the hyperparameters come from the settings (they may change on resume), the moments from the checkpoint
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    optimizer.load_state_dict(checkpoint_in["optimizer"])
     for group, h in zip(optimizer.param_groups, hyper):
         group.update(h)
-    if checkpoint["scaler"]:
-        scaler.load_state_dict(checkpoint["scaler"])
-    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    if checkpoint_in["scaler"]:
+        scaler.load_state_dict(checkpoint_in["scaler"])
+    iter_num, best_val_loss = checkpoint_in["iter_num"], checkpoint_in["best_val_loss"]
 start_iter = iter_num
 
 if use_compile:
@@ -299,6 +380,9 @@ if peak_flops is None and device_type == "cuda":
             peak_flops = flops
             break
 flops_per_token = raw_model.flops_per_token(block_size)
+
+# -----------------------------------------------------------------------------
+# helpers: schedule, eval, checkpoints, log
 
 
 def get_lr(it):
@@ -331,10 +415,9 @@ def evaluate():
     return total.item() / (eval_steps * world_size)
 
 
-def rng_states():
+def gather_rng_states():
     """The RNG states of every rank, gathered (a collective: every rank calls it)."""
-    mine = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state(device) if device_type == "cuda" else None}
+    mine = checkpoint.rng_state(device_type, device)
     if not ddp:
         return [mine]
     states = [None] * world_size
@@ -342,46 +425,85 @@ def rng_states():
     return states
 
 
-def save_checkpoint(copy_to_best):
-    rng = rng_states()
+def weights_finite():
+    return all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())
+
+
+last_saved = (ckpt_path, start_iter) if checkpoint_in is not None else None  # (file, iter) of the last good state
+# a new run over an old one (--overwrite): the old ckpt.pt, best.pt and log.jsonl stay until the first checkpoint
+replacing_old_run = init_from != "resume" and not eval_only and any(map(os.path.exists, (ckpt_path, best_path,
+                                                                                          log_path)))
+new_log_path = log_path + ".new"  # where such a run logs until then
+
+
+def link_or_false(src, dst):
+    """Make dst a hard link to src, atomically; False where the filesystem has no hard links."""
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+        return True
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        return False
+
+
+def save(is_best, final=False):
+    """ckpt.pt (everything resume needs; weights only if final and not save_optimizer_at_end), and best.pt
+    (weights only) when this eval is the best so far. Atomic; a failed write leaves the old files."""
+    global last_saved
+    full = not (final and not save_optimizer_at_end)
+    rng = gather_rng_states() if full else None  # a collective: every rank takes part
     if not master:
         return
-    state = {
-        "model": raw_model.state_dict(), "model_args": model_args, "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "iter_num": iter_num, "best_val_loss": best_val_loss,
-        "loader": train_loader.state_dict(), "rng": rng, "config": config, "weights_from": weights_from,
-    }
-    tmp = ckpt_path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_path)
-    if copy_to_best:
-        shutil.copyfile(ckpt_path, tmp)
-        os.replace(tmp, os.path.join(out_dir, "best.pt"))
-    print(f"saved {ckpt_path} at iter {iter_num}" + (" (and best.pt)" if copy_to_best else ""))
+    weights = {"model": raw_model.state_dict(), "model_args": model_args, "iter_num": iter_num,
+               "best_val_loss": best_val_loss, "config": config, "weights_from": weights_from}
+    state = dict(weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 loader=train_loader.state_dict(), rng=rng) if full else weights
+    try:
+        checkpoint.save_checkpoint(state, ckpt_path)
+        if replacing_old_run:
+            finish_replacing_old_run()
+        if is_best:
+            if full or not link_or_false(ckpt_path, best_path):  # final weights-only: the same bytes, linked
+                checkpoint.save_checkpoint(weights, best_path)
+    except OSError as e:
+        exit_with(InputError(f"could not write a checkpoint in {out_dir}: {e.strerror or e}; the previous "
+                             f"{'checkpoint' if last_saved is None else last_saved[0] + ' (iter ' + str(last_saved[1]) + ')'}"
+                             f" is unchanged and no temporary file is left"))
+    last_saved = (ckpt_path, iter_num)
+    print(f"saved {ckpt_path} at iter {iter_num}" + (" (and best.pt)" if is_best else "")
+          + ("" if full else ", weights only"))
 
 
-# log.jsonl: rank 0, one JSON object per line, flushed per line
-log_path = os.path.join(out_dir, "log.jsonl")
-log_file = None
-if master:
+def open_log():
+    """log.jsonl, rank 0 only. A resumed run keeps the rows up to its checkpoint (rows of steps redone
+    after it are dropped; a torn last line from a crash is ignored). A new run over an old run writes
+    log.jsonl.new until its first checkpoint, so a run that dies early leaves the old log as it was."""
+    if not master:
+        return None
     os.makedirs(out_dir, exist_ok=True)
-    if start_iter > 0 and os.path.exists(log_path):
-        # rows past the checkpoint (a crash after it) are about to be redone: drop them, keep everything else
-        with open(log_path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        kept = [r for r in rows if r.get("type") not in ("train", "eval") or r["iter"] < start_iter]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(log_path + ".tmp", log_path)
-    elif init_from != "resume" and not eval_only and os.path.exists(ckpt_path):
-        print(f"warning: starting from {init_from} in {out_dir}, which holds a checkpoint: it will be overwritten")
-    log_file = open(log_path, "a" if init_from == "resume" or eval_only else "w")  # a new run starts a new log
-    if wandb is not None:
-        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
-                   config=config)
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.*.tmp")):  # a save killed mid-write
+        os.remove(stale)
+    if init_from == "resume" or eval_only:
+        if start_iter > 0 and os.path.exists(log_path):
+            rows = read_jsonl(log_path)
+            kept = [r for r in rows if r.get("type") not in ("train", "eval") or r["iter"] < start_iter]
+            with atomic_write(log_path) as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        return open(log_path, "a")
+    return open(new_log_path if replacing_old_run else log_path, "w")
+
+
+def finish_replacing_old_run():
+    """With a new run's first checkpoint: its log replaces the old one, and the old run's best.pt goes."""
+    global replacing_old_run
+    if os.path.exists(new_log_path):
+        os.replace(new_log_path, log_path)  # the open file follows the rename
+    if os.path.exists(best_path):
+        os.remove(best_path)
+    replacing_old_run = False
 
 
 def log(row):
@@ -398,30 +520,46 @@ def alphas():
     return [round(a, 6) for a in raw_model.residual_alphas()]
 
 
+def stop_nonfinite(what, value):
+    """A NaN/inf loss or weight: stop before anything is saved; name the file with the last good state."""
+    if master:
+        good = (f"{last_saved[0]} (iter {last_saved[1]})" if last_saved else
+                "none: no checkpoint was written by this run")
+        print(f"error: the {what} is {value} at iter {iter_num} (lr {lr:.3g}); stopping without saving. "
+              f"The last good checkpoint is {good}. Lower learning_rate, raise warmup_iters or check the data.",
+              file=sys.stderr)
+    log({"type": "end", "iter": iter_num, "reason": "nonfinite_" + what.split()[-1], what.split()[-1]: str(value)})
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+try:
+    log_file = open_log()
+except (NanoshiftError, OSError) as e:
+    exit_with(e if isinstance(e, NanoshiftError) else InputError(f"cannot write the log in {out_dir}: {e}"))
+if wandb is not None:
+    wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
 log({"type": "run", "iter": iter_num, "init_from": init_from, "weights_from": weights_from, "world_size": world_size,
      "grad_accum_steps": grad_accum_steps, "device": device, "dtype": dtype, "compile": use_compile,
-     "n_params": raw_model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak_flops,
-     "eval_tokens": eval_steps * micro_tokens, "model_args": model_args, "config": config})
+     "threads": torch.get_num_threads(), "n_params": raw_model.num_params(), "flops_per_token": flops_per_token,
+     "peak_flops": peak_flops, "eval_tokens": eval_steps * micro_tokens, "model_args": model_args, "config": config})
 if master:
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {world_size} rank(s) x {batch_size} x {block_size} tokens"
           f" x {grad_accum_steps} accumulation step(s) = {total_batch_tokens:,} tokens per step; "
-          f"{device}, {dtype}, compile={use_compile}; {init_from} at iter {iter_num}")
+          f"{device}, {dtype}, compile={use_compile}, {torch.get_num_threads()} CPU thread(s); {init_from} at iter "
+          f"{iter_num}")
 
-if checkpoint is not None:  # the RNG last: building the model above consumed random numbers
-    if len(checkpoint["rng"]) == world_size:
-        states = checkpoint["rng"][rank]
-        random.setstate(states["python"])
-        np.random.set_state(states["numpy"])
-        torch.set_rng_state(states["torch"])
-        if device_type == "cuda" and states["cuda"] is not None:
-            torch.cuda.set_rng_state(states["cuda"], device)
+if checkpoint_in is not None:  # the RNG last: building the model above consumed random numbers
+    if len(checkpoint_in["rng"]) == world_size:
+        checkpoint.set_rng_state(checkpoint_in["rng"][rank], device_type, device)
     elif master:
-        print(f"note: {ckpt_path} was written by {len(checkpoint['rng'])} rank(s), this run has {world_size}: "
+        print(f"note: {ckpt_path} was written by {len(checkpoint_in['rng'])} rank(s), this run has {world_size}: "
               f"same data stream, but dropout masks are not those of an uninterrupted run")
-    del checkpoint
+    del checkpoint_in
 
-# pre-emption: the handler only sets a flag; the step loop checkpoints at the next step boundary.
-# Every rank must stop at the same step, so the flag travels in the per-step all-reduce.
+# pre-emption: the handler only sets a flag; every rank must stop at the same step, so the flag travels
+# in the per-step all-reduce and the loop checkpoints right after the step in which any rank was signalled
 stop_signal = None
 
 
@@ -432,16 +570,21 @@ def request_stop(signum, frame):
 
 signal.signal(signal.SIGTERM, request_stop)
 signal.signal(signal.SIGUSR1, request_stop)
-stop_now, end_reason = False, "max_iters"
 
-while True:
+# -----------------------------------------------------------------------------
+# the loop. Each pass: (1) at an eval boundary, evaluate and checkpoint; (2) stop at max_iters / eval_only;
+# (3) one optimizer step; (4) if any rank was signalled during it, checkpoint and stop.
+end_reason = None
+while end_reason is None:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
 
-    saved_here = False
+    # (1) eval + checkpoint (the first boundary of a run only evaluates: there is nothing new to save)
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
         val_loss = evaluate()
+        if not math.isfinite(val_loss):
+            stop_nonfinite("val loss", val_loss)
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         row = {"type": "eval", "iter": iter_num, "tokens": iter_num * total_batch_tokens, "val_loss": val_loss,
@@ -450,23 +593,24 @@ while True:
         if master:
             shown = "" if residual_mode == "none" else " alphas " + " ".join(f"{a:.3f}" for a in row["alphas"])
             print(f"eval iter {iter_num}: val loss {val_loss:.4f} (best {best_val_loss:.4f}){shown}")
-        if iter_num > start_iter and not eval_only:  # nothing new to save at the first boundary
-            save_checkpoint(copy_to_best=improved and save_best)
-            saved_here = True
+        if iter_num > start_iter and not eval_only:
+            if not weights_finite():
+                stop_nonfinite("weights", "non-finite")
+            save(is_best=improved and save_best, final=iter_num >= max_iters)
+
+    # (2) the planned end
     if eval_only:
         end_reason = "eval_only"
         break
     if iter_num >= max_iters:
-        break
-    if stop_now:
-        if iter_num > start_iter and not saved_here:
-            save_checkpoint(copy_to_best=False)
-        end_reason = stop_signal or "signal on another rank"
+        end_reason = "max_iters"
         break
 
-    # one optimizer step: grad_accum_steps micro-steps, gradients synced across ranks on the last one only
+    # (3) one optimizer step: grad_accum_steps micro-steps, gradients synced across ranks on the last one only
     t0 = time.time()
-    x, y = train_loader.next_batch()
+    logging_step = iter_num % log_interval == 0
+    step_alphas = alphas() if logging_step else None  # the alphas this step's forward uses, like its loss
+    x, y = train_loader.next_batch()  # a token outside the vocabulary: an InputError naming shard and position
     if device_type == "cuda":
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     loss_sum = torch.zeros((), device=device)
@@ -483,19 +627,9 @@ while True:
     if ddp:
         dist.all_reduce(stats)
     loss_sum_ranks, stop_votes = stats.tolist()  # the one host-device sync of a step
-    step_loss, stop_now = loss_sum_ranks / world_size, stop_votes > 0
-    if not math.isfinite(step_loss):
-        # stop before the optimizer applies it: ckpt.pt keeps the last good state
-        if master:
-            print(f"error: the train loss is {step_loss} at iter {iter_num} (lr {lr:.3g}); stopping without saving. "
-                  f"The last good checkpoint is {ckpt_path if os.path.exists(ckpt_path) else '(none written yet)'}."
-                  f" Lower learning_rate, raise warmup_iters or check the data.", file=sys.stderr)
-        log({"type": "end", "iter": iter_num, "reason": "nonfinite_loss", "loss": str(step_loss)})
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
-    if iter_num % log_interval == 0:
-        step_alphas = alphas()  # the alphas this step's forward used, like its loss (before the update)
+    step_loss = loss_sum_ranks / world_size
+    if not math.isfinite(step_loss):  # before the optimizer applies it: the weights stay good
+        stop_nonfinite("train loss", step_loss)
     grad_norm = None
     if grad_clip > 0:
         scaler.unscale_(optimizer)
@@ -503,20 +637,25 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-
-    if iter_num % log_interval == 0:
+    if logging_step:
         dt = time.time() - t0
         tokens_per_sec = total_batch_tokens / dt
         mfu = flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
-        row = {"type": "train", "iter": iter_num, "tokens": (iter_num + 1) * total_batch_tokens, "loss": step_loss,
-               "lr": lr, "grad_norm": None if grad_norm is None else grad_norm.item(), "dt_ms": round(dt * 1000, 2),
-               "tokens_per_sec": round(tokens_per_sec, 1), "mfu": None if mfu is None else round(mfu, 5),
-               "alphas": step_alphas}
-        log(row)
+        log({"type": "train", "iter": iter_num, "tokens": (iter_num + 1) * total_batch_tokens, "loss": step_loss,
+             "lr": lr, "grad_norm": None if grad_norm is None else grad_norm.item(), "dt_ms": round(dt * 1000, 2),
+             "tokens_per_sec": round(tokens_per_sec, 1), "mfu": None if mfu is None else round(mfu, 5),
+             "alphas": step_alphas})
         if master:
             print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
                   f"{tokens_per_sec:,.0f} tok/s" + ("" if mfu is None else f", mfu {mfu:.1%}"))
     iter_num += 1
+
+    # (4) pre-emption: checkpoint the state after this step, then stop
+    if stop_votes > 0:
+        if not weights_finite():
+            stop_nonfinite("weights", "non-finite")
+        save(is_best=False)
+        end_reason = stop_signal or "signal on another rank"
 
 log({"type": "end", "iter": iter_num, "reason": end_reason})
 if master:
@@ -525,4 +664,5 @@ if master:
     if wandb is not None:
         wandb.finish()
 if ddp:
+    dist.barrier()  # no rank tears the group down while another still talks to it (gloo aborts then)
     dist.destroy_process_group()

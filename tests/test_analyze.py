@@ -1,9 +1,8 @@
-"""analyze.py: every metric against a plain float64 computation written here, shift-depth rules, text
-windows, streaming memory, plots, training-log plots and the command line's errors."""
+"""analyze.py: text and shard windows, and end to end: an overlay of checkpoints on token shards, its files
+and plots, the training-log plots (alphas over training, cut sweep), and clear errors for bad input."""
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -12,199 +11,193 @@ import pytest
 import torch
 
 import analyze
-from analyze import LensStats, analyze_model, crossing_layer
-from data import write_shard
+from common import InputError
+from conftest import tiny_gpt, write_checkpoint
+from data import get_tokenizer, write_shard
 from lm import OurGPT
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-V = 40  # tiny vocabulary for the reference tests: rows come in identical pairs (2j, 2j+1) to force ties
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RUNS = {"out-baseline": dict(residual_mode="none"), "out-cut": dict(residual_mode="cut", cut_layer=-1),
+        "out-gate": dict(residual_mode="gate", gate_mode="layer")}
 
 
-def tie_model(n_layer=3, seed=0):
-    """A tiny GPT whose embedding rows come in identical pairs, so every logit appears twice (ties at
-    the k-th place for odd k), and whose blocks are strong enough that the state leaves the input token."""
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(n_layer=n_layer, n_head=2, n_embd=16, block_size=32, vocab_size=V)).eval()
-    with torch.no_grad():
-        w = model.lm_head.weight
-        w[1::2] = w[0::2]
-        for name, p in model.named_parameters():
-            if name.endswith("c_proj.weight"):
-                p.mul_(40)  # random blocks that actually move the residual stream
-    return model
+def save_run(folder, seed=0, **kw):
+    return write_checkpoint(tiny_gpt(seed, **kw), folder)
 
 
-def tokens(n_seq, T, vocab, seed=1):
-    return torch.randint(0, vocab, (n_seq, T + 1), generator=torch.Generator().manual_seed(seed))
-
-
-def reference(model, toks, k, space, lens_norm, mid):
-    """Every metric, computed in float64 numpy with the textbook definitions, position by position."""
-    x, y = toks[:, :-1].reshape(-1).numpy(), toks[:, 1:].reshape(-1).numpy()
-    with torch.no_grad():
-        resid, mids = model.hidden_states(toks[:, :-1], mid=True)
-    ln = model.transformer.ln_f
-    g, b = ln.weight.detach().double().numpy(), ln.bias.detach().double().numpy()
-    E = model.lm_head.weight.detach().double().numpy()
-
-    def layer_norm(v):
-        mu = v.mean(-1, keepdims=True)
-        return (v - mu) / np.sqrt(((v - mu) ** 2).mean(-1, keepdims=True) + ln.eps) * g + b
-
-    def log_softmax(z):
-        m = z.max(-1, keepdims=True)
-        return z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
-
-    def cos(a, c):
-        return (a * c).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(c, axis=-1)
-
-    as_np = lambda s: s.reshape(-1, s.size(-1)).double().numpy()
-    logp_final = log_softmax(layer_norm(as_np(resid[-1])) @ E.T)
-    e_in, e_out = E[x], E[y]
-    if space == "normed":
-        e_in, e_out = layer_norm(e_in), layer_norm(e_out)
-    proj_ok = (x != y) & (np.abs(e_out - e_in).sum(-1) > 0)
-    states = [("resid", l, s) for l, s in enumerate(resid)] + ([("mid", l + 0.5, s) for l, s in enumerate(mids)]
-                                                              if mid else [])
-    rows, wins = [], []
-    n = len(x)
-    for kind, layer, state in states:
-        h = as_np(state)
-        z = (layer_norm(h) if lens_norm else h) @ E.T
-        # in the top k <=> fewer than k tokens have a strictly larger logit
-        in_topk = lambda t: np.array([(z[i] > z[i, t[i]]).sum() < k for i in range(n)])
-        logp = log_softmax(z)
-        p = np.exp(logp)
-        v = layer_norm(h) if space == "normed" else h
-        d = e_out - e_in
-        proj = ((v - e_in) * d).sum(-1)[proj_ok] / (d * d).sum(-1)[proj_ok]
-        win = z[np.arange(n), y] > z[np.arange(n), x]
-        if kind == "resid":
-            wins.append(win)
-        rows.append({
-            "kind": kind, "layer": float(layer),
-            "topk_input": in_topk(x).mean(), "topk_target": in_topk(y).mean(),
-            "cos_input": cos(v, e_in).mean(), "cos_target": cos(v, e_out).mean(),
-            "projection": proj.mean(), "target_wins": win[x != y].mean(),
-            "lens_ce": -logp[np.arange(n), y].mean(), "entropy": -(p * logp).sum(-1).mean(),
-            "kl_final": (np.exp(logp_final) * (logp_final - logp)).sum(-1).mean(),
-        })
-    L = len(resid) - 1
-    hist = [0] * (L + 2)  # first layer from which the target wins at every later layer; last bin: never
-    for i in np.flatnonzero(x != y):
-        first = L + 1
-        for layer in range(L, -1, -1):
-            if not wins[layer][i]:
-                break
-            first = layer
-        hist[first] += 1
-    return rows, hist
-
-
-@pytest.mark.parametrize("space,lens_norm", [("raw", True), ("normed", True), ("raw", False)])
-def test_every_metric_equals_the_plain_computation(space, lens_norm, monkeypatch):
-    monkeypatch.setattr(analyze, "LENS_CHUNK_BYTES", 4 * V * 7)  # 7-token chunks: straddle sequences
-    model, k = tie_model(), 5
-    toks = tokens(6, 16, V)
-    toks[0, 3:6] = 7  # t_i == t_{i+1}: skipped by the projection and the win statistics
-    toks[1, 4:6] = torch.tensor([10, 11])  # distinct tokens, identical embedding rows: no projection direction
-    lm = OurGPT(model, "tiny")
-    got = analyze_model(lm, analyze.batched(toks, 4), k=k, space=space, lens_norm=lens_norm, mid=True,
-                        progress=False)
-    want, hist = reference(model, toks, k, space, lens_norm, mid=True)
-    assert len(got["layers"]) == len(want) == 2 * model.config.n_layer + 1
-    for g, w in zip(got["layers"], want):
-        assert (g["kind"], g["layer"]) == (w["kind"], w["layer"])
-        for name in ("topk_input", "topk_target", "target_wins"):
-            assert g[name] == pytest.approx(w[name], abs=1e-12), (name, g["layer"])
-        for name in ("cos_input", "cos_target", "projection"):
-            assert g[name] == pytest.approx(w[name], abs=2e-5), (name, g["layer"])
-        for name in ("lens_ce", "entropy", "kl_final"):
-            assert g[name] == pytest.approx(w[name], abs=2e-4), (name, g["layer"])
-    s = got["shift_depth"]
-    assert s["first_win_hist"] + [s["first_win_never"]] == hist
-    assert sum(c > 0 for c in hist) >= 2, "the test model should shift tokens at different depths"
-    pairs = list(zip(toks[:, :-1].flatten().tolist(), toks[:, 1:].flatten().tolist()))
-    assert got["positions"] == 6 * 16 and got["positions_diff"] == sum(a != b for a, b in pairs) <= 6 * 16 - 2
-    assert got["positions_projection"] == sum(a // 2 != b // 2 for a, b in pairs) < got["positions_diff"]
-    if lens_norm:  # the last layer's lens is the model's own output distribution
-        assert got["layers"][model.config.n_layer]["kl_final"] == pytest.approx(0, abs=1e-6)
-
-
-def test_test_model_really_has_ties_at_the_kth_place():
-    """The premise of the tie test: with paired rows, the k-th and (k+1)-th logits are equal, so
-    torch.topk's indices would drop one of two tied tokens that the >= rule keeps."""
-    model, k = tie_model(), 5
-    toks = tokens(6, 16, V)
-    lm = OurGPT(model, "tiny")
-    with torch.no_grad():
-        resid, _ = model.hidden_states(toks[:, :-1])
-        z = lm.decode(resid[2].reshape(-1, 16))
-    top = z.sort(dim=-1, descending=True).values
-    assert torch.equal(top[:, k - 1], top[:, k])
-    x = toks[:, :-1].reshape(-1)
-    by_indices = (z.topk(k).indices == x[:, None]).any(-1)
-    ours = LensStats(z.clone(), x, x, k).topk_in
-    assert (ours & ~by_indices).any() and not (by_indices & ~ours).any()
-
-
-def test_topk_match_counts_every_token_tied_at_the_kth_place_and_wins_are_strict():
-    z = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0], [5.0, 5.0, 5.0, 5.0, 1.0]])
-    for t, expected in [(0, [True, True]), (2, [True, True]), (3, [True, True]), (1, [False, True]),
-                        (4, [False, False])]:
-        lens = LensStats(z.clone(), torch.tensor([t, t]), torch.tensor([2, 2]), k=2)
-        assert lens.topk_in.tolist() == expected
-    lens = LensStats(z.clone(), torch.tensor([2, 2]), torch.tensor([3, 0]), k=2)
-    assert lens.wins.tolist() == [False, False]  # a tie is no win: 2 vs 2, and 5 vs 5
-    assert LensStats(z.clone(), torch.tensor([1, 4]), torch.tensor([2, 0]), k=2).wins.tolist() == [True, True]
-
-
-def test_crossing_layer_by_hand():
-    layers = [0, 1, 2, 3]
-    assert crossing_layer(layers, [1, 0.8, 0.4, 0.1], [0, 0.2, 0.6, 0.9]) == pytest.approx(1.75)
-    assert crossing_layer(layers, [0, 0, 0, 0], [0, 0.1, 0.2, 0.3]) == 0.0  # target never behind
-    assert crossing_layer(layers, [1, 1, 1, 1], [0, 0, 0, 0.5]) is None  # input still ahead at the end
-    assert crossing_layer(layers, [1, 0, 1, 0], [0, 1, 0, 1]) == pytest.approx(2.5)  # the last crossing counts
-    assert crossing_layer([0, 1, 2], [0.5] * 3, [0.0, 0.25, 1.0]) == pytest.approx(1 + 0.25 / 0.75)
-
-
-def test_crossing_layer_equals_a_dense_search_on_random_curves():
-    """The crossing is sup{x : input(x) > target(x)} of the piecewise-linear curves."""
+@pytest.fixture(scope="module")
+def overlay(tmp_path_factory):
+    """Three tiny runs (baseline / cut / gate) analysed together on GPT-2 token shards."""
+    tmp = tmp_path_factory.mktemp("overlay")
     rng = np.random.default_rng(0)
-    grid = np.linspace(0, 6, 600_001)
-    for _ in range(50):
-        a, b = rng.random(7), rng.random(7)
-        above = np.interp(grid, np.arange(7), a - b) > 0
-        got = crossing_layer(list(range(7)), a.tolist(), b.tolist())
-        if above[-1]:
-            assert got is None
-        elif not above.any():
-            assert got == 0.0
-        else:
-            assert got == pytest.approx(grid[np.flatnonzero(above)[-1]], abs=2e-5)
+    write_shard(tmp / "demo_val_000000.bin", rng.integers(0, 50257, 3000).astype(np.uint16))
+    runs = [save_run(tmp / name, seed=i, **kw) for i, (name, kw) in enumerate(RUNS.items())]
+    out = tmp / "analysis"
+    analyze.main(["--ckpt", *runs, "--shards", str(tmp / "*_val_*.bin"), "--num_sequences=6", "--seq_len=16",
+                  "--out_dir", str(out), "--progress=False", "--k=3"])
+    return out
 
 
-def test_sequences_without_a_shift_give_no_projection_instead_of_nan():
-    lm = OurGPT(tie_model(), "tiny")
-    r = analyze_model(lm, [torch.full((2, 9), 4)], progress=False)  # t_i == t_{i+1} everywhere
-    assert r["positions_diff"] == 0 and r["shift_depth"]["projection_half"] is None
-    assert all(row["projection"] is None and row["target_wins"] is None for row in r["layers"])
-    assert r["layers"][0]["topk_input"] == 1.0  # the repeated token is its own target: counted by both
-    json.dumps(r, allow_nan=False)
+def test_overlay_writes_metrics_for_every_checkpoint_and_layer(overlay, capsys):
+    data = json.loads((overlay / "metrics.json").read_text())
+    assert [m["label"] for m in data["models"]] == list(RUNS)
+    assert data["settings"]["shards"].endswith("*_val_*.bin") and data["settings"]["k"] == 3
+    for m in data["models"]:
+        assert (m["space"], m["lens_norm"], m["k"], m["positions"]) == ("raw", True, 3, 6 * 16)
+        assert [row["layer"] for row in m["layers"]] == [0.0, 1.0, 2.0]
+    csv_rows = (overlay / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("model,source,kind,layer,space,lens_norm,k,topk_input")
+    assert len(csv_rows) == 1 + 3 * 3 and all(",raw,True,3," in row for row in csv_rows[1:])
 
 
-def test_analysis_is_the_same_for_any_batch_size_and_chunk(monkeypatch):
-    model = tie_model()
-    lm = OurGPT(model, "tiny")
-    toks = tokens(5, 12, V, seed=3)
-    a = analyze_model(lm, analyze.batched(toks, 5), progress=False)
-    monkeypatch.setattr(analyze, "LENS_CHUNK_BYTES", 4 * V * 5)
-    b = analyze_model(lm, analyze.batched(toks, 2), progress=False)
-    assert a["shift_depth"] == b["shift_depth"]
-    for ra, rb in zip(a["layers"], b["layers"]):
-        for key, value in ra.items():
-            assert rb[key] == pytest.approx(value, abs=1e-6), key
+@pytest.mark.parametrize("name", ["topk.png", "cosine_projection.png", "lens.png", "shift_depth.png"])
+def test_plots_are_valid_pngs(overlay, name):
+    import matplotlib.image
+
+    path = overlay / name
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(str(path))
+    assert image.ndim == 3 and image.shape[0] > 300 and image.shape[1] > 500
+
+
+def test_overlay_figures_have_one_curve_per_checkpoint(overlay):
+    results = json.loads((overlay / "metrics.json").read_text())["models"]
+    fig = analyze.plot_topk(results)
+    (ax,) = fig.axes
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"{run}: {what}" for run in RUNS for what in ("input t_i", "target t_i+1")]
+    curves = [line for line in ax.get_lines() if not line.get_label().startswith("_")]
+    for line, (result, name) in zip(curves, [(r, n) for r in results for n in ("topk_input", "topk_target")]):
+        assert list(line.get_ydata()) == [row[name] for row in result["layers"]]
+    assert len(curves) == 2 * 3
+    fig = analyze.plot_cosine_projection(results)
+    labelled = lambda ax: [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+    assert labelled(fig.axes[0]) == [f"{run}: cos(h, {e})" for run in RUNS for e in ("e_in", "e_out")]
+    assert labelled(fig.axes[1]) == [f"{run}: projection" for run in RUNS]
+    assert len(analyze.plot_lens(results).axes) == 3
+    bars = analyze.plot_shift_depth(results).axes[0].containers
+    assert len(bars) == 3 and all(len(b) == 2 + 2 for b in bars)  # layers 0..2 and "never"
+
+
+def test_mid_states_are_rows_between_layers(tmp_path):
+    run = save_run(tmp_path / "run")
+    write_shard(tmp_path / "v_val_000000.bin", np.arange(1000, dtype=np.uint16))
+    analyze.main(["--ckpt", run, "--shards", str(tmp_path / "*.bin"), "--num_sequences=2", "--seq_len=8",
+                  "--mid", "--space=normed", "--lens_norm=False", "--out_dir", str(tmp_path / "a"), "--progress=False"])
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())["models"][0]
+    assert [(r["kind"], r["layer"]) for r in m["layers"]] == [
+        ("resid", 0.0), ("resid", 1.0), ("resid", 2.0), ("mid", 0.5), ("mid", 1.5)]
+    assert (m["space"], m["lens_norm"]) == ("normed", False)
+
+# -----------------------------------------------------------------------------
+# Training logs, in train.py's format
+
+
+def write_log(folder, config, alphas, val_losses):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"type": "run", "iter": 0, "config": config}]
+    for it, a in enumerate(alphas):
+        rows.append({"type": "train", "iter": it * 10, "loss": 5.0, "alphas": a})
+    for it, loss in enumerate(val_losses):
+        rows.append({"type": "eval", "iter": it * 50, "val_loss": loss, "alphas": alphas[-1]})
+    rows.append({"type": "end", "iter": 100, "reason": "max_iters"})
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder / "log.jsonl")
+
+
+def test_alpha_plot_has_one_line_per_layer_over_training(tmp_path):
+    config = {"n_layer": 3, "residual_mode": "gate", "gate_mode": "layer", "cut_layer": -1}
+    alphas = [[0.8, 0.8, 0.8], [0.85, 0.8, 0.7], [0.95, 0.9, 0.6]]
+    path = write_log(tmp_path / "out-gate", config, alphas, [4.0, 3.5])
+    analyze.main(["--log", path, "--out_dir", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "alphas.png").read_bytes()[:8] == PNG_SIGNATURE
+    (ax,) = analyze.plot_alphas([analyze.read_log(path)]).axes
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [list(col) for col in zip(*alphas)]
+    assert list(ax.get_lines()[0].get_xdata()) == [0, 10, 20]
+    assert "out-gate" in ax.get_title() and "gate (layer)" in ax.get_title()
+
+
+def test_cut_sweep_plots_final_val_loss_per_cut_layer_and_the_baseline(tmp_path):
+    logs = []
+    for layer, loss in [(-1, 3.1), (0, 3.4), (1, 3.2)]:  # -1 is the last of 3 blocks
+        config = {"n_layer": 3, "residual_mode": "cut", "cut_layer": layer, "cut_alpha": 0.5}
+        logs.append(write_log(tmp_path / f"out-cut{layer}", config, [[1, 1, 1]], [5.0, loss]))
+    baseline = write_log(tmp_path / "out-baseline", {"n_layer": 3, "residual_mode": "none", "cut_layer": -1},
+                         [[1, 1, 1]], [5.0, 3.0])
+    analyze.main(["--cut_sweep", str(tmp_path / "out-cut*" / "log.jsonl"), "--baseline", baseline,
+                  "--out_dir", str(tmp_path / "a")])
+    assert (tmp_path / "a" / "cut_sweep.png").read_bytes()[:8] == PNG_SIGNATURE
+    fig = analyze.plot_cut_sweep([analyze.read_log(p) for p in logs], analyze.read_log(baseline))
+    sweep, base = fig.axes[0].get_lines()
+    assert list(sweep.get_xdata()) == [0, 1, 2] and list(sweep.get_ydata()) == [3.4, 3.2, 3.1]
+    assert list(base.get_ydata()) == [3.0, 3.0]
+
+
+def test_training_log_errors_name_the_file(tmp_path, capsys):
+    path = write_log(tmp_path / "out-x", {"n_layer": 3, "residual_mode": "none", "cut_layer": -1}, [[1, 1, 1]], [3.0])
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--cut_sweep", path, "--out_dir", str(tmp_path / "a")])
+    assert e.value.code == 1 and "out-x/log.jsonl: residual_mode is 'none', not 'cut'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        analyze.main(["--log", str(tmp_path / "nowhere.jsonl"), "--out_dir", str(tmp_path / "a")])
+    assert "training logs match" in capsys.readouterr().err
+
+# -----------------------------------------------------------------------------
+# Bad input: a non-zero exit and a message naming the thing
+
+
+def test_missing_checkpoint_exits_non_zero_naming_the_file(tmp_path):
+    missing = tmp_path / "out-nothing" / "ckpt.pt"
+    result = subprocess.run([sys.executable, "analyze.py", "--ckpt", str(missing), "--out_dir", str(tmp_path / "a")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert f"checkpoint not found: {missing}" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv,code,message", [  # 2: a bad setting, 1: bad or missing data (common.py's rule)
+    (["--seq_len=64"], 2, "config error: seq_len=64 is longer than run's block size 32"),
+    (["--data_files", "{empty}/*.txt"], 1, "error: no text in --data_files"),
+    (["--data_files", "{empty}/*.csv"], 1, "error: no input files match"),
+    (["--space=sideways"], 2, "config error: space must be 'raw' or 'normed'"),
+    (["--k=0"], 2, "config error: k must be an int >= 1"),
+    (["--shards", "{empty}/*.bin"], 1, "error: no token shards (--shards) match"),
+    (["--lens_dtype=float8"], 2, "config error: lens_dtype must be one of ['auto', 'float32'"),
+    (["--dtype=float64"], 2, "config error: dtype must be one of ['float32'"),
+    (["--out_dir={empty}/a.txt"], 2, "config error: out_dir="),  # a file, not a folder
+    ([], 1, "could not load 'Salesforce/wikitext'"),  # the default dataset, and no hub (tests are offline): say what to do
+])
+def test_bad_input_exits_with_a_clear_message(tmp_path, capsys, argv, code, message):
+    run = save_run(tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   \n\n")
+    argv = [a.replace("{empty}", str(empty)) for a in argv]
+    with pytest.raises(SystemExit) as e:  # later settings win: argv overrides --seq_len=8
+        analyze.main(["--ckpt", run, "--out_dir", str(tmp_path / "a"), "--progress=False", "--seq_len=8",
+                      "--num_sequences=2", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == code and message in err and "Traceback" not in err
+    assert not (tmp_path / "a").exists()  # a failed run leaves no output folder
+
+
+def test_nothing_to_analyse_and_unknown_settings(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--out_dir", str(tmp_path)])
+    assert e.value.code == 2 and "nothing to analyse" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        analyze.main(["--ckpts", "x"])
+    assert e.value.code == 2 and "did you mean --ckpt" in capsys.readouterr().err
+
+
+def test_wikitext_rows_become_articles_and_other_rows_stay_documents(tmp_path):
+    rows = [" = Alpha = \n", "", " alpha text \n", " = = Part = = \n", " more alpha \n", " = Beta = \n", " beta \n"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
+    files = [str(tmp_path / "d.jsonl")]
+    assert analyze.read_documents(data_files=files) == [r for r in rows if r]
+    assert analyze.read_documents(data_files=files, wikitext=True) == [
+        " = Alpha = \n alpha text \n = = Part = = \n more alpha \n", " = Beta = \n beta \n"]
 
 # -----------------------------------------------------------------------------
 # Text windows
@@ -220,8 +213,6 @@ DOCS = ["Alpha beta gamma delta epsilon zeta eta theta iota kappa.", "Lambda mu 
 
 
 def test_text_windows_read_the_same_text_and_mark_document_boundaries():
-    from data import get_tokenizer
-
     lm = gpt2_lm()
     starts = analyze.text_starts(DOCS, 20, seed=5)
     for d, c in starts:  # every start is the first character of a word
@@ -239,7 +230,7 @@ def test_text_windows_read_the_same_text_and_mark_document_boundaries():
 
 
 def test_too_little_text_is_an_error():
-    with pytest.raises(analyze.AnalyzeError, match="too little text"):
+    with pytest.raises(InputError, match="too little text"):
         analyze.text_windows(gpt2_lm(), ["just a few words"], [(0, 0)], 60)
 
 
@@ -251,26 +242,3 @@ def test_shard_windows_are_reproducible_and_stay_in_one_shard(tmp_path):
     assert torch.equal(w, analyze.shard_windows(pattern, 40, 64, seed=0))
     assert (w[:, 1:] - w[:, :-1] == 1).all()  # consecutive tokens of one shard, never across shards
     assert set((w[:, 0] // 1000).tolist()) == {0, 2}  # the 50-token shard is too short for a window
-
-# -----------------------------------------------------------------------------
-# Memory: streaming, so the peak does not grow with the number of sequences
-
-
-def _peak_rss_kib(fn):
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    fn()
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-
-
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset")
-def test_peak_memory_does_not_grow_with_the_number_of_sequences():
-    torch.manual_seed(0)
-    lm = OurGPT(GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=8192)).eval(), "m")
-    run = lambda n: analyze_model(lm, analyze.batched(tokens(n, 32, 8192), 8), progress=False)
-    run(8)  # warm-up: allocator pools, lazy imports
-    small = _peak_rss_kib(lambda: run(8))
-    large = _peak_rss_kib(lambda: run(96))
-    # keeping the logits of every position would need 96 * 32 * 8192 * 4 bytes = 96 MiB per layer
-    assert large - small < 24 * 1024, f"peak RSS grew from {small} to {large} KiB"

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import analyze
+from conftest import write_checkpoint
+from lens import METRICS, LensOptions, analyze_model
 from lm import load_lm
 from model import GPT
 
@@ -34,8 +36,7 @@ def gpt2_pair(tmp_path_factory):
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp / "hf-gpt2")
     ours = GPT.from_pretrained(str(tmp / "hf-gpt2"))
-    (tmp / "ours").mkdir()
-    torch.save({"model": ours.state_dict(), "model_args": ours.config.to_dict()}, tmp / "ours" / "ckpt.pt")
+    write_checkpoint(ours, tmp / "ours")
     return tmp, write_texts(tmp / "texts")
 
 
@@ -55,7 +56,7 @@ def test_hf_gpt2_and_our_checkpoint_of_the_same_weights_give_the_same_metrics(gp
     assert len(hf["layers"]) == len(ours["layers"]) == 2 * 2 + 1
     for a, b in zip(hf["layers"], ours["layers"]):
         assert (a["kind"], a["layer"]) == (b["kind"], b["layer"])
-        for name, _ in analyze.METRICS:
+        for name, _ in METRICS:
             assert a[name] == pytest.approx(b[name], abs=1e-4), (name, a["layer"])
     assert hf["shift_depth"]["first_win_hist"] == ours["shift_depth"]["first_win_hist"]
 
@@ -139,7 +140,7 @@ def test_gemma2_embedding_scale_softcap_and_reference_vectors(tmp_path, tied, ca
     assert torch.equal(lm.target_vectors(toks[:, 1:]), expected_target[toks[:, 1:]])
     assert lm.logit_softcap == 30.0 and torch.allclose(lm.decode(resid[-1]), model_logits, atol=1e-5)
     for space in ("raw", "normed"):
-        r = analyze.analyze_model(lm, analyze.batched(toks, 2), space=space, progress=False)
+        r = analyze_model(lm, analyze.batched(toks, 2), LensOptions(space=space), progress=False)
         layer0, last = r["layers"][0], r["layers"][lm.n_layer]
         assert layer0["cos_input"] == pytest.approx(1, abs=1e-5)
         assert layer0["projection"] == pytest.approx(0, abs=1e-5)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import InputError
 from data import ShardLoader, shard_name, write_shard
 
 
@@ -81,7 +82,7 @@ def test_ranks_disjoint_and_concat_equals_single_process(shards, shuffle):
 
 
 def test_errors_name_pattern_and_sizes(tmp_path, shards):
-    with pytest.raises(FileNotFoundError, match="nothing_here"):
+    with pytest.raises(InputError, match="no token shards match .*nothing_here"):
         ShardLoader(str(tmp_path / "nothing_here_*.bin"), 2, 8)
     with pytest.raises(ValueError, match=r"2\*64\*32\+1 = 4097 tokens.*toy_train_000000.bin=1000"):
         ShardLoader(shards, 64, 32, world_size=2)

@@ -43,4 +43,4 @@ def test_failing_step_stops_the_demo_with_its_exit_code(tmp_path, capsys):
 
 def test_unknown_step_is_rejected():
     result = subprocess.run([sys.executable, "demo.py", "--steps=train,plot"], capture_output=True, text=True)
-    assert result.returncode != 0 and "unknown step(s) ['plot']" in result.stderr
+    assert result.returncode == 2 and "config error: unknown demo step(s) ['plot']" in result.stderr

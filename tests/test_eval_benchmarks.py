@@ -13,7 +13,9 @@ import eval_benchmarks as eb
 from configurator import configure
 import data
 from data import EOT_TOKEN, get_tokenizer, shard_name, write_shard
-from lm import LanguageModel, OurGPT
+from common import InputError
+from conftest import write_checkpoint
+from lm import LanguageModel, OurGPT, load_models, model_specs
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -249,7 +251,7 @@ def test_lambada_last_word_accuracy_from_known_predictions(tmp_path):
 def test_lambada_word_split_follows_the_harness():
     assert eb.split_last_word("He said hello") == ("He said", " hello")
     assert eb.split_last_word("two  spaces") == ("two", "  spaces")  # trailing context spaces move over
-    with pytest.raises(eb.EvalError, match="no 'context last-word' split"):
+    with pytest.raises(InputError, match="no 'context last-word' split"):
         eb.split_last_word("Alone")
 
 # -----------------------------------------------------------------------------
@@ -279,11 +281,13 @@ def test_model_names_are_run_folders_and_unique(tmp_path):
         (tmp_path / run).mkdir(parents=True)
         (tmp_path / run / "ckpt.pt").write_bytes(b"")
     ckpts = [str(tmp_path / "a/out/ckpt.pt"), str(tmp_path / "b/out"), str(tmp_path / "gate")]
-    specs = eb.model_specs(dict(ckpt=ckpts, hf=["gpt2"]))
+    specs = model_specs(ckpt=ckpts, hf=["gpt2"])
     assert [name for _, _, name in specs] == ckpts[:2] + ["gate", "gpt2"]  # the two "out" runs clash
-    with pytest.raises(eb.EvalError, match="checkpoint not found: .*empty/ckpt.pt"):
+    with pytest.raises(InputError, match="checkpoint not found: .*empty/ckpt.pt"):
         (tmp_path / "empty").mkdir()
-        eb.model_specs(dict(ckpt=[str(tmp_path / "empty")], hf=[]))
+        load_models(ckpt=[str(tmp_path / "empty")])  # checked before any model loads
+    with pytest.raises(InputError, match="no models"):
+        load_models()
 
 
 def test_table_rows_are_benchmark_by_metric_with_a_column_per_model():
@@ -310,8 +314,8 @@ def test_table_rows_are_benchmark_by_metric_with_a_column_per_model():
 
 def test_config_eval_file_is_valid():
     settings = configure(eb.DEFAULTS, [os.path.join(REPO, "config", "eval.py")], eb.EXTRA_TYPES)
-    eb.check_benchmark_names(eb.as_list(settings["benchmarks"]))
-    assert eb.as_list(settings["ckpt"])
+    eb.check_settings(settings)
+    assert settings["ckpt"] and all(isinstance(c, str) for c in settings["ckpt"])
 
 # -----------------------------------------------------------------------------
 # 4. clear errors
@@ -328,12 +332,14 @@ def val_shard(tmp_path):
     return str(path)
 
 
-def main_error(capsys, argv):
-    """main(argv) must exit with an error; returns what it printed on stderr."""
+def main_error(capsys, argv, code=1):
+    """main(argv) must exit with status `code` (2 a bad setting, 1 bad data) and no traceback; its stderr."""
     with pytest.raises(SystemExit) as exit_info:
         eb.main(argv + ["--progress=False"])
-    assert exit_info.value.code != 0
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) >= 1
+    return err
 
 
 @pytest.fixture
@@ -345,21 +351,21 @@ def ckpt_file(tmp_path):
 
 
 def test_unknown_benchmark_is_a_clear_error(capsys, ckpt_file):
-    err = main_error(capsys, ["--ckpt", ckpt_file, "--benchmarks", "wikitext103", "lambda"])
+    err = main_error(capsys, ["--ckpt", ckpt_file, "--benchmarks", "wikitext103", "lambda"], code=2)
     assert "unknown benchmark 'lambda'" in err and "did you mean 'lambada'" in err
     assert "'openwebtext', 'fineweb_edu'" in err  # the valid names are listed
 
 
 def test_bad_numbers_are_clear_errors(capsys, ckpt_file):
-    for setting, message in (("--context=0", "--context must be >= 1"), ("--max_tokens=-5", "--max_tokens must be >= 0"),
-                             ("--batch_size=0", "--batch_size must be >= 1")):
-        assert message in main_error(capsys, ["--ckpt", ckpt_file, setting])
+    for setting, message in (("--context=0", "context must be >= 1"), ("--max_tokens=-5", "max_tokens must be >= 0"),
+                             ("--batch_size=0", "batch_size must be >= 1")):
+        assert "config error: " + message in main_error(capsys, ["--ckpt", ckpt_file, setting], code=2)
 
 
 def test_missing_shards_say_how_to_make_them(capsys, ckpt_file, tmp_path):
     err = main_error(capsys, ["--ckpt", ckpt_file, "--benchmarks", "openwebtext",
                               f"--openwebtext_shards={tmp_path}/nothing_val_*.bin"])
-    assert "no token shards match" in err and "python prepare_owt.py" in err and "--openwebtext_shards" in err
+    assert "no OpenWebText token shards match" in err and "python prepare_owt.py" in err and "--openwebtext_shards" in err
 
 
 def test_missing_local_files_name_the_setting(capsys, ckpt_file, tmp_path):
@@ -402,7 +408,7 @@ def test_shards_refused_for_a_model_with_another_tokenizer(val_shard):
             return list(text.encode())
     lm = ByteLM({})
     assert not lm.uses_gpt2_tokens()
-    with pytest.raises(eb.EvalError, match="oracle does not use the GPT-2 tokenizer.*FineWeb-Edu"):
+    with pytest.raises(InputError, match="oracle does not use the GPT-2 tokenizer.*FineWeb-Edu"):
         eb.benchmark_tokens("fineweb_edu", [val_shard], lm)
     assert BigramOracle({}).uses_gpt2_tokens()  # the same model with GPT-2's tokenizer is accepted
 
@@ -420,8 +426,7 @@ def test_cli_ckpt_and_hf_model_of_the_same_weights_agree(tmp_path, val_shard):
     config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)  # no tokenizer files: lm.py uses GPT-2's
     model = GPT.from_pretrained(str(hf_dir))
-    (tmp_path / "ours").mkdir()
-    torch.save({"model": model.state_dict(), "model_args": model.config.to_dict()}, tmp_path / "ours" / "ckpt.pt")
+    write_checkpoint(model, tmp_path / "ours")
 
     lines = RHYME.splitlines()
     rows = [" = The House = \n", ""] + [f" {line} \n" for line in lines[:4]] + [" = The Cow = \n"] + \

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from common import InputError
 from model import GPT, GPTConfig
 
 TINY = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=64, dropout=0.0)
@@ -41,12 +42,16 @@ def test_from_pretrained_matches_transformers_logits_and_loss(hf_gpt2_dir):
     assert abs(ref.loss.item() - loss.item()) < 1e-5
 
 
-def test_from_pretrained_with_gate_initialises_missing_gate_params(hf_gpt2_dir):
+def test_from_pretrained_with_gate_starts_uniform_and_the_gate_learns(hf_gpt2_dir):
     d, _ = hf_gpt2_dir
-    m = GPT.from_pretrained(str(d), residual_mode="gate", gate_mode="layer")
-    assert torch.equal(m.gate.logits.detach(), torch.zeros(2))
+    m = GPT.from_pretrained(str(d), residual_mode="gate", gate_mode="layer", gate_alpha_min=0.5)
+    assert m.residual_alphas() == pytest.approx([0.75, 0.75])  # the budget 0.5 spread evenly over 2 layers
     plain = GPT.from_pretrained(str(d))
     assert torch.equal(m.transformer.h[1].mlp.c_fc.weight, plain.transformer.h[1].mlp.c_fc.weight)
+    idx = tokens(B=2, T=16, V=101)
+    _, loss = m(idx[:, :-1], idx[:, 1:])
+    loss.backward()
+    assert m.gate.logits.grad is not None and m.gate.logits.grad.abs().sum() > 0  # the loss reaches the gate
 
 
 def test_cut_alpha_one_is_bit_identical_to_none():
@@ -255,13 +260,13 @@ def test_from_checkpoint_loads_karpathy_nanogpt_format(tmp_path):
 
 
 def test_from_checkpoint_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(InputError, match="checkpoint not found: .*nope.pt"):
         GPT.from_checkpoint(tmp_path / "nope.pt")
     torch.save({"weights": {}}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="bad.pt is not a training checkpoint"):
+    with pytest.raises(InputError, match="bad.pt is not a training checkpoint"):
         GPT.from_checkpoint(tmp_path / "bad.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read checkpoint .*junk.pt"):
+    with pytest.raises(InputError, match="junk.pt is not a readable checkpoint"):
         GPT.from_checkpoint(tmp_path / "junk.pt")
 
 

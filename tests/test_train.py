@@ -17,7 +17,6 @@ import time
 import pytest
 import torch
 
-from data import first_tokens_split, prepare_shards
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,15 +31,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    """Shards of real English prose: the ~80 sections of Python's language reference (ships with CPython),
-    written by data.py's shard writer; the first ~8k tokens are the val split."""
-    import pydoc_data.topics
-
-    out = tmp_path_factory.mktemp("pydoc_shards")
-    documents = [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
-    prepare_shards(documents, str(out), "pydoc", first_tokens_split(8000), shard_tokens=40_000, progress=False)
-    return str(out)
+def text_data(prose_shards):
+    return prose_shards
 
 
 def train(out_dir, data, *args, launcher=(), expect=0):
