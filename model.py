@@ -51,8 +51,8 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True
-    gelu_approx: str = "tanh"  # GPT-2's own GELU; karpathy/nanoGPT checkpoints use "none"
+    bias: bool = True  # gpt2 only: llama has no biases (its from_pretrained sets False)
+    gelu_approx: str = "tanh"  # gpt2 only: GPT-2's own GELU; karpathy/nanoGPT checkpoints use "none"
     residual_mode: str = "none"
     cut_layer: Union[int, list] = -1  # block index (or list), negative counts from the end
     cut_alpha: float = 0.5
