@@ -118,8 +118,11 @@ class OurGPT(LanguageModel):
         self.model, self.name = model.eval(), name
         cfg = model.config
         self.n_layer, self.block_size, self.vocab_size = cfg.n_layer, cfg.block_size, cfg.vocab_size
-        self.in_embedding = self.out_embedding = model.lm_head.weight
-        self.tied = True
+        if cfg.tie_embeddings:
+            self.in_embedding = self.out_embedding = model.lm_head.weight
+        else:  # an untied llama: tokens are looked up in wte, targets scored against lm_head
+            self.in_embedding, self.out_embedding = model.transformer.wte.weight, model.lm_head.weight
+        self.tied = cfg.tie_embeddings
         self.device = model.lm_head.weight.device
         self.source = "ckpt"
         self._tok = get_tokenizer()

@@ -1,9 +1,13 @@
 """
-GPT-2 in one file, with residual attenuation (arXiv 2602.14760).
+GPT in one file, with residual attenuation (arXiv 2602.14760). Two block families (arch):
+
+    gpt2   LayerNorm, learned position table, GELU MLP, biases, tied embeddings (GPT-2 exactly)
+    llama  RMSNorm, rotary positions (HF Llama's rotate_half layout), SwiGLU MLP, no biases,
+           grouped-query attention (n_kv_head), tied or untied embeddings (LlamaForCausalLM exactly)
 
 Every block is written as  x_{l+1} = alpha_l * x_l + F_l(x_l),  F_l(x) = block_l(x) - x,
-where block_l is the ordinary pre-LN GPT-2 block (attention then MLP). alpha_l = 1 for
-every layer is bit-for-bit standard GPT-2. residual_mode picks alpha:
+where block_l is the ordinary pre-norm block (attention then MLP) of either arch. alpha_l = 1
+for every layer is bit-for-bit the standard model. residual_mode picks alpha (same for both archs):
 
     none   alpha_l = 1
     cut    alpha_l = cut_alpha at the layer(s) cut_layer, 1 elsewhere
@@ -19,13 +23,14 @@ Usage:
     resid, mid = model.hidden_states(idx, mid=True)   # for analysis
     model = GPT.from_checkpoint("out/ckpt.pt")         # ours or karpathy/nanoGPT's
     model = GPT.from_pretrained("gpt2")                # or a local save_pretrained dir
+    model = GPT.from_pretrained("HuggingFaceTB/SmolLM2-135M", residual_mode="gate")  # any LlamaForCausalLM
 """
 
 import inspect
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -36,6 +41,7 @@ from common import InputError, SettingError
 
 RESIDUAL_MODES = ("none", "cut", "gate")
 GATE_MODES = ("layer", "token", "scalar")
+ARCHS = ("gpt2", "llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names settings use
 
 
@@ -56,13 +62,21 @@ class GPTConfig:
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True
-    gelu_approx: str = "tanh"  # GPT-2's own GELU; karpathy/nanoGPT checkpoints use "none"
+    bias: bool = True  # gpt2 only: llama has no biases (its from_pretrained sets False)
+    gelu_approx: str = "tanh"  # gpt2 only: GPT-2's own GELU; karpathy/nanoGPT checkpoints use "none"
     residual_mode: str = "none"
     cut_layer: Union[int, list] = -1  # block index (or list), negative counts from the end
     cut_alpha: float = 0.5
     gate_mode: str = "layer"
     gate_alpha_min: float = 0.5
+    # block family; an old checkpoint without these fields loads as gpt2 (the defaults)
+    arch: str = "gpt2"  # 'gpt2' | 'llama'
+    n_kv_head: Optional[int] = None  # llama: key/value heads (grouped-query attention); None = n_head
+    intermediate_size: Optional[int] = None  # llama: SwiGLU width; None = 8/3 * n_embd rounded up to 64
+    rope_theta: float = 10000.0  # llama: rotary base
+    rope_scaling: Optional[dict] = None  # llama: None or transformers' dict, rope_type 'llama3' or 'linear'
+    norm_eps: float = 1e-5  # LayerNorm (gpt2) / RMSNorm (llama) epsilon
+    tie_embeddings: bool = True  # lm_head shares the token embedding (always for gpt2)
     cut_layers: tuple = field(init=False, repr=False)  # cut_layer normalised to indices >= 0
 
     def __post_init__(self):
@@ -100,9 +114,159 @@ class GPTConfig:
             norm.append(layer % self.n_layer)
         self.cut_layers = tuple(sorted(set(norm)))
 
+        if self.arch not in ARCHS:
+            fail(f"unknown arch={self.arch!r}, expected one of {ARCHS}")
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or not self.norm_eps > 0:
+            fail(f"norm_eps must be a positive number, got {self.norm_eps!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            fail(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        if self.n_kv_head is not None and (isinstance(self.n_kv_head, bool) or not isinstance(self.n_kv_head, int)
+                                           or self.n_kv_head <= 0):
+            fail(f"n_kv_head must be None or a positive int, got {self.n_kv_head!r}")
+        if self.intermediate_size is not None and (isinstance(self.intermediate_size, bool)
+                                                   or not isinstance(self.intermediate_size, int)
+                                                   or self.intermediate_size <= 0):
+            fail(f"intermediate_size must be None or a positive int, got {self.intermediate_size!r}")
+        if (isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float))
+                or not self.rope_theta > 0):
+            fail(f"rope_theta must be a positive number, got {self.rope_theta!r}")
+        self.rope_theta = float(self.rope_theta)
+        if self.arch == "gpt2":  # settings GPT-2 has no use for are errors, not silently ignored
+            if not self.tie_embeddings:
+                fail("tie_embeddings=False is not supported for arch='gpt2' (GPT-2's input and output "
+                     "embeddings are always tied); use arch='llama' for untied embeddings")
+            if self.n_kv_head not in (None, self.n_head):
+                fail(f"n_kv_head={self.n_kv_head} needs arch='llama' (GPT-2 has no grouped-query attention)")
+            if self.intermediate_size is not None:
+                fail(f"intermediate_size={self.intermediate_size} needs arch='llama' (GPT-2's MLP is 4 * n_embd)")
+            if self.rope_theta != 10000.0 or self.rope_scaling is not None:
+                fail("rope_theta / rope_scaling need arch='llama' (GPT-2 has a learned position table)")
+        else:
+            if self.n_kv_head is not None and self.n_head % self.n_kv_head != 0:
+                fail(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (grouped-query attention)")
+            if (self.n_embd // self.n_head) % 2:
+                fail(f"head size n_embd // n_head = {self.n_embd // self.n_head} must be even for rotary embeddings")
+            rope_scaling_type(self.rope_scaling)  # raises ValueError naming rope_scaling
+
+    @property
+    def kv_heads(self):
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_size(self):
+        """The MLP's hidden width: 4 * n_embd for gpt2; intermediate_size for llama, by default SwiGLU's
+        8/3 * n_embd (same parameters as a 4x GELU MLP) rounded up to a multiple of 64."""
+        if self.arch == "gpt2":
+            return 4 * self.n_embd
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        return -(-8 * self.n_embd // (3 * 64)) * 64
+
     def to_dict(self):
         """The constructor arguments (what checkpoints store as 'model_args')."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+# ---- rotary position embeddings (llama), computed exactly as transformers does ----
+
+_ROPE_SCALING_KEYS = {  # rope type -> (required keys, optional keys), as in transformers' rope_scaling dicts
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor"}, {"original_max_position_embeddings"}),
+}
+
+
+def rope_scaling_type(scaling):
+    """'default' for None, else the dict's rope_type ('llama3' or 'linear'); ValueError naming rope_scaling."""
+    def fail(msg):
+        raise ValueError(f"GPTConfig: rope_scaling {msg}")
+
+    if scaling is None:
+        return "default"
+    if not isinstance(scaling, dict):
+        fail(f"must be None or a dict like transformers' (e.g. {{'rope_type': 'llama3', 'factor': 32.0, "
+             f"...}}), got {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if "type" in scaling and "rope_type" in scaling and scaling["type"] != scaling["rope_type"]:
+        fail(f"has type={scaling['type']!r} and rope_type={scaling['rope_type']!r}")
+    if kind not in _ROPE_SCALING_KEYS:
+        fail(f"has unsupported rope type {kind!r}: supported are {tuple(_ROPE_SCALING_KEYS)} "
+             f"(rope_scaling=None for plain RoPE)")
+    required, optional = _ROPE_SCALING_KEYS[kind]
+    missing = sorted(required - set(scaling))
+    if missing:
+        fail(f"of type {kind!r} is missing {missing}")
+    unknown = sorted(set(scaling) - required - optional - {"rope_type", "type", "partial_rotary_factor"})
+    if unknown:
+        fail(f"of type {kind!r} has keys it does not use: {unknown}")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        fail(f"partial_rotary_factor={scaling['partial_rotary_factor']} is not supported (only 1.0)")
+    for key in required | (optional & set(scaling)):
+        v = scaling[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            fail(f"{key} must be a positive number, got {v!r}")
+    if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        fail(f"needs low_freq_factor < high_freq_factor, got {scaling['low_freq_factor']} and "
+             f"{scaling['high_freq_factor']}")
+    return kind
+
+
+def rope_inv_freq(config, device=None):
+    """[head_dim // 2] float32 inverse frequencies, the same numbers as transformers' rope init functions
+    (default, 'linear', 'llama3'). A function of the config only, so no buffer to save, cast or shard."""
+    dim = config.n_embd // config.n_head
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(
+        device=device, dtype=torch.float) / dim))
+    kind, s = rope_scaling_type(config.rope_scaling), config.rope_scaling
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_context_len = s.get("original_max_position_embeddings", config.block_size)
+        low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+        wavelen = 2 * math.pi / inv_freq
+        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth_factor = (old_context_len / wavelen - low) / (high - low)
+        smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
+        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
+    return inv_freq
+
+
+def rope_cos_sin(config, T, device=None):
+    """(cos, sin), each [T, head_dim] float32, for positions 0..T-1 (transformers' LlamaRotaryEmbedding)."""
+    freqs = torch.arange(T, device=device)[:, None].float() * rope_inv_freq(config, device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm: normalised in float32, then weight * x.to(input dtype)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        input_dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(input_dtype)
+
+    def extra_repr(self):
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+def make_norm(config):
+    """The arch's norm: LayerNorm for gpt2, RMSNorm for llama."""
+    if config.arch == "llama":
+        return RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -114,7 +278,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, rope=None):  # rope: unused (GPT-2 adds positions to the embeddings)
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -136,21 +300,68 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
+class LlamaAttention(nn.Module):
+    """transformers' LlamaAttention: no biases, rotary q/k (rotate_half), grouped-query k/v heads."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_dim = config.n_embd // config.n_head
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
+
+    def forward(self, x, rope):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if self.n_kv_head != self.n_head:  # query head h reads key/value head h // (n_head // n_kv_head)
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class SwiGLU(nn.Module):
+    """transformers' LlamaMLP: down_proj(silu(gate_proj(x)) * up_proj(x)), no biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.mlp_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.mlp_size, bias=False)
+        self.down_proj = nn.Linear(config.mlp_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        llama = config.arch == "llama"
+        self.ln_1 = make_norm(config)
+        self.attn = LlamaAttention(config) if llama else CausalSelfAttention(config)
+        self.ln_2 = make_norm(config)
+        self.mlp = SwiGLU(config) if llama else MLP(config)
 
-    def forward(self, x, alpha=None):
+    def forward(self, x, alpha=None, rope=None):
         """Returns (x_next, mid): x_next = alpha * x + (block(x) - x), mid = the state after attention.
 
         alpha=None is the standard block. The update F = attn + mlp is added to alpha * x
-        in GPT-2's own order, so alpha = 1 gives bit-identical results.
+        in the standard block's own order, so alpha = 1 gives bit-identical results.
+        rope: (cos, sin), each [T, head_dim], for llama (see rope_cos_sin); None for gpt2.
         """
-        attn_out = self.attn(self.ln_1(x))
+        attn_out = self.attn(self.ln_1(x), rope)
         mid = x + attn_out
         mlp_out = self.mlp(self.ln_2(mid))
         if alpha is None:
@@ -169,7 +380,7 @@ class ResidualGate(nn.Module):
         if self.mode == "layer":
             self.logits = nn.Parameter(torch.zeros(L))
         elif self.mode == "token":
-            self.ln = nn.LayerNorm(config.n_embd, bias=config.bias)
+            self.ln = make_norm(config)  # LayerNorm (gpt2) or RMSNorm (llama) of x_0
             self.proj = nn.Linear(config.n_embd, L)
         else:  # scalar
             a = SCALAR_GATE_INIT_ALPHA
@@ -197,20 +408,23 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if config.arch == "gpt2":  # llama has no position table: rotary positions inside attention
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+            ln_f=make_norm(config),
+        )
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
         self.gate = ResidualGate(config) if config.residual_mode == "gate" else None
 
         self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith("c_proj.weight"):
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual output projections
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         if self.gate is not None:
             self.gate.reset_parameters()
@@ -224,8 +438,15 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
+        """Parameter count; non_embedding leaves out the tables that are only looked up (the position
+        table; the input embedding when untied), as nanoGPT does. A tied embedding stays in: it is lm_head."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
 
     # ---- residual attenuation ----
 
@@ -266,13 +487,19 @@ class GPT(nn.Module):
         B, T = idx.size()
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} is longer than block_size={self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        if self.config.arch == "gpt2":
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+            rope = None
+        else:
+            x = self.transformer.drop(self.transformer.wte(idx))
+            # in the residual stream's dtype, as transformers does: float32 under autocast, bf16 in a bf16 model
+            rope = tuple(t.to(x.dtype) for t in rope_cos_sin(self.config, T, idx.device))
         alphas = self._layer_alphas(x)
         if resid is not None:
             resid.append(x)
         for block, alpha in zip(self.transformer.h, alphas):
-            x, mid = block(x, alpha)
+            x, mid = block(x, alpha, rope)
             if resid is not None:
                 resid.append(x)
             if mids is not None:
@@ -373,22 +600,35 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_dir, **overrides):
-        """GPT-2 weights through transformers (a hub name or a local save_pretrained dir).
+        """GPT-2 or Llama weights through transformers (a hub name or a local save_pretrained dir).
 
-        overrides set GPTConfig fields (residual_mode, dropout, ...); residual parameters that
-        GPT-2 lacks start as configured.
+        Dispatches on the HF config's model_type: 'gpt2' (GPT2LMHeadModel) or 'llama' (LlamaForCausalLM:
+        SmolLM2, TinyLlama, Llama-3.x, ...). overrides set GPTConfig fields (residual_mode, dropout, ...);
+        residual parameters that the pretrained model lacks start as configured.
         """
         try:
-            from transformers import GPT2LMHeadModel
+            from transformers import AutoConfig
         except ImportError:
             raise ImportError("GPT.from_pretrained needs the optional package transformers: "
                               "pip install transformers") from None
+        model_type = getattr(AutoConfig.from_pretrained(name_or_dir), "model_type", None)
+        if model_type == "gpt2":
+            return cls._from_hf_gpt2(name_or_dir, overrides)
+        if model_type == "llama":
+            return cls._from_hf_llama(name_or_dir, overrides)
+        raise ValueError(f"{name_or_dir}: model_type={model_type!r} is not supported "
+                         f"(GPT.from_pretrained imports 'gpt2' and 'llama')")
+
+    @classmethod
+    def _from_hf_gpt2(cls, name_or_dir, overrides):
+        from transformers import GPT2LMHeadModel
+
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
         hc = hf.config
         if getattr(hc, "scale_attn_by_inverse_layer_idx", False) or getattr(hc, "reorder_and_upcast_attn", False):
             raise ValueError(f"{name_or_dir}: GPT-2 variants with rescaled/reordered attention are not supported")
         args = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
-                    vocab_size=hc.vocab_size, bias=True, dropout=0.0,
+                    vocab_size=hc.vocab_size, bias=True, dropout=0.0, norm_eps=hc.layer_norm_epsilon,
                     gelu_approx="tanh" if hc.activation_function in ("gelu_new", "gelu_pytorch_tanh") else "none")
         args.update(overrides)
         model = cls(GPTConfig(**args))
@@ -404,3 +644,91 @@ class GPT(nn.Module):
         if missing:
             raise ValueError(f"{name_or_dir}: weights missing for {missing[:5]}")
         return model
+
+    @classmethod
+    def _from_hf_llama(cls, name_or_dir, overrides):
+        from transformers import LlamaForCausalLM
+
+        hf = LlamaForCausalLM.from_pretrained(name_or_dir)
+        hc = hf.config
+
+        def unsupported(what):
+            raise ValueError(f"{name_or_dir}: {what} is not supported (arch='llama' has none)")
+
+        if getattr(hc, "attention_bias", False):
+            unsupported("attention_bias=True")
+        if getattr(hc, "mlp_bias", False):
+            unsupported("mlp_bias=True")
+        if getattr(hc, "hidden_act", "silu") != "silu":
+            raise ValueError(f"{name_or_dir}: hidden_act={hc.hidden_act!r} is not supported (arch='llama' is SwiGLU)")
+        head_dim = getattr(hc, "head_dim", None)
+        if head_dim is not None and head_dim != hc.hidden_size // hc.num_attention_heads:
+            raise ValueError(f"{name_or_dir}: head_dim={head_dim} is not hidden_size // num_attention_heads = "
+                             f"{hc.hidden_size // hc.num_attention_heads}, which arch='llama' needs")
+        rope_theta, rope_scaling = _hf_rope_settings(hc, name_or_dir)
+        tied = hf.get_input_embeddings().weight.data_ptr() == hf.get_output_embeddings().weight.data_ptr()
+        args = dict(arch="llama", n_layer=hc.num_hidden_layers, n_head=hc.num_attention_heads,
+                    n_kv_head=getattr(hc, "num_key_value_heads", None) or hc.num_attention_heads,
+                    n_embd=hc.hidden_size, intermediate_size=hc.intermediate_size,
+                    block_size=hc.max_position_embeddings, vocab_size=hc.vocab_size, rope_theta=rope_theta,
+                    rope_scaling=rope_scaling, norm_eps=hc.rms_norm_eps, tie_embeddings=tied,
+                    bias=False, dropout=0.0)
+        args.update(overrides)
+        try:
+            model = cls(GPTConfig(**args))
+        except ValueError as e:
+            raise ValueError(f"{name_or_dir}: {e}") from None
+        sd = model.state_dict()
+        done = set()
+        with torch.no_grad():
+            for k, v in hf.state_dict().items():
+                ours = _llama_key(k)
+                if ours not in sd:
+                    raise ValueError(f"{name_or_dir}: no place for the weight {k} (shape {tuple(v.shape)})")
+                if sd[ours].shape != v.shape:
+                    raise ValueError(f"{name_or_dir}: {k} has shape {tuple(v.shape)}, expected {tuple(sd[ours].shape)}")
+                sd[ours].copy_(v)
+                done.add(ours)
+        if tied and done & {"lm_head.weight", "transformer.wte.weight"}:  # one tensor under two names
+            done |= {"lm_head.weight", "transformer.wte.weight"}
+        missing = [k for k in sd if k not in done and not k.startswith("gate.")]
+        if missing:
+            raise ValueError(f"{name_or_dir}: weights missing for {missing[:5]}")
+        return model
+
+
+_LLAMA_KEYS = [  # transformers' LlamaForCausalLM names -> ours (the same Linear layouts: no transposes)
+    (r"^model\.embed_tokens\.", "transformer.wte."),
+    (r"^model\.norm\.", "transformer.ln_f."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
+    (r"^model\.layers\.(\d+)\.self_attn\.", r"transformer.h.\1.attn."),
+    (r"^model\.layers\.(\d+)\.mlp\.", r"transformer.h.\1.mlp."),
+]
+
+
+def _llama_key(k):
+    for pattern, repl in _LLAMA_KEYS:
+        if re.match(pattern, k):
+            return re.sub(pattern, repl, k)
+    return k  # lm_head.weight is called the same
+
+
+def _hf_rope_settings(hc, name):
+    """(rope_theta, rope_scaling) from a transformers Llama config: transformers >= 5 keeps both in
+    config.rope_parameters; 4.x has config.rope_theta and config.rope_scaling (None when unscaled)."""
+    params = getattr(hc, "rope_parameters", None)
+    if params is None:
+        params = dict(getattr(hc, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hc, "rope_theta", 10000.0))
+    params = dict(params)
+    theta = params.pop("rope_theta", 10000.0)
+    kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{name}: partial_rotary_factor={params['partial_rotary_factor']} is not supported "
+                         f"(arch='llama' rotates the whole head)")
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":  # transformers falls back to max_position_embeddings too
+        params.setdefault("original_max_position_embeddings", hc.max_position_embeddings)
+    return theta, params
