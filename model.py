@@ -29,7 +29,7 @@ Usage:
 import inspect
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 import torch

@@ -109,13 +109,20 @@ batch_size = 32  # sequences per micro-step per rank
 block_size = 1024  # tokens per sequence (and the model's context length)
 total_batch_tokens = 2**19  # global tokens per optimizer step; gradient accumulation makes up the rest
 # model (GPTConfig)
+arch = "gpt2"  # block family: 'gpt2' (LayerNorm, GELU, learned positions) | 'llama' (RMSNorm, RoPE, SwiGLU, GQA)
 n_layer = 12  # transformer blocks
 n_head = 12  # attention heads per block
 n_embd = 768  # width of the residual stream
 vocab_size = 50304  # GPT-2's 50257 padded to a multiple of 64
 dropout = 0.0  # dropout probability (0 for pretraining)
 bias = True  # biases in linear layers and LayerNorms, as GPT-2
-gelu_approx = "tanh"  # 'tanh' (GPT-2's own GELU) | 'none' (exact, karpathy/nanoGPT's)
+gelu_approx = "tanh"  # gpt2: 'tanh' (GPT-2's own GELU) | 'none' (exact, karpathy/nanoGPT's)
+n_kv_head = None  # llama: key/value heads (grouped-query attention); None = n_head
+intermediate_size = None  # llama: SwiGLU hidden width; None = 8/3 * n_embd rounded up to a multiple of 64
+rope_theta = 10000.0  # llama: rotary position base
+rope_scaling = None  # llama: None or transformers' rope-scaling dict (rope_type 'llama3' or 'linear')
+norm_eps = 1e-5  # epsilon of the LayerNorms (gpt2) / RMSNorms (llama)
+tie_embeddings = True  # the output layer shares the token embedding (always for gpt2)
 # residual attenuation (model.py): x_{l+1} = alpha_l * x_l + F_l(x_l)
 residual_mode = "none"  # 'none' | 'cut' | 'gate'
 cut_layer = -1  # cut: block index or list of indices (negative counts from the end)
@@ -146,7 +153,8 @@ seed = 1337  # seed of the weights, the data order and dropout
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 DEFAULTS = {k: globals()[k] for k in config_keys}
-config = configure_or_exit(DEFAULTS, extra_types={"cut_layer": (int, list)}, help_from=__file__)
+config = configure_or_exit(DEFAULTS, extra_types={"cut_layer": (int, list), "rope_scaling": (dict,)},
+                           help_from=__file__)
 globals().update(config)
 # -----------------------------------------------------------------------------
 
