@@ -42,42 +42,47 @@ import sys
 import numpy as np
 import torch
 
-from common import InputError, SettingError, atomic_write, check_out_dir, expand_globs, read_jsonl, run_main, write_json
+from common import (InputError, SettingError, atomic_write, check_out_dir, expand_globs, read_jsonl, run_main, set_threads,
+                    write_json)
 from configurator import configure
 from data import iter_documents, read_shard, read_shard_header, wikitext_articles
 from lens import METRICS, LensOptions, analyze_models, summary_table
 from lm import load_models
-from model import dtype_from_name
+from model import SCALAR_GATE_INIT_ALPHA, dtype_from_name
+
+PLOTS = ("topk", "cosine_projection", "lens", "shift_depth")
 
 DEFAULTS = dict(
     # models: several of each for an overlay
     ckpt=[],  # our checkpoints: ckpt.pt paths or run dirs holding one (label = run dir name)
     hf=[],  # transformers causal LMs: hub names or local save_pretrained dirs
     # text: the hub dataset (default WikiText-103 test, like the paper), local files, or token shards
-    dataset="Salesforce/wikitext",
-    dataset_config="wikitext-103-raw-v1",
-    split="test",
+    dataset="Salesforce/wikitext",  # hub dataset to read text from (when neither data_files nor shards is given)
+    dataset_config="wikitext-103-raw-v1",  # its config (subset) name
+    split="test",  # its split
     data_files=[],  # local .txt (one document per file) / .jsonl / .parquet files or globs
-    text_column="text",
+    text_column="text",  # the column holding the text (hub datasets, jsonl, parquet)
     wikitext=None,  # rows are WikiText lines, grouped into articles: None = auto (True for the hub's wikitext)
     max_chars=20_000_000,  # read at most this much text (windows are sampled from it)
     shards="",  # glob of GPT-2 token shards (data.py format) instead of text
-    num_sequences=1000,
+    num_sequences=1000,  # windows of text to analyse (the paper: 1,000)
     seq_len=0,  # tokens per sequence (inputs); 0 = the smallest block size of the models, at most 1024
     seed=1337,  # random windows: the same seed gives the same text
     # metrics
-    k=5,
-    space="raw",  # raw | normed: the state cosine and projection are computed on
+    k=5,  # top-k of the input / target match (the paper: 5)
+    space="raw",  # 'raw' | 'normed': the state the cosine and projection are computed on
     lens_norm=True,  # decode with the final norm recomputed per layer (False: decode h itself)
     mid=False,  # also the mid-block states (after attention)
     # running
-    device="cpu",
-    dtype="float32",  # float32 | bfloat16 | float16
+    device="cpu",  # 'cpu' | 'cuda' | 'mps'
+    dtype="float32",  # the models' weights: 'float32' | 'bfloat16' | 'float16'
     lens_dtype="auto",  # the lens matmul: auto = the model's dtype; bfloat16 is ~2.5x faster on CPUs with
     # bf16 units, with logits rounded to ~3 digits (more exact ties in the top k; CE/KL move ~1e-4)
-    batch_size=4,
-    progress=True,
-    out_dir="analysis",
+    batch_size=4,  # sequences per forward pass (memory grows with it, not with num_sequences)
+    threads=0,  # CPU threads: 0 = OMP_NUM_THREADS if set, else half the cores (common.cpu_threads)
+    progress=True,  # show progress bars
+    out_dir="analysis",  # folder for metrics.json/csv and the plots
+    plots=list(PLOTS),  # which plots to write: topk, cosine_projection, lens, shift_depth
     # training logs
     log=[],  # train.py log.jsonl files: residual alpha of every layer over training
     cut_sweep=[],  # log.jsonl globs of runs with a cut at different layers: final val loss vs cut layer
@@ -295,10 +300,11 @@ def plot_cosine_projection(results):
             "cosine similarity")
     _mark_crossings(ax_cos, results, "cosine_crossing")
     ax_cos.set_title(f"cosine to the input / target embedding ({results[0]['space']} state; dotted: crossing)")
+    # the reference levels go in the legend, not as text on the axis: with a raw state the curves can run
+    # far past 1, and labels at 0 and 1 then sit on top of each other
+    ax_proj.axhline(0, color="gray", linewidth=1, linestyle=":", label="0 = the input embedding")
+    ax_proj.axhline(1, color="gray", linewidth=1, linestyle="--", label="1 = the target embedding")
     _curves(ax_proj, results, [("projection", "projection")], ["o-"], "<h - e_in, e_out - e_in> / |e_out - e_in|^2")
-    for y, text in ((0, "input"), (1, "target")):
-        ax_proj.axhline(y, color="gray", linewidth=0.8, linestyle=":")
-        ax_proj.annotate(text, (0, y), xytext=(2, 2), textcoords="offset points", color="gray", fontsize=8)
     ax_proj.set_title(f"projection onto input -> target ({results[0]['space']} state, t_i != t_i+1)")
     return fig
 
@@ -323,11 +329,13 @@ def plot_shift_depth(results):
     for i, r in enumerate(results):
         s = r["shift_depth"]
         counts = np.array(s["first_win_hist"] + [s["first_win_never"]], dtype=float)
-        xs = np.array(list(range(r["n_layer"] + 1)) + [n_max + 1.5])
+        xs = np.array(list(range(r["n_layer"] + 1)) + [n_max + 1 + math.ceil((n_max + 1) / 14)])
         ax.bar(xs - 0.4 + width * (i + 0.5), counts / max(counts.sum(), 1), width=width, color=_color(i),
                label=f"{r['label']} (median {s['first_win_median'] if s['first_win_median'] is not None else '-'})")
-    ticks = list(range(0, n_max + 1, math.ceil((n_max + 1) / 14))) + [n_max + 1.5]
-    ax.set_xticks(ticks, [str(t) for t in ticks[:-1]] + ["never"])
+    step = math.ceil((n_max + 1) / 14)  # at most ~14 numbered ticks
+    never = n_max + 1 + step  # one tick step right of the last layer, so its label never touches a number
+    ticks = list(range(0, n_max + 1, step))
+    ax.set_xticks(ticks + [never], [str(t) for t in ticks] + ["never"])
     _label(ax, "per-token shift depth", "first layer from which the target's logit stays above the input's",
            "fraction of positions")
     return fig
@@ -340,11 +348,12 @@ def save_figure(fig, path):
     return path
 
 
-def write_plots(results, out_dir):
+def write_plots(results, out_dir, plots=PLOTS):
+    """The named plots (PLOTS) of the results as out_dir/<name>.png; their paths."""
     os.makedirs(out_dir, exist_ok=True)
-    plots = {"topk.png": plot_topk, "cosine_projection.png": plot_cosine_projection, "lens.png": plot_lens,
-             "shift_depth.png": plot_shift_depth}
-    return [save_figure(plot(results), os.path.join(out_dir, name)) for name, plot in plots.items()]
+    makers = {"topk": plot_topk, "cosine_projection": plot_cosine_projection, "lens": plot_lens,
+              "shift_depth": plot_shift_depth}
+    return [save_figure(makers[name](results), os.path.join(out_dir, f"{name}.png")) for name in plots]
 
 # -----------------------------------------------------------------------------
 # Training logs (train.py's log.jsonl: rows with "type" run / train / eval / end)
@@ -357,9 +366,11 @@ def read_log(path):
     rows = read_jsonl(path)
     configs = [r["config"] for r in rows if r.get("type") == "run" and isinstance(r.get("config"), dict)]
     evals = [r for r in rows if r.get("type") == "eval" and r.get("val_loss") is not None]
-    # train rows are the dense series; a log with evals only (eval_only runs) falls back to them
-    series = [r for r in rows if r.get("type") == "train" and r.get("alphas")] or \
-             [r for r in rows if r.get("type") == "eval" and r.get("alphas")]
+    # train rows are the dense series; eval rows add the iterations they do not cover (the final eval at
+    # max_iters, or every point of an eval_only log)
+    series = {r["iter"]: r for r in rows if r.get("type") == "eval" and r.get("alphas")}
+    series.update({r["iter"]: r for r in rows if r.get("type") == "train" and r.get("alphas")})
+    series = [series[it] for it in sorted(series)]
     run_dir = os.path.dirname(os.path.abspath(path))
     return {
         "name": os.path.basename(run_dir), "path": path, "config": configs[-1] if configs else None,
@@ -369,8 +380,29 @@ def read_log(path):
     }
 
 
+def _mode_text(cfg):
+    """The residual mode of a run's config in words, e.g. "layer gate, alpha_min 0.5"."""
+    mode = cfg.get("residual_mode", "?")
+    if mode == "gate":
+        floor = cfg.get("gate_alpha_min")
+        return f"{cfg.get('gate_mode')} gate" + ("" if floor is None else f", alpha_min {floor}")
+    if mode == "cut":
+        return f"cut at block {cfg.get('cut_layer')}, alpha {cfg.get('cut_alpha')}"
+    return "no attenuation" if mode == "none" else mode
+
+
+def _starting_alpha(cfg, n_layer):
+    """The alpha every layer starts from (the gate's uniform start), or None where there is no gate."""
+    if cfg.get("residual_mode") != "gate":
+        return None
+    if cfg.get("gate_mode") == "scalar":
+        return SCALAR_GATE_INIT_ALPHA
+    return 1 - (1 - cfg.get("gate_alpha_min", 0.5)) / n_layer
+
+
 def plot_alphas(logs):
-    """Residual alpha of every layer over training, one panel per run (the paper's Figure 5)."""
+    """Residual alpha of every layer over training, one panel per run (the paper's Figure 5), with the
+    gate's uniform starting alpha as a dashed line and the x-axis running to the last logged iteration."""
     from matplotlib import colormaps
 
     fig, axes = _figure(len(logs), width=5.5)
@@ -380,14 +412,18 @@ def plot_alphas(logs):
         iters = [it for it, _ in run["alphas"]]
         values = np.array([a for _, a in run["alphas"]], dtype=float)  # [steps, layers]
         n = values.shape[1]
+        cfg = run["config"] or {}
+        start = _starting_alpha(cfg, n)
+        if start is not None:
+            ax.axhline(start, color="gray", linestyle="--", linewidth=1, label=f"uniform start ({start:.3f})")
         cmap = colormaps["viridis"]
         for layer in range(n):
             ax.plot(iters, values[:, layer], color=cmap(layer / max(n - 1, 1)), label=f"layer {layer}")
-        cfg = run["config"] or {}
-        mode = cfg.get("residual_mode", "?")
-        if mode == "gate":
-            mode += f" ({cfg.get('gate_mode')})"
-        _label(ax, f"{run['name']}: residual alpha per layer, {mode}", "iteration", "alpha", ncol=2 if n > 8 else 1)
+        ax.set_xlim(iters[0], max(iters[-1], iters[0] + 1))
+        ax.set_title(f"residual alpha per layer: {_mode_text(cfg)}")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("alpha")
+        ax.legend(fontsize=8, ncol=2 if n > 8 else 1, title=f"run {run['name']}", title_fontsize=8)
     return fig
 
 
@@ -425,7 +461,8 @@ def plot_cut_sweep(runs, baseline=None):
     if baseline is not None:
         if baseline["final_val_loss"] is None:
             raise InputError(f"{baseline['path']} has no eval row with a val_loss")
-        ax.axhline(baseline["final_val_loss"], color="gray", linestyle="--", label=f"baseline ({baseline['name']})")
+        name = "" if baseline["name"] == "baseline" else f" ({baseline['name']})"
+        ax.axhline(baseline["final_val_loss"], color="gray", linestyle="--", label=f"baseline, no cut{name}")
     ax.set_xticks(sorted(set(xs)))
     _label(ax, "validation loss vs cut layer", "cut layer (block index)", "final validation loss")
     return fig
@@ -470,6 +507,10 @@ def check_settings(settings):
         raise SettingError("nothing to analyse: give --ckpt and/or --hf models (or --log / --cut_sweep)")
     if settings["baseline"] and not settings["cut_sweep"]:
         raise SettingError("--baseline is the reference line of --cut_sweep: give --cut_sweep too")
+    unknown = [p for p in settings["plots"] if p not in PLOTS]
+    if unknown:
+        raise SettingError(f"plots: unknown {unknown}; choose from {list(PLOTS)}")
+    set_threads(settings["threads"])
     return LensOptions.from_settings(settings)
 
 
@@ -493,7 +534,7 @@ def run(settings):
         windows = token_windows(lms, settings)
         batches = [batched(w, settings["batch_size"]) for w in windows]
         results = analyze_models(lms, batches, options, settings["progress"])
-        for path in write_metrics(results, out_dir, settings) + write_plots(results, out_dir):
+        for path in write_metrics(results, out_dir, settings) + write_plots(results, out_dir, settings["plots"]):
             print(f"wrote {path}")
         print(f"\nshift depth ({settings['num_sequences']} x {settings['seq_len']} tokens, {options.space} "
               f"state, lens {'with' if options.lens_norm else 'without'} final norm, top-{options.k}):\n")

@@ -2,7 +2,7 @@
 Throughput / memory benchmarks for nanoshift (not tests: numbers, printed as markdown).
 
     python bench.py                      # every section
-    python bench.py --section data       # one section: data | train | analyze | eval | all
+    python bench.py --section data       # one section: data | train | analyze | eval | threads | all
 
 data: the full prepare path (parquet documents -> tokenizer pool -> shards on disk)
 against the bare tokenizer (tiktoken encode_ordinary_batch) on the same text with
@@ -407,15 +407,84 @@ def bench_analyze(repeats=2, B=2, T=128, memory_sequences=(2, 8)):
 
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# threads: the demo's training step idle and next to a busy neighbour
+
+_DEMO_STEP_PROBE = """
+import statistics, sys, time
+import torch
+from common import set_threads
+from model import GPT, GPTConfig
+threads, steps = int(sys.argv[1]), int(sys.argv[2])
+used = set_threads(threads)
+torch.manual_seed(0)
+model = GPT(GPTConfig(n_layer=6, n_head=4, n_embd=128, block_size=128, vocab_size=50304))  # config/demo.py
+optimizer = model.configure_optimizers(0.1, 3e-3, (0.9, 0.95), "cpu")
+x = torch.randint(0, 50257, (4, 129), generator=torch.Generator().manual_seed(0))
+times = []
+for step in range(steps + 2):  # 2 warm-up steps
+    start = time.perf_counter()
+    for micro in range(4):  # 4 micro-steps of 1 x 128 tokens: one optimizer step of the demo
+        _, loss = model(x[micro:micro + 1, :-1], x[micro:micro + 1, 1:])
+        (loss / 4).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - start)
+print(used, statistics.median(times[2:]))
+"""
+_BUSY_LOOP = "while True: pass"
+
+
+def bench_threads(steps=15, rounds=2):
+    """The demo's training step (config/demo.py's model and batch) in wall seconds, on an idle machine and
+    with one competing CPU-bound process (a Python busy loop), for the default thread count (threads=0:
+    half the cores, or OMP_NUM_THREADS) and for one thread per core. Rounds alternate idle and loaded, and
+    each figure is the median step of a fresh process; the ratio loaded / idle is what a busy machine costs."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # let threads=0 choose
+
+    def step_seconds(threads):
+        result = subprocess.run([sys.executable, "-c", _DEMO_STEP_PROBE, str(threads), str(steps)], cwd=here,
+                                env=env, capture_output=True, text=True, check=True)
+        used, seconds = result.stdout.split()
+        return int(used), float(seconds)
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    settings = {"threads=0 (default)": 0, f"threads={cores} (one per core)": cores}
+    figures = {(name, load): [] for name in settings for load in ("idle", "loaded")}
+    used = {}
+    for _ in range(rounds):
+        for load in ("idle", "loaded"):
+            busy = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP]) if load == "loaded" else None
+            try:
+                for name, threads in settings.items():
+                    used[name], seconds = step_seconds(threads)
+                    figures[(name, load)].append(seconds)
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+    rows = []
+    for name in settings:
+        idle, loaded = (statistics.median(figures[(name, load)]) for load in ("idle", "loaded"))
+        rows.append([name, used[name], f"{idle:.3f}", f"{loaded:.3f}", f"{loaded / idle:.2f}x"])
+    print(f"### threads: the demo's training step (6 x 128, 4 x 128 tokens), {cores} cores, median of "
+          f"{steps} steps, {rounds} rounds\n")
+    print(markdown_table(["setting", "torch threads", "s/step idle", "s/step with 1 busy process",
+                          "loaded / idle"], rows))
+
+
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
     "analyze": bench_analyze,
     "eval": bench_eval,
+    "threads": bench_threads,
 }
 
 DEFAULTS = dict(
-    section="all",  # which benchmark: all | data | train | analyze | eval
+    section="all",  # which benchmark: all | data | train | analyze | eval | threads
 )
 
 

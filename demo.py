@@ -15,18 +15,24 @@ that fails (non-zero exit):
     python analyze.py --ckpt out-demo/baseline out-demo/cut out-demo/gate --shards ... --space=raw|normed
     python eval_benchmarks.py --ckpt out-demo/baseline out-demo/cut out-demo/gate ...
 
-and ends with a summary (val loss, shift depth, where the gate put its attenuation), printed and
-saved as out-demo/summary.md. A rerun does every step again (prepare finds data/demo finished and skips it;
-training starts from scratch).
+and ends with a summary (val loss, shift depth, where the gate put its attenuation, the machine and
+thread count), printed and saved as out-demo/summary.md; --publish=docs/demo also copies it and the
+pictures there (what the README shows). A rerun does every step again (prepare finds data/demo finished
+and skips it; training starts from scratch, replacing the earlier runs). The runs keep ckpt.pt with
+weights only at the end (save_optimizer_at_end=False) and best.pt as a hard link to it: ~31 MB a run.
 """
 
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import time
 
-from common import SettingError, read_jsonl, run_main
+import torch
+
+from common import SettingError, cpu_threads, read_jsonl, run_main, write_text
 from configurator import configure
 from lens import summary_table  # the same table analyze.py prints
 
@@ -58,10 +64,24 @@ def run(cmd, log_name, out):
     return seconds
 
 
-def summarize(out, timings):
+def machine_line(threads):
+    """The machine the numbers came from: CPU model, cores, torch threads (they change the last digits)."""
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s) per process, torch {torch.__version__}"
+
+
+def summarize(out, timings, threads):
     """Val loss per model, shift depth per model, and the gate's alphas, as markdown."""
     lines = ["# nanoshift demo summary", "",
-             "Tiny GPT-2 models (config/demo*.py) trained on CPU on Shakespeare, analysed on its val split.", "",
+             f"Machine: {machine_line(threads)}.", "",
+             "Tiny GPT-2 models (config/demo*.py: 6 layers, 128 wide, 300 steps of 512 tokens) trained on CPU on "
+             "Shakespeare and analysed on its val split. One seed of tiny models: this shows that every step "
+             "runs and what the outputs look like, not which mode is better. Differences between the three "
+             "runs here are of the size that another seed, another CPU or another thread count also produces "
+             "(README: what repeats); comparing modes needs several seeds.", "",
              "| model | final val loss | iterations |", "| --- | --- | --- |"]
     for name in RUNS:
         last = [r for r in read_jsonl(os.path.join(out, name, "log.jsonl")) if r["type"] == "eval"][-1]
@@ -91,9 +111,26 @@ def summarize(out, timings):
     return "\n".join(lines) + "\n"
 
 
+# the pictures the demo writes, each once: (folder under out, file)
+PICTURES = [("analysis", "topk.png"), ("analysis", "cosine_projection.png"), ("analysis", "lens.png"),
+            ("analysis", "shift_depth.png"), ("analysis", "alphas.png"), ("analysis-normed", "cosine_projection.png")]
+
+
+def publish(out, folder):
+    """summary.md and the pictures, copied into folder (the README shows docs/demo/)."""
+    os.makedirs(folder, exist_ok=True)
+    shutil.copyfile(os.path.join(out, "summary.md"), os.path.join(folder, "summary.md"))
+    for sub, name in PICTURES:
+        src = os.path.join(out, sub, name)
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(folder, name if sub == "analysis" else name.replace(".png", "_normed.png")))
+
+
 DEFAULTS = dict(
     out="out-demo",  # the folder for everything the demo writes
     steps=",".join(STEPS),  # comma-separated steps to run, from prepare,train,analyze,eval
+    threads=0,  # CPU threads of every step: 0 = OMP_NUM_THREADS if set, else half the cores (common.cpu_threads)
+    publish="",  # also copy summary.md and the pictures into this folder (the README's docs/demo); '' = no
 )
 
 
@@ -103,8 +140,10 @@ def run_demo(argv):
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise SettingError(f"unknown demo step(s) {unknown}; choose from {list(STEPS)}")
+    threads = cpu_threads(settings["threads"])
     py = sys.executable
     ckpts = [os.path.join(out, name) for name in RUNS]
+    common_args = [f"--threads={threads}"]
     timings = {}
     t0 = time.time()
     if "prepare" in steps:
@@ -112,26 +151,32 @@ def run_demo(argv):
     if "train" in steps:
         for name, config in RUNS.items():
             timings[f"train {name}"] = run([py, "train.py", config, f"--out_dir={os.path.join(out, name)}",
-                                            "--init_from=scratch"], f"train_{name}", out)
+                                            "--init_from=scratch", "--overwrite=True", *common_args],
+                                           f"train_{name}", out)
     if "analyze" in steps:
         # the raw residual state (the paper's reading) and the final-normed state (scale-free: in these tiny
-        # models the raw state's norm outgrows the embeddings', which stretches the raw projection)
+        # models the raw state's norm outgrows the embeddings', which stretches the raw projection); the
+        # normed run writes only the plot that depends on the space
         for space, folder in (("raw", "analysis"), ("normed", "analysis-normed")):
-            logs = ["--log", os.path.join(out, "gate", "log.jsonl")] if space == "raw" else []
+            extra = (["--log", os.path.join(out, "gate", "log.jsonl")] if space == "raw"
+                     else ["--plots", "cosine_projection"])
             timings[f"analyze {space}"] = run(
                 [py, "analyze.py", "--ckpt", *ckpts, "--shards", VAL_SHARDS, "--num_sequences=48", "--seq_len=128",
-                 f"--space={space}", *logs, f"--out_dir={os.path.join(out, folder)}"], f"analyze_{space}", out)
+                 f"--space={space}", *extra, f"--out_dir={os.path.join(out, folder)}", *common_args],
+                f"analyze_{space}", out)
     if "eval" in steps:
         timings["eval"] = run([py, "eval_benchmarks.py", "--ckpt", *ckpts, "--benchmarks", "demo",
-                               "--demo_shards", VAL_SHARDS, "--context=128",
-                               "--max_tokens=40000", f"--out_dir={os.path.join(out, 'eval')}"],
-                              "eval", out)
+                               "--demo_shards", VAL_SHARDS, "--context=128", "--max_tokens=40000",
+                               f"--out_dir={os.path.join(out, 'eval')}", *common_args], "eval", out)
     timings["total"] = time.time() - t0
-    text = summarize(out, timings)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(text)
+    text = summarize(out, timings, threads)
+    write_text(os.path.join(out, "summary.md"), text)
+    if settings["publish"]:
+        publish(out, settings["publish"])
     print("\n" + text)
-    print(f"demo: everything is in {out}/ (plots in {out}/analysis/, summary in {out}/summary.md)")
+    print(f"demo: everything is in {out}/: summary.md; plots in {out}/analysis/ (topk, cosine_projection, lens, "
+          f"shift_depth, alphas) and {out}/analysis-normed/ (cosine_projection of the final-normed state); "
+          f"eval table in {out}/eval/; each step's output in {out}/logs/")
 
 
 def main(argv=None):

@@ -69,7 +69,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import InputError, SettingError, check_out_dir, expand_globs, markdown_table, run_main, write_json, write_text
+from common import (InputError, SettingError, check_out_dir, expand_globs, markdown_table, run_main, set_threads, write_json,
+                    write_text)
 from configurator import configure
 from data import HubError, iter_documents, read_shard, read_shard_header, wikitext_articles
 from lm import load_models
@@ -117,20 +118,21 @@ LOCAL_FILE_HINTS = {
 DEFAULTS = dict(
     ckpt=[],  # our checkpoints (files, or out dirs holding ckpt.pt)
     hf=[],  # transformers causal LMs: hub names or local save_pretrained dirs
-    benchmarks=["wikitext103", "lambada", "openwebtext", "fineweb_edu"],
+    benchmarks=["wikitext103", "lambada", "openwebtext", "fineweb_edu"],  # any of: wikitext103, wikitext2, lambada, openwebtext, fineweb_edu, demo
     wikitext103_files=[],  # local parquet/jsonl/txt instead of the hub (empty: the hub)
-    wikitext2_files=[],
-    lambada_files=[],
-    openwebtext_shards=BENCHMARKS["openwebtext"].shards,
-    fineweb_edu_shards=BENCHMARKS["fineweb_edu"].shards,
+    wikitext2_files=[],  # local WikiText-2 test files instead of the hub (empty: the hub)
+    lambada_files=[],  # local LAMBADA jsonl/txt instead of the hub (empty: the hub)
+    openwebtext_shards=BENCHMARKS["openwebtext"].shards,  # glob(s) of OpenWebText val shards (prepare_owt.py)
+    fineweb_edu_shards=BENCHMARKS["fineweb_edu"].shards,  # glob(s) of FineWeb-Edu val shards (prepare_fineweb.py)
     demo_shards=BENCHMARKS["demo"].shards,  # the demo corpus (not in the default list)
     max_tokens=0,  # cap on scored tokens per benchmark, 0 = all
     context=1024,  # window length in tokens (clipped to each model's block_size)
     stride=0,  # new tokens scored per window, 0 = context // 2
     batch_size=8,  # windows per forward; the float32 logits take batch_size * context * vocab * 4 bytes
-    device="cuda" if torch.cuda.is_available() else "cpu",
+    device="cuda" if torch.cuda.is_available() else "cpu",  # 'cuda' (the default where there is one) | 'cpu'
     dtype="float32",  # float32 | bfloat16 | float16 (the model's weights; logits are scored in float32)
-    out_dir="out-eval",
+    threads=0,  # CPU threads: 0 = OMP_NUM_THREADS if set, else half the cores (common.cpu_threads)
+    out_dir="out-eval",  # folder for results.md and results.json
     progress=True,  # tqdm progress bars
 )
 # the shard settings take one glob or a list of them
@@ -419,6 +421,7 @@ def check_settings(settings):
         if settings[key] < low:
             raise SettingError(f"{key} must be >= {low}, got {settings[key]}")
     dtype_from_name(settings["dtype"])
+    set_threads(settings["threads"])
 
 
 def run(settings, lms=None):

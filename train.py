@@ -84,6 +84,7 @@ from model import GPT, GPTConfig, dtype_from_name
 
 report_uncaught_errors()  # bad data found mid-run (common.InputError): one line and exit 1, not a traceback
 
+_names_before_settings = set(globals())
 # -----------------------------------------------------------------------------
 # default settings: GPT-2 124M on FineWeb-Edu (config/baseline.py spells the paper's run out)
 # I/O
@@ -151,7 +152,7 @@ peak_flops = None  # peak FLOP/s of one device for MFU; None = looked up from th
 threads = 0  # CPU threads per process: 0 = OMP_NUM_THREADS if set, else half the cores (see common.cpu_threads)
 seed = 1337  # seed of the weights, the data order and dropout
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+config_keys = [k for k in globals() if k not in _names_before_settings and not k.startswith("_")]
 DEFAULTS = {k: globals()[k] for k in config_keys}
 config = configure_or_exit(DEFAULTS, extra_types={"cut_layer": (int, list), "rope_scaling": (dict,)},
                            help_from=__file__)

@@ -75,10 +75,30 @@ def test_overlay_figures_have_one_curve_per_checkpoint(overlay):
     fig = analyze.plot_cosine_projection(results)
     labelled = lambda ax: [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
     assert labelled(fig.axes[0]) == [f"{run}: cos(h, {e})" for run in RUNS for e in ("e_in", "e_out")]
-    assert labelled(fig.axes[1]) == [f"{run}: projection" for run in RUNS]
-    assert len(analyze.plot_lens(results).axes) == 3
-    bars = analyze.plot_shift_depth(results).axes[0].containers
+    # the 0 / 1 reference levels are legend entries, not text on the axis that can collide
+    assert labelled(fig.axes[1]) == ["0 = the input embedding", "1 = the target embedding"] + [
+        f"{run}: projection" for run in RUNS]
+    assert not fig.axes[1].texts
+    assert [ax.get_xlabel() for ax in fig.axes] == ["layer (0 = embeddings)"] * 2
+    lens = analyze.plot_lens(results)
+    assert [ax.get_title() for ax in lens.axes] == ["logit lens cross-entropy", "logit lens entropy",
+                                                   "KL(model's output || lens)"]
+    assert all(len([l for l in ax.get_lines() if not l.get_label().startswith("_")]) == 3 for ax in lens.axes)
+    shift = analyze.plot_shift_depth(results).axes[0]
+    bars = shift.containers
     assert len(bars) == 3 and all(len(b) == 2 + 2 for b in bars)  # layers 0..2 and "never"
+    assert [t.get_text() for t in shift.get_xticklabels()] == ["0", "1", "2", "never"]
+    assert [t.get_text().split(" (")[0] for t in shift.get_legend().get_texts()] == list(RUNS)
+
+
+def test_shift_depth_ticks_never_crowd_never_for_deep_models():
+    layers = 26
+    result = {"label": "deep", "n_layer": layers, "shift_depth": {
+        "first_win_hist": [1] * (layers + 1), "first_win_never": 3, "first_win_median": 13}}
+    ax = analyze.plot_shift_depth([result]).axes[0]
+    ticks = list(ax.get_xticks())
+    assert [t.get_text() for t in ax.get_xticklabels()][-1] == "never"
+    assert ticks[-1] - ticks[-2] >= ticks[1] - ticks[0]  # "never" at least one tick step from the last number
 
 
 def test_mid_states_are_rows_between_layers(tmp_path):
@@ -114,9 +134,15 @@ def test_alpha_plot_has_one_line_per_layer_over_training(tmp_path):
     analyze.main(["--log", path, "--out_dir", str(tmp_path / "a")])
     assert (tmp_path / "a" / "alphas.png").read_bytes()[:8] == PNG_SIGNATURE
     (ax,) = analyze.plot_alphas([analyze.read_log(path)]).axes
-    assert [list(line.get_ydata()) for line in ax.get_lines()] == [list(col) for col in zip(*alphas)]
-    assert list(ax.get_lines()[0].get_xdata()) == [0, 10, 20]
-    assert "out-gate" in ax.get_title() and "gate (layer)" in ax.get_title()
+    start, *layers = ax.get_lines()
+    # the eval row at iter 50 extends the train rows' series: the x-axis runs to the last logged iteration
+    assert [list(line.get_ydata()) for line in layers] == [list(col) + [col[-1]] for col in zip(*alphas)]
+    assert list(layers[0].get_xdata()) == [0, 10, 20, 50] and ax.get_xlim() == (0, 50)
+    assert start.get_label() == "uniform start (0.833)" and list(start.get_ydata()) == [pytest.approx(1 - 0.5 / 3)] * 2
+    assert ax.get_title() == "residual alpha per layer: layer gate"
+    assert ax.get_legend().get_title().get_text() == "run out-gate"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["uniform start (0.833)"] + [
+        f"layer {l}" for l in range(3)]
 
 
 def test_cut_sweep_plots_final_val_loss_per_cut_layer_and_the_baseline(tmp_path):
@@ -133,6 +159,9 @@ def test_cut_sweep_plots_final_val_loss_per_cut_layer_and_the_baseline(tmp_path)
     sweep, base = fig.axes[0].get_lines()
     assert list(sweep.get_xdata()) == [0, 1, 2] and list(sweep.get_ydata()) == [3.4, 3.2, 3.1]
     assert list(base.get_ydata()) == [3.0, 3.0]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["cut, alpha 0.5",
+                                                                             "baseline, no cut (out-baseline)"]
+    assert fig.axes[0].get_xlabel() == "cut layer (block index)"
 
 
 def test_training_log_errors_name_the_file(tmp_path, capsys):

@@ -25,12 +25,13 @@ def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
         ])
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.md").write_text("| benchmark | metric |\n| --- | --- |\n| Demo | loss |\n")
-    text = demo.summarize(str(tmp_path), {"train baseline": 12.0, "total": 30.0})
+    text = demo.summarize(str(tmp_path), {"train baseline": 12.0, "total": 30.0}, threads=1)
     assert "| baseline | 6.5000 | 300 |" in text and "| cut | 6.2500 | 300 |" in text
     assert "| iter 0 | 0.750 | 0.750 | 0.750 | 0.750 |" in text
     assert "| iter 300 | 0.900 | 0.800 | 0.700 | 0.600 |" in text
     assert "Most attenuation is on block 3 (alpha 0.600; uniform is 0.750)" in text
     assert "| Demo | loss |" in text and "| total | 30 |" in text
+    assert "1 torch thread(s) per process" in text and "not which mode is better" in text  # says what it shows
 
 
 def test_failing_step_stops_the_demo_with_its_exit_code(tmp_path, capsys):
