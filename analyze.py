@@ -45,7 +45,7 @@ import torch
 from common import (InputError, SettingError, atomic_write, check_out_dir, expand_globs, read_jsonl, run_main, set_threads,
                     write_json)
 from configurator import configure
-from data import iter_documents, read_shard, read_shard_header, wikitext_articles
+from data import first_windows, iter_documents, read_shard, read_shard_header, wikitext_articles
 from lens import METRICS, LensOptions, analyze_models, summary_table
 from lm import load_models
 from model import SCALAR_GATE_INIT_ALPHA, dtype_from_name
@@ -65,6 +65,7 @@ DEFAULTS = dict(
     wikitext=None,  # rows are WikiText lines, grouped into articles: None = auto (True for the hub's wikitext)
     max_chars=20_000_000,  # read at most this much text (windows are sampled from it)
     shards="",  # glob of GPT-2 token shards (data.py format) instead of text
+    windows="random",  # shards: 'random' offsets (seed), or the 'first' windows back to back (what training tracks)
     num_sequences=1000,  # windows of text to analyse (the paper: 1,000)
     seq_len=0,  # tokens per sequence (inputs); 0 = the smallest block size of the models, at most 1024
     seed=1337,  # random windows: the same seed gives the same text
@@ -84,7 +85,7 @@ DEFAULTS = dict(
     out_dir="analysis",  # folder for metrics.json/csv and the plots
     plots=list(PLOTS),  # which plots to write: topk, cosine_projection, lens, shift_depth
     # training logs
-    log=[],  # train.py log.jsonl files: residual alpha of every layer over training
+    log=[],  # train.py log.jsonl files: alpha per layer (runs with attenuation) and the tracked shift over training
     cut_sweep=[],  # log.jsonl globs of runs with a cut at different layers: final val loss vs cut layer
     baseline="",  # the baseline run's log.jsonl, a horizontal line in the cut-sweep plot
 )
@@ -375,9 +376,49 @@ def read_log(path):
     return {
         "name": os.path.basename(run_dir), "path": path, "config": configs[-1] if configs else None,
         "alphas": [(r["iter"], r["alphas"]) for r in series],
+        "alignment": [(r["iter"], r["alignment"]) for r in evals if r.get("alignment")],  # tracked at each eval
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "final_iter": evals[-1]["iter"] if evals else None,
     }
+
+
+def plot_shift_over_training(logs):
+    """The tracked alignment of each run against the training step (one line per run, baseline / cut /
+    gate overlaid): its misalignment score, and its shift depth (the median first-win layer, normalised
+    by the depth so runs of different depth share the axis)."""
+    fig, (ax_score, ax_depth) = _figure(2, width=5.5)
+    for i, run in enumerate(logs):
+        points = run["alignment"]
+        iters = [it for it, _ in points]
+        n = len(points[0][1]["raw"]["topk_target"]) - 1  # blocks: the curves have L + 1 states
+        ax_score.plot(iters, [a["misalignment"] for _, a in points], "o-", color=_color(i), label=run["name"],
+                      markersize=3)
+        depth = [a["raw"]["first_win_median"] for _, a in points]
+        ax_depth.plot(iters, [None if d is None else d / n for d in depth], "o-", color=_color(i),
+                      label=run["name"], markersize=3)
+    _label(ax_score, "misalignment over training", "iteration", "misalignment (0-1, lower = earlier shift)")
+    _label(ax_depth, "shift depth over training", "iteration", "median first-win layer / number of blocks")
+    for ax in (ax_score, ax_depth):
+        ax.set_ylim(-0.02, 1.02)
+    return fig
+
+
+def plot_target_match_by_step(run):
+    """Layer x training step picture of one run's tracked top-k target match."""
+    points = run["alignment"]
+    values = np.array([a["raw"]["topk_target"] for _, a in points], dtype=float).T  # [layers, evals]
+    fig, (ax,) = _figure(width=7)
+    ax.grid(False)
+    image = ax.imshow(values, aspect="auto", origin="lower", vmin=0, vmax=max(1e-9, float(np.nanmax(values))),
+                      cmap="viridis")
+    ticks = list(range(len(points)))
+    step = max(1, len(ticks) // 10)
+    ax.set_xticks(ticks[::step], [str(points[t][0]) for t in ticks[::step]])
+    ax.set_title(f"{run['name']}: top-k match of the target t_i+1 per layer over training")
+    ax.set_xlabel("iteration (eval)")
+    ax.set_ylabel("layer (0 = embeddings)")
+    fig.colorbar(image, ax=ax, label="fraction of positions")
+    return fig
 
 
 def _mode_text(cfg):
@@ -480,7 +521,10 @@ def token_windows(lms, settings):
             if not lm.uses_gpt2_tokens():
                 raise InputError(f"--shards hold GPT-2 tokens, but {lm.name} uses another tokenizer: "
                                  "give it text instead (--data_files or the default dataset)")
-        windows = shard_windows(settings["shards"], settings["num_sequences"], length, settings["seed"])
+        if settings["windows"] == "first":
+            windows = first_windows(settings["shards"], settings["num_sequences"], length)
+        else:
+            windows = shard_windows(settings["shards"], settings["num_sequences"], length, settings["seed"])
         return [windows] * len(lms)
     documents = read_documents(settings["dataset"], settings["dataset_config"], settings["split"],
                                settings["data_files"], settings["text_column"], settings["wikitext"],
@@ -507,6 +551,8 @@ def check_settings(settings):
         raise SettingError("nothing to analyse: give --ckpt and/or --hf models (or --log / --cut_sweep)")
     if settings["baseline"] and not settings["cut_sweep"]:
         raise SettingError("--baseline is the reference line of --cut_sweep: give --cut_sweep too")
+    if settings["windows"] not in ("random", "first"):
+        raise SettingError(f"windows must be 'random' or 'first', got {settings['windows']!r}")
     unknown = [p for p in settings["plots"] if p not in PLOTS]
     if unknown:
         raise SettingError(f"plots: unknown {unknown}; choose from {list(PLOTS)}")
@@ -541,7 +587,12 @@ def run(settings):
         print(summary_table(results))
     if logs:
         os.makedirs(out_dir, exist_ok=True)
-        print(f"wrote {save_figure(plot_alphas(logs), os.path.join(out_dir, 'alphas.png'))}")
+        attenuated = [run for run in logs if (run["config"] or {}).get("residual_mode") != "none"] or logs
+        print(f"wrote {save_figure(plot_alphas(attenuated), os.path.join(out_dir, 'alphas.png'))}")
+        tracked = [run for run in logs if run["alignment"]]
+        if tracked:
+            print(f"wrote {save_figure(plot_shift_over_training(tracked), os.path.join(out_dir, 'shift_training.png'))}")
+            print(f"wrote {save_figure(plot_target_match_by_step(tracked[0]), os.path.join(out_dir, 'target_match_by_step.png'))}")
     if sweep:
         os.makedirs(out_dir, exist_ok=True)
         print(f"wrote {save_figure(plot_cut_sweep(sweep, baseline), os.path.join(out_dir, 'cut_sweep.png'))}")

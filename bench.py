@@ -2,7 +2,7 @@
 Throughput / memory benchmarks for nanoshift (not tests: numbers, printed as markdown).
 
     python bench.py                      # every section
-    python bench.py --section data       # one section: data | train | analyze | eval | threads | all
+    python bench.py --section data       # one section: data | train | analyze | eval | threads | tracking | all
 
 data: the full prepare path (parquet documents -> tokenizer pool -> shards on disk)
 against the bare tokenizer (tiktoken encode_ordinary_batch) on the same text with
@@ -29,7 +29,7 @@ import eval_benchmarks
 from common import SettingError, markdown_table, run_main
 from configurator import configure
 from data import get_tokenizer, iter_documents
-from lens import LensOptions, analyze_model
+from lens import LensOptions, analyze_model, lens_sums
 from lm import OurGPT
 from model import GPT, GPTConfig
 from prepare import demo_corpus, first_tokens_split, prepare_shards
@@ -475,16 +475,67 @@ def bench_threads(steps=15, rounds=2):
                           "loaded / idle"], rows))
 
 
+# -----------------------------------------------------------------------------
+# tracking: what alignment tracking at every eval costs a training run
+
+
+def bench_tracking(repeats=3):
+    """Training time with alignment tracking on vs off at train.py's default settings (GPT-2 124M shape,
+    track_sequences=16 windows of 1024 tokens at every eval_interval=250 steps of 2**19 tokens).
+
+    A default run cannot train on a CPU, so the ratio is built from two timings measured here, in one
+    process, best of `repeats`: one tracking pass (raw + normed space, as train.py does) over 1 window,
+    scaled by 16 windows, and one training step (forward, backward, AdamW) over 1 x 1024 tokens, scaled by
+    the 250 x 2**19 tokens between two evals. Both costs are linear in tokens, so the extrapolation holds
+    where the per-token speeds do; on a GPU the tracking's share is smaller still (it runs in float32
+    eager mode, but it is ~0.01% of the tokens).
+    """
+    torch.manual_seed(0)
+    model = GPT(GPTConfig())  # GPT-2 124M shape
+    optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), "cpu")
+    window = torch.randint(0, 50257, (1, 1025), generator=torch.Generator().manual_seed(0))
+
+    def train_step():
+        _, loss = model(window[:, :-1], window[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def track_one_window():
+        lens_sums(OurGPT(model, "gpt2-124M-shape"), [window], spaces=("raw", "normed"))  # as train.py does
+        model.train()
+
+    best = {"train": float("inf"), "track": float("inf")}
+    train_step()  # warm-up
+    for _ in range(repeats):
+        for name, run in (("train", train_step), ("track", track_one_window)):
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    eval_interval, step_tokens, windows = 250, 2**19, 16
+    train_seconds = best["train"] / 1024 * step_tokens * eval_interval
+    track_seconds = best["track"] * windows
+    rows = [["1 training step, 1 x 1024 tokens", f"{best['train']:.2f}"],
+            ["tracking, 1 window (raw + normed)", f"{best['track']:.2f}"],
+            [f"training between two evals ({eval_interval} x {step_tokens:,} tokens, scaled)", f"{train_seconds:,.0f}"],
+            [f"tracking at one eval ({windows} windows, scaled)", f"{track_seconds:,.0f}"]]
+    print(f"### tracking: alignment tracking at train.py's defaults, GPT-2 124M shape, float32, "
+          f"{torch.get_num_threads()} torch threads, best of {repeats}\n")
+    print(markdown_table(["what", "seconds"], rows))
+    print(f"\ntraining time with tracking on / off: {(train_seconds + track_seconds) / train_seconds:.5f} (target <= 1.03)")
+
+
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
     "analyze": bench_analyze,
     "eval": bench_eval,
     "threads": bench_threads,
+    "tracking": bench_tracking,
 }
 
 DEFAULTS = dict(
-    section="all",  # which benchmark: all | data | train | analyze | eval | threads
+    section="all",  # which benchmark: all | data | train | analyze | eval | threads | tracking
 )
 
 

@@ -180,6 +180,23 @@ def read_shard(path):
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 
+def first_windows(pattern, n, length):
+    """[n, length] int64: the first n windows of `length` tokens of the shards matching pattern, back to back
+    in file order within each shard (a shard's tail shorter than a window is skipped). The fixed windows
+    that training's alignment tracking and `analyze.py --windows=first` read: the same at every eval."""
+    rows = []
+    for path in expand_globs(pattern, "token shards"):
+        tokens = read_shard(path)
+        for start in range(0, len(tokens) - length + 1, length):
+            if len(rows) == n:
+                break
+            rows.append(np.asarray(tokens[start:start + length], dtype=np.int64))
+    if len(rows) < n:
+        raise InputError(f"the shards matching {pattern!r} hold only {len(rows)} windows of {length} tokens, "
+                         f"not {n}")
+    return torch.from_numpy(np.stack(rows))
+
+
 def validate_shard(path, vocab_size=None):
     """Check the header and size; with vocab_size also scan every token (< vocab_size). Returns token count."""
     num_tokens = read_shard_header(path)

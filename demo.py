@@ -82,10 +82,14 @@ def summarize(out, timings, threads):
              "runs and what the outputs look like, not which mode is better. Differences between the three "
              "runs here are of the size that another seed, another CPU or another thread count also produces "
              "(README: what repeats); comparing modes needs several seeds.", "",
-             "| model | final val loss | iterations |", "| --- | --- | --- |"]
+             "| model | final val loss | iterations | misalignment, first eval -> last (tracked in training) |",
+             "| --- | --- | --- | --- |"]
     for name in RUNS:
-        last = [r for r in read_jsonl(os.path.join(out, name, "log.jsonl")) if r["type"] == "eval"][-1]
-        lines.append(f"| {name} | {last['val_loss']:.4f} | {last['iter']} |")
+        evals = [r for r in read_jsonl(os.path.join(out, name, "log.jsonl")) if r["type"] == "eval"]
+        last = evals[-1]
+        scores = [r["misalignment"] for r in evals if r.get("misalignment") is not None]
+        tracked = f"{scores[0]:.3f} -> {scores[-1]:.3f}" if scores else "-"
+        lines.append(f"| {name} | {last['val_loss']:.4f} | {last['iter']} | {tracked} |")
     for folder, space in (("analysis", "raw residual state"), ("analysis-normed", "final-normed state")):
         metrics_path = os.path.join(out, folder, "metrics.json")
         if os.path.exists(metrics_path):
@@ -113,7 +117,8 @@ def summarize(out, timings, threads):
 
 # the pictures the demo writes, each once: (folder under out, file)
 PICTURES = [("analysis", "topk.png"), ("analysis", "cosine_projection.png"), ("analysis", "lens.png"),
-            ("analysis", "shift_depth.png"), ("analysis", "alphas.png"), ("analysis-normed", "cosine_projection.png")]
+            ("analysis", "shift_depth.png"), ("analysis", "alphas.png"), ("analysis", "shift_training.png"),
+            ("analysis", "target_match_by_step.png"), ("analysis-normed", "cosine_projection.png")]
 
 
 def publish(out, folder):
@@ -158,7 +163,7 @@ def run_demo(argv):
         # models the raw state's norm outgrows the embeddings', which stretches the raw projection); the
         # normed run writes only the plot that depends on the space
         for space, folder in (("raw", "analysis"), ("normed", "analysis-normed")):
-            extra = (["--log", os.path.join(out, "gate", "log.jsonl")] if space == "raw"
+            extra = (["--log", *(os.path.join(out, name, "log.jsonl") for name in RUNS)] if space == "raw"
                      else ["--plots", "cosine_projection"])
             timings[f"analyze {space}"] = run(
                 [py, "analyze.py", "--ckpt", *ckpts, "--shards", VAL_SHARDS, "--num_sequences=48", "--seq_len=128",
@@ -175,7 +180,8 @@ def run_demo(argv):
         publish(out, settings["publish"])
     print("\n" + text)
     print(f"demo: everything is in {out}/: summary.md; plots in {out}/analysis/ (topk, cosine_projection, lens, "
-          f"shift_depth, alphas) and {out}/analysis-normed/ (cosine_projection of the final-normed state); "
+          f"shift_depth, alphas, shift_training, target_match_by_step) and {out}/analysis-normed/ "
+          f"(cosine_projection of the final-normed state); "
           f"eval table in {out}/eval/; each step's output in {out}/logs/")
 
 

@@ -73,6 +73,7 @@ from common import (InputError, SettingError, check_out_dir, expand_globs, markd
                     write_text)
 from configurator import configure
 from data import HubError, iter_documents, read_shard, read_shard_header, wikitext_articles
+from lens import analyze_model
 from lm import load_models
 from model import dtype_from_name
 
@@ -129,6 +130,7 @@ DEFAULTS = dict(
     context=1024,  # window length in tokens (clipped to each model's block_size)
     stride=0,  # new tokens scored per window, 0 = context // 2
     batch_size=8,  # windows per forward; the float32 logits take batch_size * context * vocab * 4 bytes
+    misalignment_windows=16,  # windows per benchmark the misalignment score (lens.py) is measured on; 0 = none
     device="cuda" if torch.cuda.is_available() else "cpu",  # 'cuda' (the default where there is one) | 'cpu'
     dtype="float32",  # float32 | bfloat16 | float16 (the model's weights; logits are scored in float32)
     threads=0,  # CPU threads: 0 = OMP_NUM_THREADS if set, else half the cores (common.cpu_threads)
@@ -385,6 +387,7 @@ METRIC_ROWS = [  # (key, label, cell); a row is shown for a benchmark if some mo
     ("acc", "top-1 acc (%)", lambda m: f"{m['acc']:.2f}"),
     ("last_word_acc", "last-word acc (%)", lambda m: f"{m['last_word_acc']:.2f}"),
     ("last_word_ppl", "last-word perplexity", lambda m: f"{m['last_word_ppl']:.2f}"),
+    ("misalignment", "misalignment (lens.py)", lambda m: "-" if m["misalignment"] is None else f"{m['misalignment']:.3f}"),
     ("tokens", "tokens scored", lambda m: f"{m['tokens']:,}"),
     ("context", "context / stride", lambda m: f"{m['context']} / {m['stride']}"),
 ]
@@ -414,10 +417,28 @@ def _write_outputs(out_dir, results, table):
     write_text(os.path.join(out_dir, "results.md"), table + "\n")
 
 
+def benchmark_misalignment(lm, sequences, context, n_windows):
+    """lens.py's misalignment score of lm on the first n_windows windows of the benchmark's tokens: windows of
+    context + 1 tokens back to back along each sequence (a stream), or whole shorter sequences (LAMBADA
+    passages), one window per forward."""
+    windows = []
+    for seq in sequences:
+        seq = np.asarray(seq, dtype=np.int64)
+        length = min(context + 1, len(seq))
+        for start in range(0, len(seq) - length + 1, length):
+            if len(windows) == n_windows:
+                break
+            windows.append(torch.from_numpy(seq[start:start + length])[None])
+        if len(windows) == n_windows:
+            break
+    windows = [w for w in windows if w.size(1) >= 2]
+    return analyze_model(lm, windows, progress=False)["misalignment"] if windows else None
+
+
 def check_settings(settings):
     """Every check that needs no data or model (SettingError naming the setting)."""
     check_benchmark_names(settings["benchmarks"])
-    for key, low in (("context", 1), ("batch_size", 1), ("stride", 0), ("max_tokens", 0)):
+    for key, low in (("context", 1), ("batch_size", 1), ("stride", 0), ("max_tokens", 0), ("misalignment_windows", 0)):
         if settings[key] < low:
             raise SettingError(f"{key} must be >= {low}, got {settings[key]}")
     dtype_from_name(settings["dtype"])
@@ -450,6 +471,9 @@ def run(settings, lms=None):
             sequences, word_lens = token_cache[key]
             metrics[name] = evaluate(lm, sequences, settings["context"], settings["stride"], settings["batch_size"],
                                      word_lens, settings["progress"], desc=f"{lm.name} {name}")
+            if settings["misalignment_windows"]:
+                metrics[name]["misalignment"] = benchmark_misalignment(
+                    lm, sequences, min(settings["context"], lm.block_size), settings["misalignment_windows"])
             print(f"{lm.name} {BENCHMARKS[name].title}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in metrics[name].items() if isinstance(v, float)))
         results["models"][lm.name] = metrics

@@ -39,6 +39,18 @@ state after attention of block l, plotted at l - 1/2), input t = t_i, target u =
   target curve stays at or above the input curve, linearly interpolated between the two layers around
   it; 0 if the target is never behind, none if the input is still ahead at the last layer. The same rule
   with the constant 1/2 as "input" gives the layer where the projection passes half-way.
+- misalignment score (one number per model, in [0, 1], lower = better aligned): the mean over positions
+  with t != u of f / L, where f is the position's first-win layer (above) and L the number of blocks;
+  "never" counts as 1. It is the expected normalised depth at which a token's residual stream stops
+  looking like its input and starts looking like its target: 0 if every target already beats its
+  input at the embeddings, 1 if none does before the output. Why this reading: it is built on what
+  each token does, so it is not fooled by an input collapse (on a real 135M Llama-family model the
+  top-5 input match falls to ~0.08 right after block 1 while the target match stays ~0.15 until layer
+  ~19, so the top-k curves "cross" at layer ~1, yet the median first-win layer is 20: the deep shift
+  the paper describes, which this score reports); it uses every position, not only a crossing point
+  of averaged curves; and dividing by L makes models of different depth comparable (a stretched copy
+  of a model, each layer's behaviour spread over twice the layers, has the same score). The "never"
+  share is reported beside it (never_fraction), since it caps the score.
 
 Computed streaming: batch by batch, and within a batch token chunk by token chunk, one layer's
 logits at a time (a chunk holds at most LENS_CHUNK_BYTES of logits), accumulating sums per layer;
@@ -166,24 +178,51 @@ def _state_sums(lens, v, diff, ref, final):
     ]).cpu().double()  # (MPS has no float64)
 
 
-@torch.inference_mode()
-def analyze_model(lm, token_batches, options=LensOptions(), progress=True):
-    """Stream token batches ([B, T+1] int64: inputs then one target) through lm; the per-layer metrics.
+@dataclass
+class LensSums:
+    """What the metrics are averages of: per-state sums (float64) and counts over the tokens seen.
 
-    Returns {"label", "source", "n_layer", ..., "layers": [row per state], "shift_depth": {...}}.
-    A problem with the model or the tokens is an InputError.
+    Sums over disjoint sets of tokens add up with `+`, so windows measured one at a time, or on different
+    ranks, combine into exactly the numbers of one pass when they are added in the same order (training's
+    alignment tracking sums per-window results in window order, as analyze_model does with batch_size=1).
     """
-    k, space, lens_norm, mid, lens_dtype = options.k, options.space, options.lens_norm, options.mid, options.lens_dtype
+
+    sums: torch.Tensor  # [states, len(METRICS)] float64
+    first_win: torch.Tensor  # [L + 2] int64: first-win layer 0..L, then "never"
+    final_ce: float = 0.0  # the model's own loss summed over the positions
+    positions: int = 0
+    positions_diff: int = 0  # positions with t_i != t_{i+1}
+    positions_projection: int = 0  # ... whose reference vectors differ too
+
+    def __add__(self, other):
+        return LensSums(self.sums + other.sums, self.first_win + other.first_win, self.final_ce + other.final_ce,
+                        self.positions + other.positions, self.positions_diff + other.positions_diff,
+                        self.positions_projection + other.positions_projection)
+
+
+def lens_states(n_layer, mid):
+    """(kind, layer) of every state measured: the L + 1 residual states, then the mid-block ones."""
+    return [("resid", float(l)) for l in range(n_layer + 1)] + ([("mid", l + 0.5) for l in range(n_layer)] if mid else [])
+
+
+@torch.inference_mode()
+def lens_sums(lm, token_batches, options=LensOptions(), progress=False, spaces=None):
+    """Stream token batches ([B, T+1] int64: inputs then one target) through lm; the LensSums.
+
+    spaces: a tuple of spaces ("raw", "normed") to measure in one pass instead of options.space; then the
+    result is {space: LensSums}, each equal to a pass of its own (the lens is shared, only the cosine
+    and projection differ). A problem with the model or the tokens is an InputError.
+    """
+    k, lens_norm, mid, lens_dtype = options.k, options.lens_norm, options.mid, options.lens_dtype
     if k > lm.vocab_size:
         raise SettingError(f"k={k} must be at most the vocabulary size {lm.vocab_size} of {lm.name}")
-    normed_space = space == "normed"
+    measured = spaces or (options.space,)
+    any_normed = "normed" in measured
     weight = None if lens_dtype == "auto" else lm.out_embedding.detach().to(DTYPES[lens_dtype])
     L = lm.n_layer
-    states = [("resid", float(l)) for l in range(L + 1)] + ([("mid", l + 0.5) for l in range(L)] if mid else [])
-    sums = torch.zeros(len(states), len(METRICS), dtype=torch.float64)
-    counts = {"all": 0, "diff": 0, "proj": 0}
-    final_ce = 0.0  # the model's own loss on these tokens (the lens at the last layer, with the norm)
-    first_win = torch.zeros(L + 2, dtype=torch.int64)  # layers 0..L, then "never"
+    states = lens_states(L, mid)
+    accs = {space: LensSums(torch.zeros(len(states), len(METRICS), dtype=torch.float64),
+                            torch.zeros(L + 2, dtype=torch.int64)) for space in measured}
     chunk = max(1, LENS_CHUNK_BYTES // (4 * lm.vocab_size))
 
     total = sum(b.numel() - b.size(0) for b in token_batches) if hasattr(token_batches, "__len__") else None
@@ -197,7 +236,7 @@ def analyze_model(lm, token_batches, options=LensOptions(), progress=True):
             raise InputError(f"token id {top} is outside {lm.name}'s vocabulary of {lm.vocab_size}")
         if batch.size(1) - 1 > lm.block_size:
             raise InputError(f"sequences of {batch.size(1) - 1} tokens are longer than {lm.name}'s "
-                               f"block size {lm.block_size}: lower --seq_len")
+                             f"block size {lm.block_size}: lower --seq_len")
         x_all, y_all = batch[:, :-1], batch[:, 1:]
         resid, mids = lm.hidden_states(x_all, mid=mid)
         C = resid[0].size(-1)
@@ -207,40 +246,65 @@ def analyze_model(lm, token_batches, options=LensOptions(), progress=True):
             sl = slice(start, start + chunk)
             x, y = x_all[sl], y_all[sl]
             diff = x != y
-            ref = _Reference(lm, x, y, normed_space)
+            refs = {space: _Reference(lm, x, y, space == "normed") for space in measured}
             # the model's own distribution first: with lens_norm the last layer's lens *is* it
             final = LensStats(lm.decode(flat[L][sl], True, weight), x, y, k)
             never_won_after = torch.full_like(x, -1)  # the last layer at which the target did not win
             for s in [L] + [s for s in range(len(states)) if s != L]:
                 h = flat[s][sl]
-                normed = lm.final_norm(h) if (lens_norm or normed_space) else None
+                normed = lm.final_norm(h) if (lens_norm or any_normed) else None
                 if s == L and lens_norm:
                     lens = final
                 else:
                     lens = LensStats(lm.unembed(normed if lens_norm else h, weight), x, y, k)
-                sums[s] += _state_sums(lens, normed if normed_space else h, diff, ref, final)
+                for space, acc in accs.items():
+                    acc.sums[s] += _state_sums(lens, normed if space == "normed" else h, diff, refs[space], final)
                 if s <= L:  # residual states only; visited in increasing order after L, so clamp = max
                     never_won_after = torch.where(lens.wins, never_won_after, never_won_after.clamp(min=s))
                 del lens
                 final.z = None  # only the final p and entropy are needed from here on
-            first_win += torch.bincount((never_won_after + 1)[diff].cpu(), minlength=L + 2)
-            final_ce += final.ce.sum().item()
-            counts["all"] += x.numel()
-            counts["diff"] += int(diff.sum())
-            counts["proj"] += int(ref.has_direction.sum())
-            del final, ref
+            first_win = torch.bincount((never_won_after + 1)[diff].cpu(), minlength=L + 2)
+            ce = final.ce.sum().item()
+            for space, acc in accs.items():
+                acc.first_win += first_win
+                acc.final_ce += ce
+                acc.positions += x.numel()
+                acc.positions_diff += int(diff.sum())
+                acc.positions_projection += int(refs[space].has_direction.sum())
+            del final, refs
         del resid, mids, flat
         bar.update(x_all.numel())
     bar.close()
-    if counts["all"] == 0:
+    return accs if spaces else accs[options.space]
+
+
+def analyze_model(lm, token_batches, options=LensOptions(), progress=True):
+    """The per-layer metrics of lm on the token batches ([B, T+1] int64: inputs then one target).
+
+    Returns {"label", "source", "n_layer", ..., "layers": [row per state], "shift_depth": {...},
+    "misalignment": score}. A problem with the model or the tokens is an InputError.
+    """
+    return summarise(lm, lens_sums(lm, token_batches, options, progress), options)
+
+
+def misalignment_score(first_win_hist, never, n_layer):
+    """The mean normalised depth at which tokens switch from their input to their target (see the top
+    of this file): sum over first-win layers l of count * l / L, "never" counted as 1, over all counted
+    positions. None when there are none."""
+    total = sum(first_win_hist) + never
+    if not total:
+        return None
+    return (sum(layer * count for layer, count in enumerate(first_win_hist)) / n_layer + never) / total
+
+
+def summarise(lm, acc, options):
+    """The result dict (what analyze_model returns) of LensSums measured with these options."""
+    if acc.positions == 0:
         raise InputError(f"{lm.name}: no tokens to analyse")
-    return _summarise(lm, states, sums, counts, first_win, final_ce, options)
-
-
-def _summarise(lm, states, sums, counts, first_win, final_ce, options):
+    counts = {"all": acc.positions, "diff": acc.positions_diff, "proj": acc.positions_projection}
     rows = []
     n_diff = counts["diff"]
-    for (kind, layer), row in zip(states, sums.tolist()):
+    for (kind, layer), row in zip(lens_states(lm.n_layer, options.mid), acc.sums.tolist()):
         entry = {"kind": kind, "layer": layer}
         for (name, over), value in zip(METRICS, row):
             entry[name] = value / counts[over] if counts[over] else None  # e.g. every t_i == t_{i+1}
@@ -248,7 +312,7 @@ def _summarise(lm, states, sums, counts, first_win, final_ce, options):
     resid = [r for r in rows if r["kind"] == "resid"]
     layers = [r["layer"] for r in resid]
     curve = lambda name: [r[name] for r in resid]
-    hist = first_win.tolist()
+    hist = acc.first_win.tolist()
     winners = sum(hist[:-1])
     cumulative, median = 0, None
     for layer, count in enumerate(hist):  # the median token's first-win layer, "never" counted as last
@@ -273,7 +337,8 @@ def _summarise(lm, states, sums, counts, first_win, final_ce, options):
         **asdict(options),
         "positions": counts["all"], "positions_diff": n_diff,
         "positions_projection": counts["proj"],
-        "final_loss": final_ce / counts["all"],
+        "final_loss": acc.final_ce / counts["all"],
+        "misalignment": misalignment_score(hist[:-1], hist[-1], lm.n_layer),
         "layers": rows, "shift_depth": shift,
     }
 
@@ -295,14 +360,17 @@ def _fmt(value, digits=2):
 def summary_table(results):
     """Markdown table: the shift depth of each model, with a note on what "-" means."""
     header = ["model", "layers", "tokens", "top-k cross", "cosine cross", "projection 1/2",
-              "first-win median", "never", "final CE"]
+              "first-win median", "never", "misalignment", "final CE"]
     rows = []
     for r in results:
         s = r["shift_depth"]
         rows.append([r["label"], r["n_layer"], f"{r['positions']:,}", _fmt(s["topk_crossing"]),
                      _fmt(s["cosine_crossing"]), _fmt(s["projection_half"]),
                      "-" if s["first_win_median"] is None else s["first_win_median"],
-                     "-" if s["never_fraction"] is None else f"{s['never_fraction']:.1%}", _fmt(r["final_loss"], 3)])
+                     "-" if s["never_fraction"] is None else f"{s['never_fraction']:.1%}",
+                     _fmt(r["misalignment"], 3), _fmt(r["final_loss"], 3)])
     note = ("\n\nCrossings are interpolated layers (0 = embeddings). \"-\": the input curve is still ahead at the "
-            "last layer (no crossing), or, for the first-win median, most tokens never switch to the target.")
+            "last layer (no crossing), or, for the first-win median, most tokens never switch to the target. "
+            "Misalignment: the mean normalised depth at which tokens switch from input to target (0-1, lower = "
+            "earlier; lens.py).")
     return markdown_table(header, rows) + note

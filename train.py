@@ -79,7 +79,9 @@ import checkpoint
 from common import (InputError, NanoshiftError, SettingError, atomic_write, check_out_dir, exit_with, read_jsonl,
                     report_uncaught_errors, set_threads)
 from configurator import configure_or_exit
-from data import GPT2_VOCAB_SIZE, MANIFEST_NAME, ShardLoader, read_manifest
+from data import GPT2_VOCAB_SIZE, MANIFEST_NAME, ShardLoader, first_windows, read_manifest
+from lens import LensOptions, lens_sums, summarise
+from lm import OurGPT
 from model import GPT, GPTConfig, dtype_from_name
 
 report_uncaught_errors()  # bad data found mid-run (common.InputError): one line and exit 1, not a traceback
@@ -96,6 +98,8 @@ eval_tokens = 2**23  # global val tokens per eval (8.4M): the first ones of the 
 eval_only = False  # evaluate once (e.g. a pretrained GPT-2) and exit
 log_interval = 10  # iterations between train rows in log.jsonl (and console lines)
 save_best = True  # keep the weights of the lowest-val-loss eval as best.pt
+track_alignment = True  # at every eval, the lens metrics (lens.py) on fixed val windows, in log.jsonl's eval rows
+track_sequences = 16  # val windows (of block_size tokens) alignment tracking reads: the first ones of the val split
 save_optimizer_at_end = True  # the final ckpt.pt keeps the optimizer (extendable); False: weights only, 1/3 the size
 wandb_log = False  # also log to Weights & Biases (imported only when on)
 wandb_project = "nanoshift"  # Weights & Biases project
@@ -175,7 +179,7 @@ def check_settings(c):
     for key in ("batch_size", "block_size", "total_batch_tokens", "eval_interval", "eval_tokens", "log_interval"):
         if c[key] <= 0:
             raise SettingError(f"{key} must be positive, got {c[key]}")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "threads"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "threads", "track_sequences"):
         if c[key] < 0:
             raise SettingError(f"{key} must be >= 0, got {c[key]}")
     if not c["learning_rate"] > 0 or not 0 <= c["min_lr"] <= c["learning_rate"]:
@@ -315,6 +319,14 @@ try:
 except NanoshiftError as e:
     exit_with(e)
 weights_from = checkpoint_in["weights_from"] if checkpoint_in is not None else init_from
+# alignment tracking reads the first track_sequences windows of the val split at every eval (and after a
+# resume): every rank takes its share of them (rank r: windows r, r + world_size, ...)
+track_windows = None
+if track_alignment and track_sequences:
+    try:
+        track_windows = first_windows(os.path.join(data_dir, val_pattern), track_sequences, block_size + 1)
+    except InputError as e:
+        exit_with(SettingError(f"track_sequences={track_sequences}: {e} (lower it, or track_alignment=False)"))
 val_windows = sum(n for _, n in val_loader.windows_per_shard)
 eval_steps = min(math.ceil(eval_tokens / micro_tokens), val_windows)  # never count a val token twice
 if eval_steps * micro_tokens < eval_tokens and master:
@@ -422,6 +434,40 @@ def evaluate():
         dist.all_reduce(total)
     model.train()
     return total.item() / (eval_steps * world_size)
+
+
+TRACKED_CURVES = ("topk_input", "topk_target", "cos_input", "cos_target", "projection")
+TRACKED_SUMMARIES = ("topk_crossing", "cosine_crossing", "projection_half", "first_win_median", "never_fraction")
+
+
+@torch.no_grad()
+def track_alignment_now():
+    """lens.py's metrics on the tracked val windows, raw and normed space, as a dict for the eval row.
+
+    Each window is measured alone and the ranks' per-window sums are added on every rank in window order,
+    so the numbers do not depend on the number of ranks, and equal analyze.py's on the checkpoint with
+    --shards <val> --windows=first --num_sequences=track_sequences --batch_size=1 exactly.
+    """
+    lm = OurGPT(raw_model, os.path.basename(os.path.abspath(out_dir)))  # puts the model in eval mode
+    mine = range(rank, len(track_windows), world_size)
+    tracked = {"windows": len(track_windows), "tokens": track_windows[:, 1:].numel()}
+    spaces = ("raw", "normed")
+    sums = [(i, lens_sums(lm, [track_windows[i:i + 1]], spaces=spaces)) for i in mine]  # one lens pass each
+    if ddp:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, sums)
+        sums = [item for part in gathered for item in part]
+    sums.sort(key=lambda item: item[0])
+    for space in spaces:
+        total = None
+        for _, window in sums:
+            total = window[space] if total is None else total + window[space]
+        result = summarise(lm, total, LensOptions(space=space))
+        tracked["misalignment"] = result["misalignment"]
+        tracked[space] = {**{name: [row[name] for row in result["layers"]] for name in TRACKED_CURVES},
+                          **{name: result["shift_depth"][name] for name in TRACKED_SUMMARIES}}
+    raw_model.train()
+    return tracked
 
 
 def gather_rng_states():
@@ -598,10 +644,14 @@ while end_reason is None:
         best_val_loss = min(best_val_loss, val_loss)
         row = {"type": "eval", "iter": iter_num, "tokens": iter_num * total_batch_tokens, "val_loss": val_loss,
                "best_val_loss": best_val_loss, "lr": lr, "alphas": alphas()}
+        if track_windows is not None:
+            row["alignment"] = track_alignment_now()
+            row["misalignment"] = row["alignment"]["misalignment"]  # top level: wandb logs the numbers of a row
         log(row)
         if master:
             shown = "" if residual_mode == "none" else " alphas " + " ".join(f"{a:.3f}" for a in row["alphas"])
-            print(f"eval iter {iter_num}: val loss {val_loss:.4f} (best {best_val_loss:.4f}){shown}")
+            tracked = f", misalignment {row['misalignment']:.3f}" if row.get("misalignment") is not None else ""
+            print(f"eval iter {iter_num}: val loss {val_loss:.4f} (best {best_val_loss:.4f}){tracked}{shown}")
         if iter_num > start_iter and not eval_only:
             if not weights_finite():
                 stop_nonfinite("weights", "non-finite")

@@ -27,3 +27,6 @@ log_interval = 10
 # moments) and best.pt as a hard link to it, so the demo's three runs take ~95 MB, not ~550 MB. An
 # interrupted run still resumes exactly: the checkpoints written before the end keep everything.
 save_optimizer_at_end = False
+# alignment tracking at every eval (train.py): the lens decodes 7 states through the 50k-token unembedding, which in
+# a model this small costs more than a training step per token; 8 windows of 128 tokens keep it to a few %
+track_sequences = 8

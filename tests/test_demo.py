@@ -20,13 +20,13 @@ def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
         write_log(tmp_path / name / "log.jsonl", [
             {"type": "run", "iter": 0},
             {"type": "eval", "iter": 0, "val_loss": 10.8, "alphas": [0.75] * 4},
-            {"type": "eval", "iter": 300, "val_loss": loss, "alphas": [0.9, 0.8, 0.7, 0.6]},
+            {"type": "eval", "iter": 300, "val_loss": loss, "alphas": [0.9, 0.8, 0.7, 0.6], "misalignment": loss / 10},
             {"type": "end", "iter": 300, "reason": "max_iters"},
         ])
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.md").write_text("| benchmark | metric |\n| --- | --- |\n| Demo | loss |\n")
     text = demo.summarize(str(tmp_path), {"train baseline": 12.0, "total": 30.0}, threads=1)
-    assert "| baseline | 6.5000 | 300 |" in text and "| cut | 6.2500 | 300 |" in text
+    assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 |" in text and "| cut | 6.2500 | 300 | 0.625 -> 0.625 |" in text
     assert "| iter 0 | 0.750 | 0.750 | 0.750 | 0.750 |" in text
     assert "| iter 300 | 0.900 | 0.800 | 0.700 | 0.600 |" in text
     assert "Most attenuation is on block 3 (alpha 0.600; uniform is 0.750)" in text

@@ -240,7 +240,7 @@ def test_lambada_last_word_accuracy_from_known_predictions(tmp_path):
     path = tmp_path / "lambada.jsonl"
     path.write_text("".join(json.dumps({"text": p}) + "\n" for p, _ in cases))
     settings = dict(eb.DEFAULTS, benchmarks=["lambada"], lambada_files=[str(path)], out_dir=str(tmp_path / "out"),
-                    progress=False)
+                    progress=False, misalignment_windows=0)  # an oracle has no hidden states for the lens
     got = eb.run(settings, lms=[oracle])["models"]["oracle"]["lambada"]
     assert got["last_word_acc"] == 50.0 and got["words"] == 4
     word_loss = float(np.mean(word_nll))
@@ -453,5 +453,8 @@ def test_cli_ckpt_and_hf_model_of_the_same_weights_agree(tmp_path, val_shard):
     assert table.splitlines()[0] == "| benchmark | metric | ours | hf-tiny |"
     assert "|  | context / stride | 32 / 12 | 32 / 12 |" in table
     for row in ("| WikiText-103 | loss |", "| LAMBADA | loss |", "|  | last-word acc (%) |",
-                "| OpenWebText | loss |", "| FineWeb-Edu | loss |"):
+                "| OpenWebText | loss |", "| FineWeb-Edu | loss |", "|  | misalignment (lens.py) |"):
         assert row in table
+    for bench in ours:  # the same weights read as our checkpoint and as an HF model: the same score
+        assert 0 <= ours[bench]["misalignment"] <= 1 and hf[bench]["misalignment"] == pytest.approx(
+            ours[bench]["misalignment"], abs=5e-3)  # float noise may flip a tie
