@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from common import SettingError, cpu_threads, read_jsonl, run_main, write_text
+from common import SettingError, cpu_threads, markdown_table, read_jsonl, run_main, write_text
 from configurator import configure
 from lens import summary_table  # the same table analyze.py prints
 
@@ -82,14 +82,15 @@ def summarize(out, timings, threads):
              "runs and what the outputs look like, not which mode is better. Differences between the three "
              "runs here are of the size that another seed, another CPU or another thread count also produces "
              "(README: what repeats); comparing modes needs several seeds.", "",
-             "| model | final val loss | iterations | misalignment, first eval -> last (tracked in training) |",
-             "| --- | --- | --- | --- |"]
+             ]
+    rows = []
     for name in RUNS:
         evals = [r for r in read_jsonl(os.path.join(out, name, "log.jsonl")) if r["type"] == "eval"]
-        last = evals[-1]
         scores = [r["misalignment"] for r in evals if r.get("misalignment") is not None]
-        tracked = f"{scores[0]:.3f} -> {scores[-1]:.3f}" if scores else "-"
-        lines.append(f"| {name} | {last['val_loss']:.4f} | {last['iter']} | {tracked} |")
+        rows.append([name, f"{evals[-1]['val_loss']:.4f}", evals[-1]["iter"],
+                     f"{scores[0]:.3f} -> {scores[-1]:.3f}" if scores else "-"])
+    lines.append(markdown_table(["model", "final val loss", "iterations",
+                                 "misalignment, first eval -> last (tracked in training)"], rows))
     for folder, space in (("analysis", "raw residual state"), ("analysis-normed", "final-normed state")):
         metrics_path = os.path.join(out, folder, "metrics.json")
         if os.path.exists(metrics_path):
@@ -101,17 +102,16 @@ def summarize(out, timings, threads):
     heaviest = min(range(len(last)), key=lambda l: last[l])
     lines += ["", "## Where the layer gate put its attenuation", "",
               "alpha per block (1 = standard residual), first and last logged iteration:", "",
-              "| block | " + " | ".join(str(l) for l in range(len(last))) + " |",
-              "| --- |" + " --- |" * len(last),
-              f"| iter {gate_rows[0]['iter']} | " + " | ".join(f"{a:.3f}" for a in first) + " |",
-              f"| iter {gate_rows[-1]['iter']} | " + " | ".join(f"{a:.3f}" for a in last) + " |", "",
+              markdown_table(["block"] + list(range(len(last))),
+                             [[f"iter {row['iter']}"] + [f"{a:.3f}" for a in row["alphas"]]
+                              for row in (gate_rows[0], gate_rows[-1])]), "",
               f"Most attenuation is on block {heaviest} (alpha {last[heaviest]:.3f}; uniform is {first[heaviest]:.3f}).", ""]
     eval_md = os.path.join(out, "eval", "results.md")
     if os.path.exists(eval_md):
         with open(eval_md) as f:
             lines += ["## Evaluation on the demo val split", "", f.read().strip(), ""]
-    lines += ["## Wall time per step (seconds, this machine)", "", "| step | seconds |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    lines += ["## Wall time per step (seconds, this machine)", "",
+              markdown_table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])]
     return "\n".join(lines) + "\n"
 
 

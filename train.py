@@ -568,7 +568,18 @@ def log(row):
     log_file.write(json.dumps(row) + "\n")
     log_file.flush()
     if wandb is not None and row["type"] in ("train", "eval"):
-        wandb.log({f"{row['type']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}, step=row["iter"])
+        wandb.log(numbers_of(row, row["type"]), step=row["iter"])
+
+
+def numbers_of(row, prefix):
+    """The numbers of a log row, nested keys joined by '/' (lists left out): what wandb can plot."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            out.update(numbers_of(value, f"{prefix}/{key}"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = value
+    return out
 
 
 def alphas():

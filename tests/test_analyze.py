@@ -145,6 +145,39 @@ def test_alpha_plot_has_one_line_per_layer_over_training(tmp_path):
         f"layer {l}" for l in range(3)]
 
 
+def write_tracked_log(folder, n_layer, scores, medians):
+    """A train.py log whose eval rows carry tracked alignment (the fields plot_shift_over_training reads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = [{"type": "run", "iter": 0, "config": {"n_layer": n_layer, "residual_mode": "none"}}]
+    for i, (score, median) in enumerate(zip(scores, medians)):
+        curve = [min(1.0, (l + i) / (n_layer + 2)) for l in range(n_layer + 1)]
+        space = {"topk_target": curve, "first_win_median": median}
+        rows.append({"type": "eval", "iter": 100 * i, "val_loss": 5.0 - i, "alphas": [1.0] * n_layer,
+                     "misalignment": score, "alignment": {"misalignment": score, "raw": space, "normed": space}})
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(folder / "log.jsonl")
+
+
+def test_shift_over_training_overlays_runs_and_normalises_depth(tmp_path):
+    a = write_tracked_log(tmp_path / "out-a", 4, [0.6, 0.5, 0.4], [3, 2, 2])
+    b = write_tracked_log(tmp_path / "out-b", 8, [0.7, 0.6, 0.3], [6, None, 4])  # None: most tokens never switch
+    analyze.main(["--log", a, b, "--out_dir", str(tmp_path / "plots")])
+    assert {"alphas.png", "shift_training.png", "target_match_by_step.png"} <= set(os.listdir(tmp_path / "plots"))
+    runs = [analyze.read_log(p) for p in (a, b)]
+    score_ax, depth_ax = analyze.plot_shift_over_training(runs).axes
+    assert [line.get_label() for line in score_ax.get_lines()] == ["out-a", "out-b"]
+    assert [list(line.get_ydata()) for line in score_ax.get_lines()] == [[0.6, 0.5, 0.4], [0.7, 0.6, 0.3]]
+    assert list(score_ax.get_lines()[0].get_xdata()) == [0, 100, 200]
+    depths = [list(line.get_ydata()) for line in depth_ax.get_lines()]
+    assert depths[0] == [0.75, 0.5, 0.5] and depths[1][0] == 0.75 and depths[1][2] == 0.5  # median / depth
+    assert score_ax.get_ylabel().startswith("misalignment") and depth_ax.get_xlabel() == "iteration"
+    picture = analyze.plot_target_match_by_step(runs[1])
+    image = picture.axes[0].get_images()[0].get_array()
+    assert image.shape == (9, 3)  # layers 0..8 x three evals
+    assert [t.get_text() for t in picture.axes[0].get_xticklabels()] == ["0", "100", "200"]
+    assert "out-b" in picture.axes[0].get_title()
+
+
 def test_cut_sweep_plots_final_val_loss_per_cut_layer_and_the_baseline(tmp_path):
     logs = []
     for layer, loss in [(-1, 3.1), (0, 3.4), (1, 3.2)]:  # -1 is the last of 3 blocks

@@ -373,6 +373,12 @@ def test_missing_local_files_name_the_setting(capsys, ckpt_file, tmp_path):
     assert "--lambada_files" in err and "no input files match" in err
 
 
+def test_an_empty_local_lambada_file_is_named_not_reported_as_a_hub_failure(capsys, ckpt_file, tmp_path):
+    (tmp_path / "lambada.jsonl").write_text("")
+    err = main_error(capsys, ["--ckpt", ckpt_file, "--benchmarks", "lambada", f"--lambada_files={tmp_path}/lambada.jsonl"])
+    assert "--lambada_files" in err and "lambada.jsonl'] is empty" in err and "hub" not in err
+
+
 def test_hub_benchmark_offline_says_how_to_use_local_files(capsys, ckpt_file):
     assert os.environ.get("HF_DATASETS_OFFLINE") == "1"  # set by conftest
     err = main_error(capsys, ["--ckpt", ckpt_file, "--benchmarks", "lambada"])
