@@ -1,0 +1,105 @@
+"""
+Statistics over seeds: a group's mean, standard deviation and 95% interval, and paired differences
+against a baseline group. A library module (Python's math only).
+
+    from stats import describe, paired_difference
+    describe([3.301, 3.296, 3.299])                        # {"n": 3, "mean": ..., "std": ..., "ci95": [lo, hi]}
+    paired_difference({1: 3.28, 2: 3.27, 3: 3.29},         # gate, by seed
+                      {1: 3.30, 2: 3.29, 3: 3.30})         # baseline, by seed: differences, interval, p-value
+
+Which test, and why: runs of different modes with the same seed share their data order and the
+initial weights of every shared parameter, so most seed-to-seed variation cancels in the per-seed
+difference. The comparison is therefore paired by seed, and the differences get a two-sided paired
+t-test (Student's t with n - 1 degrees of freedom) and a t interval. With the 3-5 seeds a study can
+afford, a bootstrap has too few points to estimate its own tails, and an exact sign-flip permutation
+test cannot reach p < 0.05 below 5 seeds (its smallest p-value is 2 / 2^n); the t-test can, at the
+price of assuming roughly normal differences (reasonable for averages over millions of tokens). An
+interval that contains 0, or p >= 0.05, is reported as "no significant difference", not as a win.
+"""
+
+import math
+
+from common import InputError
+
+
+def _continued_fraction(a, b, x, iterations=300, eps=1e-15):
+    """The continued fraction of the regularized incomplete beta function (Lentz's method)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, iterations + 1):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < eps:
+            break
+    return h
+
+
+def incomplete_beta(a, b, x):
+    """The regularized incomplete beta function I_x(a, b)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * _continued_fraction(a, b, x) / a
+    return 1.0 - front * _continued_fraction(b, a, 1.0 - x) / b
+
+
+def t_cdf(t, df):
+    """P(T <= t) for Student's t with df degrees of freedom (P(|T| < |t|) = I_{t^2/(df+t^2)}(1/2, df/2))."""
+    half = 0.5 * incomplete_beta(0.5, df / 2.0, t * t / (df + t * t))
+    return 0.5 + half if t > 0 else 0.5 - half
+
+
+def t_quantile(p, df):
+    """The t with P(T <= t) = p, by bisection (to ~1e-12)."""
+    lo, hi = -1e6, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def describe(values, level=0.95):
+    """n, mean, sample standard deviation and the t interval of the mean (None where n < 2)."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise InputError("no values to describe")
+    mean = sum(values) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "std": None, "ci95": None}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+
+
+def paired_difference(group, baseline):
+    """group - baseline, paired by seed: both are {seed: value}. The differences' describe() plus the
+    two-sided paired t-test's p-value and whether it is significant at 5%. Seeds present in one group but
+    not the other are an InputError (a paired comparison needs every seed in both)."""
+    only_group, only_baseline = sorted(set(group) - set(baseline)), sorted(set(baseline) - set(group))
+    if only_group or only_baseline:
+        raise InputError(f"a paired comparison needs the same seeds in both groups: seeds {only_group} have no "
+                         f"baseline run, seeds {only_baseline} no run in the group")
+    diffs = [group[seed] - baseline[seed] for seed in sorted(group)]
+    out = describe(diffs)
+    if out["n"] < 2:
+        return dict(out, p_value=None, significant=False)
+    if out["std"] == 0:
+        p = 1.0 if out["mean"] == 0 else 0.0
+    else:
+        t = out["mean"] / (out["std"] / math.sqrt(out["n"]))
+        p = 2 * (1 - t_cdf(abs(t), out["n"] - 1))
+    return dict(out, p_value=p, significant=p < 0.05)
