@@ -19,8 +19,9 @@ for every layer is bit-for-bit the standard model. residual_mode picks alpha (sa
 Attenuation ramp (for retrofits: step 0 must be the pretrained model): model.set_attenuation(a), a in
 [0, 1], makes every mode's effective alpha_l = 1 - a * (1 - alpha_l). a = 1 (the default) is the mode
 as configured, a = 0 the plain model bit for bit (alpha is then exactly 1.0, and 1.0 * x == x).
-train.py sets a = min(1, iter / attenuation_warmup_iters) before every step (derived from iter_num,
-so a resume is exact). It is a non-persistent buffer: not in checkpoints, and torch.compile sees a
+train.py sets a = attenuation_ramp(iter, attenuation_warmup_iters) = min(1, iter / warmup) before
+every step (derived from iter_num, so a resume is exact), and from_checkpoint sets it from the
+checkpoint's iter_num and settings, so analysis sees the model as it was trained at that step. It is a non-persistent buffer: not in checkpoints, and torch.compile sees a
 tensor whose value changes, not a new constant every step (one recompile at most, when a reaches 1).
 
 Usage:
@@ -59,6 +60,11 @@ def dtype_from_name(name, setting="dtype", also=()):
         raise SettingError(f"{setting} must be one of {list(also) + list(DTYPES)}, got {name!r}")
     return DTYPES[name]
 SCALAR_GATE_INIT_ALPHA = 0.98  # "near 1": standard residual at init, but with a gradient
+
+
+def attenuation_ramp(iter_num, warmup_iters):
+    """The attenuation a at an iteration: min(1, iter_num / warmup_iters); 1 from the start when warmup_iters is 0."""
+    return 1.0 if not warmup_iters else min(1.0, iter_num / warmup_iters)
 
 
 @dataclass
@@ -627,6 +633,8 @@ class GPT(nn.Module):
                 continue  # nanoGPT's causal-mask buffer (non-flash path), not a parameter
             state[k] = v
         model.load_state_dict(state)
+        warmup = (ckpt.get("config") or {}).get("attenuation_warmup_iters", 0)
+        model.set_attenuation(attenuation_ramp(ckpt.get("iter_num", 0), warmup))  # the model as trained at that step
         return model
 
     @classmethod

@@ -90,7 +90,7 @@ from common import (InputError, NanoshiftError, SettingError, atomic_write, chec
                     report_uncaught_errors, set_threads)
 from configurator import configure_or_exit
 from data import GPT2_NAME, MANIFEST_NAME, ShardLoader, get_tokenizer, manifest_tokenizer, read_manifest
-from model import GPT, GPTConfig, dtype_from_name
+from model import GPT, GPTConfig, attenuation_ramp, dtype_from_name
 
 report_uncaught_errors()  # bad data found mid-run (common.InputError): one line and exit 1, not a traceback
 
@@ -472,7 +472,7 @@ def get_lr(it):
 
 def attenuation_at(it):
     """The attenuation ramp (model.set_attenuation): a function of the iteration only, so a resume is exact."""
-    return 1.0 if attenuation_warmup_iters == 0 else min(1.0, it / attenuation_warmup_iters)
+    return attenuation_ramp(it, attenuation_warmup_iters)
 
 
 @torch.no_grad()
