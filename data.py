@@ -103,13 +103,18 @@ GPT2_NAME = "gpt2"
 TOKENIZER_PROBE = "Hello world! It's 1999: naïve café, 3.14 + x**2 -- \"ok\"\n\n   indented\tend. 日本語"
 
 
-@functools.lru_cache(maxsize=None)
 def get_tokenizer(name=None):
     """The tokenizer called name (module docstring): None or 'gpt2' is the offline GPT-2 BPE (a tiktoken
     Encoding), anything else an HF tokenizer dir or hub name (HFTokenizer). Cached: one per name."""
-    if name in (None, GPT2_NAME):
-        return _gpt2_encoding()
-    return HFTokenizer.load(name)
+    return _load_tokenizer(GPT2_NAME if name is None else str(name))
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tokenizer(name):
+    return _gpt2_encoding() if name == GPT2_NAME else HFTokenizer.load(name)
+
+
+get_tokenizer.cache_clear = _load_tokenizer.cache_clear
 
 
 class Gpt2Encoding(tiktoken.Encoding):
@@ -222,6 +227,21 @@ def manifest_tokenizer(manifest):
     name = manifest.get("tokenizer", GPT2_NAME)
     default_vocab = GPT2_VOCAB_SIZE if name == GPT2_NAME else None
     return name, manifest.get("tokenizer_id", name), manifest.get("vocab_size", default_vocab)
+
+def shards_tokenizer(paths):
+    """(name, tokenizer_id) of the tokenizer that token shards hold, from the prepare manifest in their
+    folder; shards without one (llm.c's, or written by hand) are taken to be GPT-2's. InputError if the
+    shards come from folders of different tokenizers."""
+    found = {}
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        manifest = read_manifest(folder)
+        name, tokenizer_id, _ = manifest_tokenizer(manifest) if manifest else (GPT2_NAME, GPT2_NAME, None)
+        found.setdefault(tokenizer_id, (name, folder))
+    if len(found) > 1:
+        listing = ", ".join(f"{folder}: {name!r}" for name, folder in found.values())
+        raise InputError(f"the token shards come from prepares with different tokenizers ({listing})")
+    (tokenizer_id, (name, _)), = found.items()
+    return name, tokenizer_id
 
 # -----------------------------------------------------------------------------
 # Shard format

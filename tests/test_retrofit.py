@@ -3,6 +3,7 @@ tokenizer of its own) with a residual gate brought in by the attenuation ramp. S
 model; resume is exact with the ramp mid-window; the checkpoint analyses next to the original. And the
 ramp itself on the model: 0 = the plain model, 1 = the configured mode, in between the formula."""
 
+import glob
 import json
 import os
 import subprocess
@@ -12,9 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import eval_benchmarks
+from common import InputError
 from conftest import pydoc_documents, save_tiny_llama, save_tiny_tokenizer
-from data import ShardLoader, get_tokenizer
-from lm import load_lm
+from data import ShardLoader, get_tokenizer, read_shard
+from lm import OurGPT, load_lm
 from model import GPT, GPTConfig, rope_cos_sin
 from prepare import first_tokens_split, prepare_shards
 
@@ -115,6 +118,14 @@ def test_retrofit_analyses_next_to_its_original(llama, tmp_path):
     assert ours.bos_prefix == theirs.bos_prefix == [1] and ours.doc_separator == theirs.doc_separator == [1]
     assert not ours.uses_gpt2_tokens() and ours.eot == theirs.eot == 2
     assert ours.model.residual_alphas() == pytest.approx([1 - 1e-4 * 0.25] * 2, abs=1e-9)  # from iter_num
+    # the val shards (the HF tokenizer's tokens) evaluate both; a GPT-2 model is refused for them
+    val_shards = sorted(glob.glob(os.path.join(data, "*_val_*.bin")))
+    for lm in (ours, theirs):
+        (stream,), _ = eval_benchmarks.benchmark_tokens("fineweb_edu", val_shards, lm)
+        assert stream.tolist() == read_shard(val_shards[0]).tolist()
+    with pytest.raises(InputError, match=f"does not use the tokenizer '{hf_dir}'"):
+        eval_benchmarks.benchmark_tokens("fineweb_edu", val_shards, OurGPT(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8,
+                                                                                         block_size=8)), "gpt2-model"))
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(pydoc_documents()[:6]), encoding="utf-8")
     result = subprocess.run([sys.executable, "analyze.py", "--ckpt", out, "--hf", hf_dir, f"--data_files={text}",
