@@ -228,3 +228,32 @@ def test_checkpoint_loads_at_its_step_of_the_ramp(tmp_path):
     # no ramp recorded (older checkpoints, karpathy/nanoGPT's): the mode as configured
     torch.save({"model": model.state_dict(), "model_args": model.config.to_dict()}, tmp_path / "plain.pt")
     assert GPT.from_checkpoint(str(tmp_path / "plain.pt")).residual_alphas() == pytest.approx([0.3, 1.0, 0.3])
+
+
+def config_file(name, monkeypatch):
+    """The settings a config file sets (it runs with the repository root as the working directory)."""
+    monkeypatch.chdir(ROOT)
+    namespace = {}
+    exec(open(os.path.join("config", name)).read(), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("name, mode", [("llama_baseline.py", "none"), ("llama_cut.py", "cut"),
+                                        ("llama_gate.py", "gate")])
+def test_llama_configs_match_gpt2_124m_in_parameters_and_budget(name, mode, monkeypatch):
+    c, base = config_file(name, monkeypatch), config_file("baseline.py", monkeypatch)
+    fields = set(GPTConfig.__dataclass_fields__) - {"cut_layers"}
+    with torch.device("meta"):
+        llama = GPT(GPTConfig(**{k: v for k, v in c.items() if k in fields}))
+        gpt2 = GPT(GPTConfig(**{k: v for k, v in base.items() if k in fields}))
+    assert llama.config.arch == "llama" and llama.config.residual_mode == mode and c["tokenizer"] == "gpt2"
+    assert llama.num_params(False) == pytest.approx(gpt2.num_params(False), rel=0.005)  # 124.77M vs 124.48M
+    for key in ("data_dir", "total_batch_tokens", "max_iters", "learning_rate", "warmup_iters", "block_size"):
+        assert c[key] == base[key], key
+
+
+def test_retrofit_config(monkeypatch):
+    c = config_file("retrofit_smollm2.py", monkeypatch)
+    assert c["residual_mode"] == "gate" and 0 < c["attenuation_warmup_iters"] < c["max_iters"]
+    assert c["attenuation_warmup_iters"] > c["warmup_iters"]  # the lr warmup settles before the ramp is far along
+    assert c["max_iters"] * c["total_batch_tokens"] == pytest.approx(2.1e9, rel=0.01)
