@@ -45,7 +45,7 @@ import torch
 from common import (InputError, SettingError, atomic_write, check_out_dir, expand_globs, read_jsonl, run_main, set_threads,
                     write_json)
 from configurator import configure
-from data import first_windows, iter_documents, read_shard, read_shard_header, wikitext_articles
+from data import GPT2_NAME, first_windows, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
 from lens import METRICS, LensOptions, analyze_models, summary_table
 from lm import load_models
 from model import SCALAR_GATE_INIT_ALPHA, dtype_from_name
@@ -186,7 +186,7 @@ def text_windows(lm, documents, starts, length):
 
 
 def shard_windows(pattern, num_sequences, length, seed):
-    """[num_sequences, length] int64 windows at random offsets of GPT-2 token shards (within a shard)."""
+    """[num_sequences, length] int64 windows at random offsets of token shards (within a shard)."""
     paths = expand_globs(pattern, "token shards (--shards)")
     sizes = np.array([read_shard_header(p) for p in paths], dtype=np.int64)
     valid = np.maximum(sizes - length + 1, 0)  # window starts per shard
@@ -517,9 +517,11 @@ def token_windows(lms, settings):
     """One [num_sequences, seq_len + 1] token tensor per model: the same text (or shard windows) for all."""
     length = settings["seq_len"] + 1
     if settings["shards"]:
-        for lm in lms:
-            if not lm.uses_gpt2_tokens():
-                raise InputError(f"--shards hold GPT-2 tokens, but {lm.name} uses another tokenizer: "
+        name, tokenizer_id = shards_tokenizer(expand_globs(settings["shards"], "token shards (--shards)"))
+        for lm in lms:  # the shards' _done.json says whose tokens they are (none: GPT-2's)
+            if lm.tokenizer_id != tokenizer_id:
+                what = "GPT-2" if tokenizer_id == GPT2_NAME else repr(name)
+                raise InputError(f"--shards hold {what} tokens, but {lm.name} uses another tokenizer: "
                                  "give it text instead (--data_files or the default dataset)")
         if settings["windows"] == "first":
             windows = first_windows(settings["shards"], settings["num_sequences"], length)

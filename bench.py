@@ -2,7 +2,7 @@
 Throughput / memory benchmarks for nanoshift (not tests: numbers, printed as markdown).
 
     python bench.py                      # every section
-    python bench.py --section data       # one section: data | train | analyze | eval | threads | tracking | all
+    python bench.py --section data       # one section: data | train | train_llama | analyze | eval | threads | tracking | all
 
 data: the full prepare path (parquet documents -> tokenizer pool -> shards on disk)
 against the bare tokenizer (tiktoken encode_ordinary_batch) on the same text with
@@ -247,6 +247,58 @@ def bench_train(steps=1, repeats=13, warmup=2):
     machines are shared, and wall time there swings by 2x with other tenants' load (and two threads
     spin against each other), while a thread's CPU time does not; on an idle core the two are equal.
     """
+    shape = _train_shape()
+    _bench_train_models({name: {**shape, **residual} for name, residual in _RESIDUAL_MODES.items()},
+                        "tokens/s per residual mode", steps, repeats, warmup)
+
+
+_RESIDUAL_MODES = {
+    "none": dict(residual_mode="none"),
+    "cut (layer -1, alpha 0.5)": dict(residual_mode="cut", cut_layer=-1, cut_alpha=0.5),
+    "gate layer": dict(residual_mode="gate", gate_mode="layer"),
+    "gate token": dict(residual_mode="gate", gate_mode="token"),
+    "gate scalar": dict(residual_mode="gate", gate_mode="scalar"),
+}
+
+
+def _train_shape():
+    """GPT-2 124M on a GPU; on CPU 12 layers x 384 and an 8192-token vocabulary (bench_train says why)."""
+    if torch.cuda.is_available():
+        return dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
+    return dict(n_layer=12, n_head=6, n_embd=384, vocab_size=8192)
+
+
+def _matched_llama(shape):
+    """The llama of this shape (n_kv_head = n_head / 3, as config/llama_baseline.py) whose SwiGLU width (a
+    multiple of 64) brings its parameter count closest to the GPT-2 of the same shape."""
+    with torch.device("meta"):
+        target = GPT(GPTConfig(**shape)).num_params(non_embedding=False)
+        best = None
+        for width in range(64, 8 * shape["n_embd"] + 1, 64):
+            llama = dict(shape, arch="llama", bias=False, n_kv_head=shape["n_head"] // 3, intermediate_size=width)
+            gap = abs(GPT(GPTConfig(**llama)).num_params(non_embedding=False) - target)
+            if best is None or gap < best[0]:
+                best = (gap, llama)
+    return best[1]
+
+
+def bench_train_llama(steps=1, repeats=13, warmup=2):
+    """bench_train for arch='llama': GPT-2 and a llama of matched parameter count (config/llama_baseline.py's
+    recipe: n_kv_head = n_head / 3, the SwiGLU width that matches), then every residual mode on the llama.
+    Same shapes, batch, clock and method as bench_train."""
+    gpt2 = _train_shape()
+    llama = _matched_llama(gpt2)
+    models = {"gpt2, none": dict(gpt2, residual_mode="none")}
+    models.update({f"llama, {name}": {**llama, **residual} for name, residual in _RESIDUAL_MODES.items()})
+    _bench_train_models(models, f"llama (n_kv_head {llama['n_kv_head']}, SwiGLU {llama['intermediate_size']}) "
+                        f"vs gpt2 at matched parameters, and every residual mode on llama", steps, repeats,
+                        warmup, baseline="llama, none", first_column="model", show_params=True)
+
+
+def _bench_train_models(models, title, steps, repeats, warmup, baseline="none", first_column="residual mode",
+                        show_params=False):
+    """Time train.py's step for each {name: GPTConfig kwargs} and print the table (bench_train's method);
+    "vs" is against the model named baseline."""
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     clock = time.perf_counter if cuda else time.thread_time
@@ -254,26 +306,18 @@ def bench_train(steps=1, repeats=13, warmup=2):
     if not cuda:
         torch.set_num_threads(1)  # every op then runs in this thread, so thread_time sees all of it
     if cuda:
-        shape = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)
         B, T, dtype, compiled = 16, 1024, torch.bfloat16, True
     else:
-        shape = dict(n_layer=12, n_head=6, n_embd=384, vocab_size=8192)
         B, T, dtype, compiled = 4, 128, torch.float32, False
     ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    modes = {
-        "none": dict(residual_mode="none"),
-        "cut (layer -1, alpha 0.5)": dict(residual_mode="cut", cut_layer=-1, cut_alpha=0.5),
-        "gate layer": dict(residual_mode="gate", gate_mode="layer"),
-        "gate token": dict(residual_mode="gate", gate_mode="token"),
-        "gate scalar": dict(residual_mode="gate", gate_mode="scalar"),
-    }
+    vocab_size = next(iter(models.values()))["vocab_size"]
     generator = torch.Generator().manual_seed(0)
-    x, y = (torch.randint(0, shape["vocab_size"], (B, T), generator=generator).to(device) for _ in range(2))
+    x, y = (torch.randint(0, vocab_size, (B, T), generator=generator).to(device) for _ in range(2))
 
     runs = {}
-    for name, residual in modes.items():
+    for name, config in models.items():
         torch.manual_seed(0)  # the same initial weights for every mode (gates aside)
-        model = GPT(GPTConfig(block_size=T, **shape, **residual)).to(device)
+        model = GPT(GPTConfig(block_size=T, **config)).to(device)
         optimizer = model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device)
         forward = torch.compile(model) if compiled else model
         runs[name] = (model, forward, optimizer)
@@ -289,11 +333,11 @@ def bench_train(steps=1, repeats=13, warmup=2):
             optimizer.zero_grad(set_to_none=True)
         loss.item()  # wait for the device
 
-    for name in modes:
+    for name in models:
         train_steps(name, warmup)  # compile, allocator, thread pool
     # rounds: every mode once, the order rotated each round; "vs none" is the median over rounds of
     # the ratio within a round, which cancels load that drifts between rounds (a shared machine)
-    names = list(modes)
+    names = list(models)
     seconds = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -307,21 +351,25 @@ def bench_train(steps=1, repeats=13, warmup=2):
     rows = []
     for name, times in seconds.items():
         rate = tokens / statistics.median(times)
-        vs_none = statistics.median(t_none / t for t_none, t in zip(seconds["none"], times))
-        mfu = runs[name][0].flops_per_token(T) * rate / peak
+        vs_none = statistics.median(t_none / t for t_none, t in zip(seconds[baseline], times))
+        model = runs[name][0]
+        mfu = model.flops_per_token(T) * rate / peak
         spread = (max(times) - min(times)) / statistics.median(times)
-        rows.append([name, f"{rate:,.0f}", f"{vs_none:.1%}", f"{mfu:.1%}",
+        params = [f"{model.num_params(non_embedding=False) / 1e6:.2f}M"] if show_params else []
+        rows.append([name, *params, f"{rate:,.0f}", f"{vs_none:.1%}", f"{mfu:.1%}",
                      f"{1000 * statistics.median(times) / steps:.0f}", f"{spread:.0%}"])
     dtype_name = str(dtype).removeprefix("torch.")
     timing = "wall time" if cuda else "CPU time of 1 torch thread"
-    print(f"### train: tokens/s per residual mode ({_device_name(device)}, {os.cpu_count()} CPUs, "
+    shape = next(iter(models.values()))
+    print(f"### train: {title} ({_device_name(device)}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, {timing})\n")
     print(f"{shape['n_layer']} layers x {shape['n_embd']}, vocabulary {shape['vocab_size']}, {B} x {T} tokens per step, "
           f"{dtype_name}, "
           f"compile={compiled}; median of {repeats} rounds of {steps} step(s) per mode after {warmup} warm-up steps; "
           f"MFU against a measured {dtype_name} matmul peak of {peak / 1e12:.3f} TFLOP/s\n")
-    print(markdown_table(["residual mode", "tokens/s", "vs none (median ratio in a round)", "MFU", "ms / step",
-                          "spread (max-min)/median"], rows))
+    print(markdown_table([first_column, *(["parameters"] if show_params else []), "tokens/s",
+                          f"vs {baseline} (median ratio in a round)", "MFU", "ms / step", "spread (max-min)/median"],
+                         rows))
 
 
 # -----------------------------------------------------------------------------
@@ -528,6 +576,7 @@ def bench_tracking(repeats=3):
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
+    "train_llama": bench_train_llama,
     "analyze": bench_analyze,
     "eval": bench_eval,
     "threads": bench_threads,
@@ -535,7 +584,7 @@ SECTIONS = {
 }
 
 DEFAULTS = dict(
-    section="all",  # which benchmark: all | data | train | analyze | eval | threads | tracking
+    section="all",  # which benchmark: all | data | train | train_llama | analyze | eval | threads | tracking
 )
 
 

@@ -1,17 +1,36 @@
 """
-What training, analysis and evaluation read: the offline GPT-2 tokenizer, the token-shard format
-(read, validate, and the one writer of a shard file), the prepare manifest, the distributed,
-resumable batch loader, and documents from the hub or local files. The prepare pipeline that
-writes shards is prepare.py.
+What training, analysis and evaluation read: the tokenizers (the offline GPT-2 one, or a model's own
+HuggingFace tokenizer), the token-shard format (read, validate, and the one writer of a shard file),
+the prepare manifest, the distributed, resumable batch loader, and documents from the hub or local
+files. The prepare pipeline that writes shards is prepare.py.
 
-Shard format (llm.c / modded-nanogpt compatible):
-    256 x int32 little-endian header: [0] magic 20240520, [1] version 1,
-    [2] number of tokens; then that many uint16 little-endian tokens.
+Tokenizers (get_tokenizer): None / 'gpt2' is the exact GPT-2 BPE (tiktoken, from pinned local files);
+any other name is a HuggingFace tokenizer dir or hub name (transformers.AutoTokenizer, an optional
+dependency). Both have one small interface, the one the prepare pipeline and lm.py use:
+    name            what the user gave ('gpt2', a folder, a hub name)
+    tokenizer_id    identity: equal ids give equal tokens for equal text ('gpt2', or 'hf-sha256:...' from
+                    the vocabulary, the encoding of a probe text and the separator; an HF tokenizer that
+                    encodes exactly like GPT-2 is 'gpt2' too)
+    n_vocab         every id is < n_vocab
+    encode_ordinary(text) -> ids, never adding special tokens; special-token text stays ordinary text
+    decode(ids) -> text
+    eot_token       the end-of-text id (GPT-2's <|endoftext|> 50256; an HF tokenizer's EOS, or None)
+    doc_separator   the id placed before every document in a shard: GPT-2's EOT 50256; for an HF
+                    tokenizer its BOS if it has one (what Llama-family models see at a text's start),
+                    else its EOS
+    bos_prefix      ids the tokenizer puts before a text by default ([] for GPT-2; [BOS] for Llama)
+
+Shard format (version 1 is llm.c / modded-nanogpt compatible):
+    256 x int32 little-endian header: [0] magic 20240520, [1] version, [2] number of tokens;
+    version 1: then that many uint16 little-endian tokens (every vocabulary up to 65,536 ids);
+    version 2: [3] bytes per token (2 or 4), then that many little-endian unsigned tokens of that
+    width (write_shard uses it, with 4, only for vocabularies above 65,536: Llama-3's 128k).
     Files are named {dataset}_{split}_{index:06d}.bin.
 
 Quick use:
     from data import get_tokenizer, ShardLoader
-    enc = get_tokenizer()                       # works with no internet
+    enc = get_tokenizer()                       # GPT-2; works with no internet
+    enc = get_tokenizer("path/to/hf_model")     # that model's own tokenizer
     loader = ShardLoader("data/demo/*_train_*.bin", batch_size=8, seq_len=256)
     x, y = loader.next_batch()                  # int64 [8, 256], y = x shifted by one
 """
@@ -79,14 +98,40 @@ def _gpt2_byte_decoder():
     return decoder
 
 
+GPT2_NAME = "gpt2"
+# covers words, numbers, punctuation, unicode, runs of spaces and newlines: where tokenizers differ
+TOKENIZER_PROBE = "Hello world! It's 1999: naïve café, 3.14 + x**2 -- \"ok\"\n\n   indented\tend. 日本語"
+
+
+def get_tokenizer(name=None):
+    """The tokenizer called name (module docstring): None or 'gpt2' is the offline GPT-2 BPE (a tiktoken
+    Encoding), anything else an HF tokenizer dir or hub name (HFTokenizer). Cached: one per name."""
+    return _load_tokenizer(GPT2_NAME if name is None else str(name))
+
+
 @functools.lru_cache(maxsize=None)
-def get_tokenizer(bpe_dir=None):
+def _load_tokenizer(name):
+    return _gpt2_encoding() if name == GPT2_NAME else HFTokenizer.load(name)
+
+
+get_tokenizer.cache_clear = _load_tokenizer.cache_clear
+
+
+class Gpt2Encoding(tiktoken.Encoding):
+    """tiktoken's 'gpt2' Encoding with the rest of the tokenizer interface."""
+
+    tokenizer_id = GPT2_NAME
+    doc_separator = EOT_TOKEN
+    bos_prefix = ()
+
+
+def _gpt2_encoding():
     """The tiktoken 'gpt2' Encoding, built from local hash-checked files (never downloads).
 
     Same construction as tiktoken.load.data_gym_to_mergeable_bpe_ranks, but reading the
     local files directly so tiktoken's download cache is never consulted or written.
     """
-    bpe_dir = bpe_dir or default_bpe_dir()
+    bpe_dir = default_bpe_dir()
     vocab_bpe = _read_pinned(os.path.join(bpe_dir, "vocab.bpe"), GPT2_BPE_FILES["vocab.bpe"]).decode()
     encoder_json = json.loads(_read_pinned(os.path.join(bpe_dir, "encoder.json"), GPT2_BPE_FILES["encoder.json"]))
     byte_decoder = _gpt2_byte_decoder()
@@ -100,19 +145,111 @@ def get_tokenizer(bpe_dir=None):
     from_json = {to_bytes(k): v for k, v in encoder_json.items() if k != "<|endoftext|>"}
     if from_json != ranks:
         raise ValueError(f"{bpe_dir}: encoder.json disagrees with vocab.bpe")
-    return tiktoken.Encoding(
-        name="gpt2",
+    return Gpt2Encoding(
+        name=GPT2_NAME,
         pat_str=GPT2_PAT_STR,
         mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": EOT_TOKEN},
         explicit_n_vocab=GPT2_VOCAB_SIZE,
     )
 
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind the interface above (module docstring).
+
+    Works in forked prepare workers: encoding one text at a time never starts the Rust tokenizer's
+    thread pool, and prepare.py sets TOKENIZERS_PARALLELISM=false before it forks (so no lock can be
+    inherited in a held state).
+    """
+
+    def __init__(self, tokenizer, name):
+        self.hf, self.name = tokenizer, str(name)
+        vocab = tokenizer.get_vocab()
+        self.n_vocab = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+        self.eot_token = tokenizer.eos_token_id
+        bos = tokenizer.bos_token_id
+        self.doc_separator = bos if bos is not None else tokenizer.eos_token_id  # None: no way to separate
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        default = tokenizer("a")["input_ids"]
+        suffix_ok = len(default) > len(plain) and default[len(default) - len(plain):] == plain
+        self.bos_prefix = tuple(default[:len(default) - len(plain)]) if suffix_ok else ()
+        self._vocab_items = sorted(vocab.items())
+        self._id = None
+
+    @classmethod
+    def load(cls, name):
+        try:
+            import transformers
+        except ImportError:
+            raise ImportError(f"the tokenizer {name!r} needs the optional package transformers (pip install "
+                              "transformers); only the GPT-2 tokenizer ('gpt2') works without it") from None
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        except Exception as e:  # OSError (no files, offline), ValueError (no tokenizer class), ...
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            hint = " (HF_HUB_OFFLINE=1: give a local folder saved with save_pretrained)" if offline else ""
+            raise InputError(f"could not load the tokenizer {name!r}{hint}: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from e
+        if len(tokenizer) < 2:  # transformers builds an empty tokenizer when a folder has no vocabulary files
+            raise InputError(f"{name!r} holds no tokenizer (no vocabulary files)")
+        return cls(tokenizer, name)
+
+    def encode_ordinary(self, text):
+        return self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def decode(self, ids):
+        return self.hf.decode(list(ids))
+
+    @property
+    def tokenizer_id(self):
+        """'gpt2' if this tokenizer encodes exactly like GPT-2, else a hash of what decides its tokens."""
+        if self._id is None:
+            probe = self.encode_ordinary(TOKENIZER_PROBE)
+            if self.n_vocab == GPT2_VOCAB_SIZE and self.doc_separator == EOT_TOKEN and _is_gpt2_encoding(probe):
+                self._id = GPT2_NAME
+            else:
+                blob = json.dumps([self._vocab_items, probe, self.doc_separator], ensure_ascii=False).encode()
+                self._id = "hf-sha256:" + hashlib.sha256(blob).hexdigest()[:16]
+        return self._id
+
+
+def _is_gpt2_encoding(probe_ids):
+    try:
+        return list(probe_ids) == get_tokenizer().encode_ordinary(TOKENIZER_PROBE)
+    except (OSError, ValueError):  # the GPT-2 files are not installed: cannot be compared, so not GPT-2
+        return False
+
+
+def manifest_tokenizer(manifest):
+    """(name, tokenizer_id, vocab_size) of the tokenizer a prepare manifest records. Manifests written
+    before tokenizers were recorded in full say only "tokenizer": "gpt2"."""
+    name = manifest.get("tokenizer", GPT2_NAME)
+    default_vocab = GPT2_VOCAB_SIZE if name == GPT2_NAME else None
+    return name, manifest.get("tokenizer_id", name), manifest.get("vocab_size", default_vocab)
+
+def shards_tokenizer(paths):
+    """(name, tokenizer_id) of the tokenizer that token shards hold, from the prepare manifest in their
+    folder; shards without one (llm.c's, or written by hand) are taken to be GPT-2's. InputError if the
+    shards come from folders of different tokenizers."""
+    found = {}
+    for folder in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+        manifest = read_manifest(folder)
+        name, tokenizer_id, _ = manifest_tokenizer(manifest) if manifest else (GPT2_NAME, GPT2_NAME, None)
+        found.setdefault(tokenizer_id, (name, folder))
+    if len(found) > 1:
+        listing = ", ".join(f"{folder}: {name!r}" for name, folder in found.values())
+        raise InputError(f"the token shards come from prepares with different tokenizers ({listing})")
+    (tokenizer_id, (name, _)), = found.items()
+    return name, tokenizer_id
+
 # -----------------------------------------------------------------------------
 # Shard format
 
 SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
+SHARD_VERSION = 1  # uint16 tokens, llm.c's format
+SHARD_VERSION_WIDE = 2  # header[3] = bytes per token
+TOKEN_DTYPES = {2: "<u2", 4: "<u4"}  # bytes per token -> little-endian unsigned dtype
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TEMP_SUFFIX = ".tmp"  # in-progress files are "<name>.<pid>.tmp" (common.atomic_write); never matched by *.bin
@@ -127,18 +264,31 @@ def shard_name(dataset, split, index):
     return f"{dataset}_{split}_{index:06d}.bin"
 
 
-def write_shard(path, tokens):
-    """Write uint16 tokens as a shard, atomically: temp file in the same dir, then os.replace."""
+def token_bytes_for(vocab_size):
+    """Bytes per token that a shard of this vocabulary needs: 2 (version 1, llm.c's) up to 65,536 ids, else 4."""
+    return 2 if vocab_size <= 2**16 else 4
+
+
+def write_shard(path, tokens, token_bytes=2):
+    """Write tokens as a shard, atomically: temp file in the same dir, then os.replace.
+
+    token_bytes=2: a version-1 shard of uint16 tokens (llm.c's format); 4: a version-2 shard of uint32.
+    """
+    if token_bytes not in TOKEN_DTYPES:
+        raise ValueError(f"token_bytes must be one of {list(TOKEN_DTYPES)}, got {token_bytes!r}")
+    dtype = np.dtype(TOKEN_DTYPES[token_bytes])
     tokens = np.asarray(tokens)
-    if tokens.dtype != np.uint16:
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
-            raise ValueError(f"{path}: tokens do not fit in uint16")
-        tokens = tokens.astype(np.uint16)
+    if tokens.dtype != dtype:
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** (8 * token_bytes)):
+            raise ValueError(f"{path}: tokens do not fit in {8 * token_bytes}-bit shard tokens")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    if token_bytes == 2:
+        header[:3] = (SHARD_MAGIC, SHARD_VERSION, len(tokens))
+    else:
+        header[:4] = (SHARD_MAGIC, SHARD_VERSION_WIDE, len(tokens), token_bytes)
     with atomic_write(path, "wb") as f:  # the data is on disk before the name says the shard is complete
         f.write(header.tobytes())
-        f.write(tokens.astype("<u2", copy=False).tobytes())
+        f.write(tokens.astype(dtype, copy=False).tobytes())
 
 
 def read_manifest(data_dir):
@@ -155,6 +305,11 @@ def read_manifest(data_dir):
 
 def read_shard_header(path):
     """Check magic, version and file size; return the token count."""
+    return shard_info(path)[0]
+
+
+def shard_info(path):
+    """Check magic, version, token width and file size; return (token count, bytes per token)."""
     try:
         file_size = os.path.getsize(path)
     except OSError as e:
@@ -162,22 +317,30 @@ def read_shard_header(path):
     if file_size < HEADER_BYTES:
         raise ShardError(f"{path}: file is {file_size} bytes, smaller than the {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    magic, version, num_tokens = (int(v) for v in header[:3])
+    magic, version, num_tokens, width = (int(v) for v in header[:4])
     if magic != SHARD_MAGIC:
         raise ShardError(f"{path}: wrong magic number {magic} (expected {SHARD_MAGIC}); not a token shard")
-    if version != SHARD_VERSION:
-        raise ShardError(f"{path}: unsupported shard version {version} (expected {SHARD_VERSION})")
-    expected_size = HEADER_BYTES + 2 * num_tokens
+    if version == SHARD_VERSION:
+        token_bytes = 2
+    elif version == SHARD_VERSION_WIDE:
+        if width not in TOKEN_DTYPES:
+            raise ShardError(f"{path}: version-2 shard with {width} bytes per token (expected one of "
+                             f"{list(TOKEN_DTYPES)}); corrupt")
+        token_bytes = width
+    else:
+        raise ShardError(f"{path}: unsupported shard version {version} (expected {SHARD_VERSION} or "
+                         f"{SHARD_VERSION_WIDE})")
+    expected_size = HEADER_BYTES + token_bytes * num_tokens
     if num_tokens < 0 or file_size != expected_size:
         raise ShardError(f"{path}: file is {file_size} bytes but the header says {num_tokens} tokens "
                          f"({expected_size} bytes); truncated or corrupt")
-    return num_tokens
+    return num_tokens, token_bytes
 
 
 def read_shard(path):
-    """The shard's tokens as a read-only uint16 memmap (nothing is loaded until indexed)."""
-    num_tokens = read_shard_header(path)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
+    """The shard's tokens as a read-only memmap, uint16 or uint32 (nothing is loaded until indexed)."""
+    num_tokens, token_bytes = shard_info(path)
+    return np.memmap(path, dtype=TOKEN_DTYPES[token_bytes], mode="r", offset=HEADER_BYTES, shape=(num_tokens,))
 
 
 def first_windows(pattern, n, length):

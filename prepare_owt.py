@@ -1,5 +1,5 @@
 """
-OpenWebText -> GPT-2 uint16 token shards for train.py / eval_benchmarks.py.
+OpenWebText -> token shards for train.py / eval_benchmarks.py (GPT-2 tokens; --tokenizer for another).
 
     python prepare_owt.py                              # Skylion007/openwebtext (parquet export) -> data/openwebtext
     python prepare_owt.py --streaming --max_tokens 100_000_000

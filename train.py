@@ -25,16 +25,24 @@ with status 2 and a message naming it.
 
 init_from: 'scratch'; 'resume' continues out_dir/ckpt.pt exactly (same losses and weights as a run
 that was never stopped); 'auto' resumes if that file exists, else starts from scratch (for requeued
-jobs); 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' or a local HuggingFace GPT-2 directory
-fine-tunes those weights with the configured residual mode. A new run (scratch or pretrained) into
-an out_dir that already holds ckpt.pt is refused unless --overwrite=True.
+jobs); 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub name ('HuggingFaceTB/SmolLM2-360M') or a
+local HuggingFace GPT-2 or Llama directory continues training those weights with the configured
+residual mode (a retrofit; attenuation_warmup_iters > 0 makes step 0 the pretrained model and brings
+the attenuation in linearly). A new run (scratch or pretrained) into an out_dir that already holds
+ckpt.pt is refused unless --overwrite=True.
+
+Tokenizers: the model reads the tokens of its own tokenizer (the `tokenizer` setting for a scratch run,
+GPT-2's for GPT-2 weights, the HF directory's own for Llama weights); data prepared with another one
+(its _done.json says which) is refused with exit 2 naming both. A run with an HF tokenizer copies it
+into out_dir/tokenizer, so analyze.py and eval_benchmarks.py read the checkpoint with it.
 
 Outputs in out_dir (rank 0 writes):
     ckpt.pt    the latest state, written at every eval (so at the end) and on SIGTERM/SIGUSR1: 'model'
                (unwrapped state dict) and 'model_args' (GPTConfig.to_dict(); GPT.from_checkpoint reads
                these two), 'optimizer', 'scaler', 'iter_num', 'best_val_loss', 'loader' (train data
                position), 'rng' (python/numpy/torch/cuda states of every rank), 'config' (all settings),
-               'weights_from' ('scratch' or the pretrained weights the run started from). With
+               'weights_from' ('scratch' or the pretrained weights the run started from), 'tokenizer'
+               ({'name', 'id', 'vocab_size'} of the tokenizer the model reads). With
                save_optimizer_at_end=False the final one (max_iters reached) holds the weights only.
     best.pt    the weights (no optimizer) of the eval with the lowest val loss so far (save_best); a hard
                link to ckpt.pt, not a copy, when the final weights-only ckpt.pt is that eval
@@ -64,6 +72,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import sys
 import time
@@ -79,10 +89,10 @@ import checkpoint
 from common import (InputError, NanoshiftError, SettingError, atomic_write, check_out_dir, exit_with, read_jsonl,
                     report_uncaught_errors, set_threads)
 from configurator import configure_or_exit
-from data import GPT2_VOCAB_SIZE, MANIFEST_NAME, ShardLoader, first_windows, read_manifest
+from data import GPT2_NAME, MANIFEST_NAME, ShardLoader, first_windows, get_tokenizer, manifest_tokenizer, read_manifest
 from lens import LensOptions, lens_sums, summarise
 from lm import OurGPT
-from model import GPT, GPTConfig, dtype_from_name
+from model import GPT, GPTConfig, attenuation_ramp, dtype_from_name
 
 report_uncaught_errors()  # bad data found mid-run (common.InputError): one line and exit 1, not a traceback
 
@@ -91,7 +101,7 @@ _names_before_settings = set(globals())
 # default settings: GPT-2 124M on FineWeb-Edu (config/baseline.py spells the paper's run out)
 # I/O
 out_dir = "out"  # folder for ckpt.pt, best.pt and log.jsonl
-init_from = "scratch"  # 'scratch' | 'resume' | 'auto' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | HF dir
+init_from = "scratch"  # 'scratch' | 'resume' | 'auto' | 'gpt2' | 'gpt2-medium' | 'gpt2-large' | 'gpt2-xl' | HF GPT-2/Llama dir or hub name
 overwrite = False  # let a new run (scratch or pretrained) replace the run already in out_dir
 eval_interval = 250  # iterations between evals; every eval also writes ckpt.pt
 eval_tokens = 2**23  # global val tokens per eval (8.4M): the first ones of the val split, the same every time
@@ -109,6 +119,7 @@ data_dir = "data/fineweb_edu"  # folder of token shards written by prepare_finew
 train_pattern = "*_train_*.bin"  # glob of the train shards inside data_dir
 val_pattern = "*_val_*.bin"  # glob of the val shards inside data_dir
 require_manifest = True  # refuse a data_dir without the prepare's _done.json (False: shards from llm.c etc.)
+tokenizer = "gpt2"  # a scratch model's tokenizer ('gpt2' or an HF dir / hub name); pretrained weights bring their own
 # batch
 batch_size = 32  # sequences per micro-step per rank
 block_size = 1024  # tokens per sequence (and the model's context length)
@@ -135,6 +146,7 @@ cut_alpha = 0.5  # cut: alpha at the cut layer(s), in (0, 1]
 gate_mode = "layer"  # gate: 'layer' (the paper's) | 'token' | 'scalar'
 gate_alpha_min = 0.5  # gate: alpha_l = 1 - (1 - gate_alpha_min) * p_l, in [0, 1)
 gate_lr_mult = 1.0  # gate: the gate parameters' learning rate is learning_rate * gate_lr_mult
+attenuation_warmup_iters = 0  # ramp: effective alpha = 1 - min(1, iter / this) * (1 - alpha); 0 = full from step 0
 # AdamW
 learning_rate = 6e-4  # peak learning rate
 min_lr = 6e-5  # learning rate at the end of the schedule, in [0, learning_rate]
@@ -164,6 +176,7 @@ globals().update(config)
 # -----------------------------------------------------------------------------
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # 'org/model' (a local path of that form is tried first)
 # settings a fine-tune takes from the configuration (its shape comes from the pretrained weights)
 RESIDUAL_KEYS = ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")
 # settings that only act in some residual modes: {setting: the modes it acts in}
@@ -173,13 +186,15 @@ MODE_SETTINGS = {"cut_layer": ("cut",), "cut_alpha": ("cut",), "gate_mode": ("ga
 
 def check_settings(c):
     """Every check that needs no data or model, so a typo costs seconds, not a queue slot (SettingError)."""
-    if c["init_from"] not in ("scratch", "resume", "auto") + GPT2_NAMES and not os.path.isdir(c["init_from"]):
+    if (c["init_from"] not in ("scratch", "resume", "auto") + GPT2_NAMES and not os.path.isdir(c["init_from"])
+            and not HUB_NAME.fullmatch(c["init_from"])):
         raise SettingError(f"init_from={c['init_from']!r}: expected 'scratch', 'resume', 'auto', one of "
-                           f"{GPT2_NAMES} or a local HuggingFace GPT-2 directory")
+                           f"{GPT2_NAMES}, a local HuggingFace GPT-2 or Llama directory, or a hub name 'org/model'")
     for key in ("batch_size", "block_size", "total_batch_tokens", "eval_interval", "eval_tokens", "log_interval"):
         if c[key] <= 0:
             raise SettingError(f"{key} must be positive, got {c[key]}")
-    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "threads", "track_sequences"):
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "weight_decay", "grad_clip", "threads",
+                "attenuation_warmup_iters", "track_sequences"):
         if c[key] < 0:
             raise SettingError(f"{key} must be >= 0, got {c[key]}")
     if not c["learning_rate"] > 0 or not 0 <= c["min_lr"] <= c["learning_rate"]:
@@ -340,7 +355,7 @@ if wandb_log and master:
     except ImportError:
         exit_with(SettingError("wandb_log=True but wandb is not installed (pip install wandb)"))
 
-# the model: scratch, the checkpoint to resume, or pretrained GPT-2 weights
+# the model: scratch, the checkpoint to resume, or pretrained GPT-2 / Llama weights
 torch.manual_seed(seed + rank)  # rank 0's initial weights are broadcast by DDP; dropout differs per rank
 random.seed(seed + rank)
 np.random.seed(seed + rank)
@@ -351,15 +366,64 @@ elif init_from == "resume":
 else:
     try:
         model = GPT.from_pretrained(init_from, **{k: config[k] for k in RESIDUAL_KEYS})
-    except (OSError, ValueError) as e:  # not on the hub / not in the local cache, or not a GPT-2
+    except (OSError, ValueError) as e:  # not on the hub / not in the local cache, or not a GPT-2 / Llama
         exit_with(SettingError(f"init_from={init_from!r}: {e}"))
     model_args = model.config.to_dict()
 if block_size > model.config.block_size:  # pretrained weights bring their own context length
     exit_with(SettingError(f"block_size={block_size} is longer than the model's context of {model.config.block_size}"))
-manifest = read_manifest(data_dir)
-if manifest is not None and manifest.get("tokenizer") == "gpt2" and model.config.vocab_size < GPT2_VOCAB_SIZE:
-    exit_with(SettingError(f"{data_dir} holds GPT-2 tokens (ids up to {GPT2_VOCAB_SIZE - 1}) but the model's "
-                           f"vocab_size is {model.config.vocab_size}"))
+
+
+def model_tokenizer():
+    """({'name', 'id', 'vocab_size'} of the tokenizer this model reads, the HFTokenizer to copy into out_dir
+    or None): a resume's recorded one, GPT-2's for GPT-2 weights, a Llama dir's own (else the `tokenizer`
+    setting), a scratch model's `tokenizer` setting."""
+    if init_from == "resume":
+        return checkpoint_in.get("tokenizer") or {"name": GPT2_NAME, "id": GPT2_NAME, "vocab_size": 50257}, None
+    name = tokenizer
+    if init_from != "scratch":
+        name = GPT2_NAME
+        if model.config.arch == "llama":
+            try:
+                enc = get_tokenizer(init_from)
+                return {"name": init_from, "id": enc.tokenizer_id, "vocab_size": enc.n_vocab}, enc
+            except (InputError, ImportError) as e:
+                name = tokenizer
+                if master:
+                    print(f"note: init_from={init_from!r} has no usable tokenizer ({e}); the model's tokenizer is "
+                          f"tokenizer={tokenizer!r}", file=sys.stderr)
+    if name == GPT2_NAME:  # no need to build it to know what it is
+        return {"name": GPT2_NAME, "id": GPT2_NAME, "vocab_size": 50257}, None
+    try:
+        enc = get_tokenizer(name)
+    except (InputError, ImportError) as e:
+        raise SettingError(f"tokenizer={name!r}: {e}") from e
+    return {"name": name, "id": enc.tokenizer_id, "vocab_size": enc.n_vocab}, enc
+
+
+def check_tokenizer(manifest):
+    """The data must be the model's tokens: the same tokenizer, and ids the model can embed (SettingError)."""
+    if tokenizer_info["vocab_size"] > model.config.vocab_size:
+        raise SettingError(f"the model's tokenizer {tokenizer_info['name']!r} has {tokenizer_info['vocab_size']:,} "
+                           f"ids but the model's vocab_size is {model.config.vocab_size:,}")
+    if manifest is None:
+        return
+    data_name, data_id, data_vocab = manifest_tokenizer(manifest)
+    if data_id != tokenizer_info["id"]:
+        raise SettingError(f"tokenizer mismatch: {data_dir} was tokenized with {data_name!r} ({data_id}) but the "
+                           f"model reads {tokenizer_info['name']!r} tokens ({tokenizer_info['id']}). Prepare the data "
+                           f"with --tokenizer={tokenizer_info['name']} (or, for a scratch model, set "
+                           f"--tokenizer={data_name})")
+    if data_vocab is not None and data_vocab > model.config.vocab_size:
+        raise SettingError(f"{data_dir} holds {data_name!r} tokens (ids up to {data_vocab - 1:,}) but the model's "
+                           f"vocab_size is {model.config.vocab_size:,}")
+
+
+try:
+    tokenizer_info, tokenizer_to_save = model_tokenizer()
+    check_tokenizer(read_manifest(data_dir))
+except NanoshiftError as e:
+    exit_with(e)
+tokenizer_dir = os.path.join(out_dir, "tokenizer")  # a copy of an HF tokenizer, next to the checkpoints
 train_loader.vocab_size = val_loader.vocab_size = model.config.vocab_size  # every batch checked (cheap)
 raw_model = model  # the unwrapped module: its state_dict has no '_orig_mod.' / 'module.' prefixes
 
@@ -417,6 +481,11 @@ def get_lr(it):
     if it < decay_start:  # wsd: stable at the peak, then a linear decay to min_lr
         return learning_rate
     return learning_rate + (min_lr - learning_rate) * (it - decay_start) / (decay_end - decay_start)
+
+
+def attenuation_at(it):
+    """The attenuation ramp (model.set_attenuation): a function of the iteration only, so a resume is exact."""
+    return attenuation_ramp(it, attenuation_warmup_iters)
 
 
 @torch.no_grad()
@@ -513,11 +582,13 @@ def save(is_best, final=False):
     if not master:
         return
     weights = {"model": raw_model.state_dict(), "model_args": model_args, "iter_num": iter_num,
-               "best_val_loss": best_val_loss, "config": config, "weights_from": weights_from}
+               "best_val_loss": best_val_loss, "config": config, "weights_from": weights_from,
+               "tokenizer": tokenizer_info}
     state = dict(weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                  loader=train_loader.state_dict(), rng=rng) if full else weights
     try:
         checkpoint.save_checkpoint(state, ckpt_path)
+        save_tokenizer_files()
         if replacing_old_run:
             finish_replacing_old_run()
         if is_best:
@@ -530,6 +601,19 @@ def save(is_best, final=False):
     last_saved = (ckpt_path, iter_num)
     print(f"saved {ckpt_path} at iter {iter_num}" + (" (and best.pt)" if is_best else "")
           + ("" if full else ", weights only"))
+
+
+def save_tokenizer_files():
+    """With a new run's first checkpoint: a copy of its HF tokenizer in out_dir/tokenizer (replacing an old one)."""
+    global tokenizer_to_save
+    if tokenizer_to_save is None:
+        return
+    tmp = f"{tokenizer_dir}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer_to_save.hf.save_pretrained(tmp)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    os.replace(tmp, tokenizer_dir)
+    tokenizer_to_save = None
 
 
 def open_log():
@@ -606,7 +690,8 @@ except (NanoshiftError, OSError) as e:
     exit_with(e if isinstance(e, NanoshiftError) else InputError(f"cannot write the log in {out_dir}: {e}"))
 if wandb is not None:
     wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)), config=config)
-log({"type": "run", "iter": iter_num, "init_from": init_from, "weights_from": weights_from, "world_size": world_size,
+log({"type": "run", "iter": iter_num, "init_from": init_from, "weights_from": weights_from, "tokenizer": tokenizer_info,
+     "attenuation": attenuation_at(iter_num), "attenuation_warmup_iters": attenuation_warmup_iters, "world_size": world_size,
      "grad_accum_steps": grad_accum_steps, "device": device, "dtype": dtype, "compile": use_compile,
      "threads": torch.get_num_threads(), "n_params": raw_model.num_params(), "flops_per_token": flops_per_token,
      "peak_flops": peak_flops, "eval_tokens": eval_steps * micro_tokens, "model_args": model_args, "config": config})
@@ -645,6 +730,8 @@ while end_reason is None:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
+    attenuation = attenuation_at(iter_num)
+    raw_model.set_attenuation(attenuation)
 
     # (1) eval + checkpoint (the first boundary of a run only evaluates: there is nothing new to save)
     if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
@@ -654,7 +741,7 @@ while end_reason is None:
         improved = val_loss < best_val_loss
         best_val_loss = min(best_val_loss, val_loss)
         row = {"type": "eval", "iter": iter_num, "tokens": iter_num * total_batch_tokens, "val_loss": val_loss,
-               "best_val_loss": best_val_loss, "lr": lr, "alphas": alphas()}
+               "best_val_loss": best_val_loss, "lr": lr, "attenuation": attenuation, "alphas": alphas()}
         if track_windows is not None:
             row["alignment"] = track_alignment_now()
             row["misalignment"] = row["alignment"]["misalignment"]  # top level: wandb logs the numbers of a row
@@ -714,7 +801,7 @@ while end_reason is None:
         log({"type": "train", "iter": iter_num, "tokens": (iter_num + 1) * total_batch_tokens, "loss": step_loss,
              "lr": lr, "grad_norm": None if grad_norm is None else grad_norm.item(), "dt_ms": round(dt * 1000, 2),
              "tokens_per_sec": round(tokens_per_sec, 1), "mfu": None if mfu is None else round(mfu, 5),
-             "alphas": step_alphas})
+             "attenuation": attenuation, "alphas": step_alphas})
         if master:
             print(f"iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms, "
                   f"{tokens_per_sec:,.0f} tok/s" + ("" if mfu is None else f", mfu {mfu:.1%}"))

@@ -18,9 +18,6 @@ from prepare import first_tokens_split, prepare_shards  # noqa: E402
 # Real multi-paragraph prose with what trips tokenisers up: unicode, digits, code,
 # odd whitespace, a literal "<|endoftext|>" that must stay ordinary text, and
 # documents with no text at all (skipped).
-# Real multi-paragraph prose with what trips tokenisers up: unicode, digits, code,
-# odd whitespace, a literal "<|endoftext|>" that must stay ordinary text, and
-# documents with no text at all (skipped).
 DOCUMENTS = [
     "The Tragedy of Hamlet, Prince of Denmark\n\nACT I. Scene I. Elsinore. A platform before the castle.\n\n"
     "Bernardo. Who's there?\nFrancisco. Nay, answer me: stand, and unfold yourself.\n",
@@ -59,12 +56,65 @@ def write_checkpoint(model, folder, name="ckpt.pt", **extra):
     return str(folder)
 
 
+def pydoc_documents():
+    """The ~80 sections of Python's language reference (ships with CPython): real English prose."""
+    return [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
+
+
+def save_tiny_tokenizer(folder, texts=None, vocab_size=400, bos=True, words=None):
+    """A small HF tokenizer, built offline and saved with save_pretrained in folder; returns the folder.
+
+    Default: a byte-level BPE trained on texts (default: the pydoc prose), Llama-style: <s> (BOS, put
+    before every text by default), </s> (EOS), <unk>. bos=False: no BOS token (then </s> separates
+    documents). words: a WordLevel vocabulary of these words instead (whitespace split), for large vocabularies.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] if bos else ["<unk>", "</s>"]
+    if words is not None:
+        vocab = {t: i for i, t in enumerate(specials + list(words))}
+        tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts or pydoc_documents(), trainer)
+    kwargs = dict(eos_token="</s>", unk_token="<unk>")
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        kwargs["bos_token"] = "<s>"
+    PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs).save_pretrained(str(folder))
+    return str(folder)
+
+
+def save_tiny_llama(folder, vocab_size, seed=0, n_layer=2, hidden=32, heads=4, kv_heads=2, tied=False):
+    """A random tiny transformers LlamaForCausalLM saved in folder (next to a tokenizer, if one is there);
+    every weight moved off its init so a wrong import shows. Returns the HF model (eval mode)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   intermediate_size=2 * hidden + 8, num_hidden_layers=n_layer, vocab_size=vocab_size,
+                                   max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=tied,
+                                   bos_token_id=1, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(str(folder))
+    return hf
+
+
 @pytest.fixture(scope="session")
 def prose_shards(tmp_path_factory):
     """Shards of real English prose: the ~80 sections of Python's language reference (ships with CPython),
     written by prepare.py's shard writer (a finished prepare: _done.json); the first ~8k tokens are the
     val split. Returns the folder."""
     out = tmp_path_factory.mktemp("pydoc_shards")
-    documents = [pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics)]
-    prepare_shards(documents, str(out), "pydoc", first_tokens_split(8000), shard_tokens=40_000, progress=False)
+    prepare_shards(pydoc_documents(), str(out), "pydoc", first_tokens_split(8000), shard_tokens=40_000, progress=False)
     return str(out)

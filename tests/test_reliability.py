@@ -24,6 +24,7 @@ import analyze
 import eval_benchmarks
 from checkpoint import load_checkpoint
 from common import InputError
+from data import read_shard, write_shard
 from conftest import tiny_gpt, write_checkpoint
 from lm import load_lm
 from model import GPT
@@ -106,16 +107,25 @@ def test_scratch_into_a_finished_run_is_refused_and_changes_nothing(finished, pr
     assert digests(out) == before
 
 
+def corrupt_data(prose_shards, folder, token=60000):
+    """The prose shards without their manifest (llm.c-style), the val shard's first token set to `token`:
+    an id no GPT-2 model has, as a shard from another tool or a damaged file can hold."""
+    shutil.copytree(prose_shards, folder)
+    os.remove(os.path.join(folder, "_done.json"))
+    (val,) = glob.glob(os.path.join(folder, "*_val_*.bin"))
+    tokens = np.array(read_shard(val))
+    tokens[0] = token
+    write_shard(val, tokens)
+    return str(folder), val
+
+
 def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(finished, prose_shards, tmp_path):
     out = copy_run(finished, tmp_path / "run")
     before = digests(out)
-    # a new run that dies at its first step (tokens outside a 1000-token vocabulary, no manifest check)
-    os.makedirs(tmp_path / "data")
-    for path in glob.glob(os.path.join(prose_shards, "*.bin")):
-        shutil.copy(path, tmp_path / "data")
-    result = train(out, tmp_path / "data", "--max_iters=4", "--overwrite=True", "--vocab_size=1000",
-                   "--require_manifest=False", expect=1)
-    assert "is >= vocab_size=1000" in one_error_line(result)
+    # a new run that dies at its first eval (a token outside the vocabulary), after it started its log
+    data, val = corrupt_data(prose_shards, tmp_path / "data")
+    result = train(out, data, "--max_iters=4", "--overwrite=True", "--require_manifest=False", expect=1)
+    assert f"{val}: token 60000 at position 0 is >= vocab_size=50304" in one_error_line(result)
     assert {k: v for k, v in digests(out).items() if k != "log.jsonl.new"} == before
     # the same with a good run: its first checkpoint replaces the old run's files
     train(out, prose_shards, "--max_iters=2", "--eval_interval=2", "--overwrite=True", "--seed=8")
@@ -146,13 +156,10 @@ def test_unfinished_prepare_is_refused_with_how_to_finish_it(prose_shards, tmp_p
 
 def test_token_ids_outside_the_vocabulary_are_named_not_an_index_error(prose_shards, tmp_path):
     line = one_error_line(train(str(tmp_path / "a"), prose_shards, "--vocab_size=1000", expect=2))
-    assert "holds GPT-2 tokens" in line and "vocab_size is 1000" in line  # the manifest says so at once
-    data = tmp_path / "data"
-    shutil.copytree(prose_shards, data)
-    os.remove(data / "_done.json")
-    line = one_error_line(train(str(tmp_path / "b"), data, "--vocab_size=1000", "--require_manifest=False",
-                                expect=1))
-    assert f"{data}/pydoc_" in line and "at position" in line and ">= vocab_size=1000" in line
+    assert "tokenizer 'gpt2' has 50,257 ids" in line and "vocab_size is 1,000" in line  # caught before any work
+    data, val = corrupt_data(prose_shards, tmp_path / "data")
+    line = one_error_line(train(str(tmp_path / "b"), data, "--require_manifest=False", expect=1))
+    assert f"{val}: token 60000 at position 0 is >= vocab_size=50304" in line
 
 # -----------------------------------------------------------------------------
 # broken files on resume
