@@ -360,3 +360,15 @@ def test_builtin_hellaswag_equals_the_harness_task(hellaswag_task, tmp_path):
     assert metrics["mc_acc"] == pytest.approx(100 * harness_metrics["acc,none"])
     assert metrics["mc_acc_norm"] == pytest.approx(100 * harness_metrics["acc_norm,none"])
     assert "| HellaSwag | acc_norm (%), length-normalised |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_hellaswag_bad_or_missing_data_is_a_clear_input_error(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"activity_label": "x", "ctx_a": "a", "ctx_b": "b", "label": "0"}])
+    settings = dict(eb.DEFAULTS, hellaswag_files=[bad])
+    with pytest.raises(eb.InputError, match="row 0 is not a HellaSwag example.*endings"):
+        eb.load_benchmark("hellaswag", settings)
+    label = write_jsonl(tmp_path / "label.jsonl", [dict(HELLASWAG_ROWS[0], label="7")])
+    with pytest.raises(eb.InputError, match="label 7"):
+        eb.load_benchmark("hellaswag", dict(settings, hellaswag_files=[label]))
+    with pytest.raises(eb.InputError, match="--hellaswag_files"):  # offline (conftest): the hub is unreachable
+        eb.load_benchmark("hellaswag", dict(eb.DEFAULTS))
