@@ -529,7 +529,8 @@ def iter_documents(source=None, config=None, split="train", data_files=None, str
     full download), local files through the parquet / json / text builders
     (txt: one document per file). Local files are always streamed: they are
     already on disk, so an Arrow cache copy would only cost time and space.
-    Empty local files hold no documents and are skipped. A value of the text column
+    Empty local files hold no documents and are skipped. text_column=None yields each row as a dict
+    of all its columns instead of one column's text. A value of the text column
     that is not a string (or None) is an InputError, and so is text that is not UTF-8.
     A generator: nothing is opened until the first document is asked for.
     """
@@ -556,6 +557,9 @@ def iter_documents(source=None, config=None, split="train", data_files=None, str
         where = f"{source!r}"
     try:
         for batch in ds.iter(batch_size=256):
+            if text_column is None:  # whole rows (dicts), e.g. HellaSwag's fields
+                yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
+                continue
             if text_column not in batch:
                 raise InputError(f"{where} has no column {text_column!r} (columns: {sorted(batch)}); "
                                  f"choose one with --text_column")

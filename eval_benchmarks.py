@@ -26,6 +26,7 @@ Benchmarks (--benchmarks; each one's data can come from local files, for offline
     wikitext103  WikiText-103 test, hub Salesforce/wikitext (wikitext-103-raw-v1)    --wikitext103_files
     wikitext2    WikiText-2 test (wikitext-2-raw-v1; the same test articles as -103) --wikitext2_files
     lambada      LAMBADA, OpenAI version, test, hub EleutherAI/lambada_openai        --lambada_files
+    hellaswag    HellaSwag validation, 0-shot, hub Rowan/hellaswag                   --hellaswag_files
     openwebtext  our val shards from prepare_owt.py                                  --openwebtext_shards
     fineweb_edu  our val shards from prepare_fineweb.py                              --fineweb_edu_shards
     demo         the demo corpus's val shard from prepare_fineweb.py --demo        --demo_shards
@@ -43,6 +44,14 @@ BOS for models whose tokenizer starts texts with one (Llama, Gemma, ...); else E
   Loss/perplexity/accuracy cover every token of the passages; last-word accuracy counts a word right
   only if the argmax at each of its token positions is the true token (greedy); last-word perplexity
   is exp(mean over passages of the word's summed NLL), the harness's convention.
+- HellaSwag: exactly as lm-evaluation-harness 0.4.13's task `hellaswag` (its utils.py preprocessing,
+  copied here: no lm_eval needed): query = preprocess(activity_label + ": " + ctx_a + " " +
+  ctx_b.capitalize()), four continuations " " + preprocess(ending), each scored as the log-likelihood
+  of the continuation given the query (the harness's pair encoding, no separator before the query, the
+  model's whole block_size as context). acc: the highest log-likelihood is the right ending; acc_norm
+  (the number usually quoted): the highest log-likelihood per character of the ending. tests/
+  test_harness.py checks both against the harness itself. --context/--stride do not apply; --max_tokens
+  caps the scored continuation tokens (whole examples).
 - OpenWebText / FineWeb-Edu: the val shards (documents delimited by the tokenizer's separator: EOT
   50256 for GPT-2) in sorted order form ONE token stream. The shards' _done.json names their tokenizer
   (none: GPT-2's); a model with another tokenizer is refused for them.
@@ -62,12 +71,12 @@ softmax runs over all of the model's output rows (for our models the padded 5030
 import difflib
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from common import (InputError, SettingError, check_out_dir, expand_globs, markdown_table, run_main, set_threads, write_json,
                     write_text)
@@ -76,6 +85,7 @@ from data import GPT2_NAME, HubError, iter_documents, read_shard, read_shard_hea
 from lens import analyze_model
 from lm import load_models
 from model import dtype_from_name
+from scoring import continuation_scores, encode_pair, score_tokens
 
 # -----------------------------------------------------------------------------
 # Benchmarks
@@ -100,6 +110,7 @@ BENCHMARKS = {b.name: b for b in [
     Benchmark("wikitext103", "WikiText-103", "wikitext", hub=("Salesforce/wikitext", "wikitext-103-raw-v1", "test")),
     Benchmark("wikitext2", "WikiText-2", "wikitext", hub=("Salesforce/wikitext", "wikitext-2-raw-v1", "test")),
     Benchmark("lambada", "LAMBADA", "lambada", hub=("EleutherAI/lambada_openai", "default", "test")),
+    Benchmark("hellaswag", "HellaSwag", "hellaswag", hub=("Rowan/hellaswag", None, "validation")),
     Benchmark("openwebtext", "OpenWebText", "shards", shards="data/openwebtext/openwebtext_val_*.bin",
               prepare="python prepare_owt.py"),
     Benchmark("fineweb_edu", "FineWeb-Edu", "shards", shards="data/fineweb_edu/fineweb_edu_val_*.bin",
@@ -114,15 +125,18 @@ LOCAL_FILE_HINTS = {
                 "or wiki.test.raw from the original WikiText zip renamed to .txt",
     "lambada": "lambada_test.jsonl from the hub repo EleutherAI/lambada_openai (one passage per row), "
                "or a .txt file with one passage per line",
+    "hellaswag": "the validation split of the hub repo Rowan/hellaswag as parquet or jsonl (rows with "
+                 "activity_label, ctx_a, ctx_b, endings, label), e.g. hellaswag_val.jsonl",
 }
 
 DEFAULTS = dict(
     ckpt=[],  # our checkpoints (files, or out dirs holding ckpt.pt)
     hf=[],  # transformers causal LMs: hub names or local save_pretrained dirs
-    benchmarks=["wikitext103", "lambada", "openwebtext", "fineweb_edu"],  # any of: wikitext103, wikitext2, lambada, openwebtext, fineweb_edu, demo
+    benchmarks=["wikitext103", "lambada", "openwebtext", "fineweb_edu"],  # any of: wikitext103, wikitext2, lambada, hellaswag, openwebtext, fineweb_edu, demo
     wikitext103_files=[],  # local parquet/jsonl/txt instead of the hub (empty: the hub)
     wikitext2_files=[],  # local WikiText-2 test files instead of the hub (empty: the hub)
     lambada_files=[],  # local LAMBADA jsonl/txt instead of the hub (empty: the hub)
+    hellaswag_files=[],  # local HellaSwag validation jsonl/parquet instead of the hub (empty: the hub)
     openwebtext_shards=BENCHMARKS["openwebtext"].shards,  # glob(s) of OpenWebText val shards (prepare_owt.py)
     fineweb_edu_shards=BENCHMARKS["fineweb_edu"].shards,  # glob(s) of FineWeb-Edu val shards (prepare_fineweb.py)
     demo_shards=BENCHMARKS["demo"].shards,  # the demo corpus (not in the default list)
@@ -151,11 +165,11 @@ def check_benchmark_names(names):
         raise SettingError(f"no benchmarks selected; choose from {list(BENCHMARKS)}")
 
 
-def _read_rows(bench, files):
-    """The text column of a hub dataset or of local files, through data.iter_documents."""
+def _read_rows(bench, files, text_column="text"):
+    """The text column (None: whole rows) of a hub dataset or of local files, through data.iter_documents."""
     dataset, config, split = bench.hub
     try:
-        return list(iter_documents(dataset, config, split, data_files=files or None))
+        return list(iter_documents(dataset, config, split, data_files=files or None, text_column=text_column))
     except HubError as e:  # the hub could not be reached (offline) or has no such dataset
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         raise InputError(
@@ -200,6 +214,8 @@ def load_benchmark(name, settings):
             except ValueError as e:
                 raise InputError(f"{bench.title}: {e}") from e
         return paths
+    if bench.kind == "hellaswag":
+        return hellaswag_examples(_read_rows(bench, settings.get(bench.setting) or [], text_column=None))
     rows = _read_rows(bench, settings.get(bench.setting) or [])
     documents = wikitext_articles(rows) if bench.kind == "wikitext" else lambada_passages(rows)
     if not documents:
@@ -251,8 +267,7 @@ def benchmark_tokens(name, data, lm, max_tokens=0):
         context, target = split_last_word(passage)
         # lm-evaluation-harness's pair encoding: the word's tokens are what encoding the whole passage
         # adds after the context's tokens (the same as encode(target) for GPT-2, not for SentencePiece)
-        context_ids = list(lm.encode(context))
-        word = list(lm.encode(context + target))[len(context_ids):]
+        context_ids, word = encode_pair(lm, context, target)
         if not word:
             raise InputError(f"{lm.name}: the last word of this LAMBADA passage encodes to no token: {passage[:80]!r}")
         seq = np.asarray(lm.doc_separator + context_ids + word, dtype=np.int64)
@@ -265,82 +280,6 @@ def benchmark_tokens(name, data, lm, max_tokens=0):
 
 # -----------------------------------------------------------------------------
 # Scoring
-
-
-def window_plan(n, context, stride):
-    """Sliding windows over a sequence of n tokens, as (start, length, scored) triples.
-
-    A window feeds tokens[start:start+length] and predicts tokens[start+1:start+length+1]; it scores
-    its last `scored` predictions. As in HF's perplexity guide, windows start every `stride` tokens; the
-    first scores all its predictions, each later one only those past the previous window's end, so
-    targets 1..n-1 are scored once each, and stride == context is plain chunking.
-    """
-    if not 1 <= stride <= context:
-        raise ValueError(f"stride must be in [1, context={context}], got {stride}")
-    windows, start, done = [], 0, 0  # targets 1..done are scored
-    while done < n - 1:
-        end = min(start + context, n - 1)
-        windows.append((start, end - start, end - done))
-        start, done = start + stride, end
-    return windows
-
-
-def nll_and_hits_(logits, targets):
-    """Cross-entropy (nats) and top-1 hits of [N, V] float32 logits; overwrites the logits.
-
-    One max pass gives both the argmax and the log-sum-exp shift, and the exp runs in place, so no
-    second [N, V] tensor is allocated (F.cross_entropy + argmax: ~1.6x slower on CPU).
-    """
-    top, pred = logits.max(dim=-1)
-    target_logit = logits.gather(1, targets[:, None])[:, 0]
-    log_sum_exp = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_().add_(top)
-    return log_sum_exp - target_logit, pred == targets
-
-
-@torch.inference_mode()
-def score_tokens(lm, sequences, context, stride, batch_size=8, progress=False, desc=None):
-    """Per-target NLL (nats, float32) and top-1 hits (bool) for each sequence: two lists of [n-1] arrays.
-
-    Windows of every sequence are batched together, longest first, and right-padded: the model is
-    causal, so padding after a window's last token never changes its logits. Cross-entropy and argmax
-    run on the scored positions only, in place on the logits lm.logits returns.
-    """
-    nll = [np.zeros(max(len(s) - 1, 0), dtype=np.float32) for s in sequences]
-    hit = [np.zeros(max(len(s) - 1, 0), dtype=bool) for s in sequences]
-    windows = [(i, start, length, scored) for i, seq in enumerate(sequences)
-               for start, length, scored in window_plan(len(seq), context, stride)]
-    windows.sort(key=lambda w: -w[2])  # similar lengths share a batch: little padding
-    bar = tqdm(total=sum(w[3] for w in windows), unit="tok", unit_scale=True, desc=desc, disable=not progress,
-               leave=False)
-    for b in range(0, len(windows), batch_size):
-        batch = windows[b:b + batch_size]
-        T = batch[0][2]
-        x = np.zeros((len(batch), T), dtype=np.int64)
-        rows, cols, targets = [], [], []
-        for r, (i, start, length, scored) in enumerate(batch):
-            x[r, :length] = sequences[i][start:start + length]
-            rows.append(np.full(scored, r))
-            cols.append(np.arange(length - scored, length))
-            targets.append(sequences[i][start + length - scored + 1:start + length + 1])
-        logits = lm.logits(torch.from_numpy(x).to(lm.device))  # [B, T, V] float32
-        V = logits.size(-1)
-        if all(w[3] == T for w in batch):  # every position scored (chunking, LAMBADA): a view, no copy
-            scored_logits = logits.reshape(-1, V)
-        else:
-            rows_t = torch.from_numpy(np.concatenate(rows)).to(logits.device)
-            cols_t = torch.from_numpy(np.concatenate(cols)).to(logits.device)
-            scored_logits = logits[rows_t, cols_t]  # [N, V]
-        target_t = torch.from_numpy(np.concatenate(targets)).to(logits.device)
-        batch_nll, batch_hit = (t.cpu().numpy() for t in nll_and_hits_(scored_logits, target_t))
-        pos = 0
-        for i, start, length, scored in batch:
-            first = start + length - scored  # array index of the first scored target (target index - 1)
-            nll[i][first:first + scored] = batch_nll[pos:pos + scored]
-            hit[i][first:first + scored] = batch_hit[pos:pos + scored]
-            pos += scored
-        bar.update(pos)
-    bar.close()
-    return nll, hit
 
 
 def summarize(nll, hit, word_lens=None):
@@ -383,6 +322,70 @@ def evaluate(lm, sequences, context=1024, stride=0, batch_size=8, word_lens=None
     return dict(summarize(nll, hit, word_lens), context=context, stride=stride)
 
 # -----------------------------------------------------------------------------
+# HellaSwag (multiple choice, scored as lm-evaluation-harness 0.4.13's task `hellaswag` does)
+
+
+def hellaswag_preprocess(text):
+    """lm_eval/tasks/hellaswag/utils.py `preprocess`: strip, WikiHow's ' [title]' -> '. ', drop other
+    [bracketed] artifacts, then one pass of double space -> single space."""
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def hellaswag_examples(rows):
+    """HellaSwag rows -> [(query, endings, gold)] as the harness's process_docs builds them: query =
+    preprocess(activity_label + ": " + ctx_a + " " + ctx_b.capitalize()), endings preprocessed."""
+    examples = []
+    for i, row in enumerate(rows):
+        try:
+            ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+            query = hellaswag_preprocess(row["activity_label"] + ": " + ctx)
+            endings = [hellaswag_preprocess(e) for e in row["endings"]]
+            gold = int(row["label"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(f"HellaSwag row {i} is not a HellaSwag example (needs activity_label, ctx_a, ctx_b, "
+                             f"endings, label): {type(e).__name__}: {e}") from e
+        if not 0 <= gold < len(endings):
+            raise InputError(f"HellaSwag row {i}: label {gold} is not an index into its {len(endings)} endings")
+        examples.append((query, endings, gold))
+    return examples
+
+
+def hellaswag_loglikelihoods(lm, examples, batch_size=8, max_tokens=0, progress=False):
+    """Per example, the log-likelihood of each ending given the query, as the harness requests it
+    (context = query, continuation = " " + ending, the pair encoding of scoring.encode_pair, the model's
+    whole block_size as context). Returns (loglikelihoods per example, gold continuations' token ids)."""
+    pairs, owners, gold_tokens, total = [], [], [], 0
+    for n, (query, endings, gold) in enumerate(examples):
+        encoded = [encode_pair(lm, query, " " + ending) for ending in endings]
+        pairs += encoded
+        owners += [n] * len(endings)
+        gold_tokens.append(np.asarray(encoded[gold][0] + encoded[gold][1], dtype=np.int64))
+        total += sum(len(cont) for _, cont in encoded)
+        if max_tokens and total >= max_tokens:
+            break  # whole examples only
+    scores = continuation_scores(lm, pairs, batch_size, progress, desc=f"{lm.name} hellaswag")
+    lls = [[] for _ in gold_tokens]
+    for n, (logprob, _) in zip(owners, scores):
+        lls[n].append(logprob)
+    return lls, gold_tokens
+
+
+def hellaswag_metrics(examples, lls):
+    """acc (argmax of the log-likelihoods) and acc_norm (argmax of log-likelihood / the ending's length
+    in characters: lm_eval 0.4.13's acc_norm divides by len(choice), the ending without the leading space;
+    its acc_bytes uses UTF-8 bytes), in %, over the examples that were scored."""
+    acc = acc_norm = 0
+    for (_, endings, gold), ll in zip(examples, lls):
+        ll = np.asarray(ll, dtype=np.float64)
+        acc += int(np.argmax(ll) == gold)
+        acc_norm += int(np.argmax(ll / np.array([float(len(e)) for e in endings])) == gold)
+    n = len(lls)
+    return {"mc_acc": 100.0 * acc / n, "mc_acc_norm": 100.0 * acc_norm / n, "examples": n}
+
+# -----------------------------------------------------------------------------
 # Models and the table
 
 METRIC_ROWS = [  # (key, label, cell); a row is shown for a benchmark if some model has its key
@@ -391,6 +394,9 @@ METRIC_ROWS = [  # (key, label, cell); a row is shown for a benchmark if some mo
     ("acc", "top-1 acc (%)", lambda m: f"{m['acc']:.2f}"),
     ("last_word_acc", "last-word acc (%)", lambda m: f"{m['last_word_acc']:.2f}"),
     ("last_word_ppl", "last-word perplexity", lambda m: f"{m['last_word_ppl']:.2f}"),
+    ("mc_acc_norm", "acc_norm (%), length-normalised", lambda m: f"{m['mc_acc_norm']:.2f}"),
+    ("mc_acc", "acc (%)", lambda m: f"{m['mc_acc']:.2f}"),
+    ("examples", "examples", lambda m: f"{m['examples']:,}"),
     ("misalignment", "misalignment (lens.py)", lambda m: "-" if m["misalignment"] is None else f"{m['misalignment']:.3f}"),
     ("tokens", "tokens scored", lambda m: f"{m['tokens']:,}"),
     ("context", "context / stride", lambda m: f"{m['context']} / {m['stride']}"),
@@ -466,6 +472,16 @@ def run(settings, lms=None):
     for lm in lms:  # a generator: one model in memory at a time
         metrics = {}
         for name in names:
+            if BENCHMARKS[name].kind == "hellaswag":
+                lls, gold_tokens = hellaswag_loglikelihoods(lm, data[name], settings["batch_size"],
+                                                            settings["max_tokens"], settings["progress"])
+                metrics[name] = hellaswag_metrics(data[name], lls)
+                if settings["misalignment_windows"]:  # on the queries with their right endings
+                    metrics[name]["misalignment"] = benchmark_misalignment(
+                        lm, gold_tokens, min(settings["context"], lm.block_size), settings["misalignment_windows"])
+                print(f"{lm.name} HellaSwag: acc_norm {metrics[name]['mc_acc_norm']:.4g}, "
+                      f"acc {metrics[name]['mc_acc']:.4g} ({metrics[name]['examples']} examples)")
+                continue
             key = (lm.tokenizer_id, name)
             if key not in token_cache:
                 try:

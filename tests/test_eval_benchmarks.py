@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import eval_benchmarks as eb
+import scoring
 from configurator import configure
 import data
 from data import EOT_TOKEN, get_tokenizer, shard_name, write_shard
@@ -105,7 +106,7 @@ def test_in_place_scoring_equals_cross_entropy_and_argmax():
     expected_nll = F.cross_entropy(logits.double(), targets, reduction="none")
     expected_hit = logits.argmax(-1) == targets
     assert 0 < expected_hit.sum() < 50
-    nll, hit = eb.nll_and_hits_(logits.clone(), targets)
+    nll, hit = scoring.nll_and_hits_(logits.clone(), targets)
     assert torch.allclose(nll.double(), expected_nll, rtol=1e-5, atol=1e-4)
     assert torch.equal(hit, expected_hit)
 
@@ -141,7 +142,7 @@ def test_window_plan_scores_every_target_exactly_once():
         for context in (1, 2, 5, 16):
             for stride in range(1, context + 1):
                 counts = np.zeros(n + 1, dtype=int)  # counts[t]: times target t is scored
-                plan = eb.window_plan(n, context, stride)
+                plan = scoring.window_plan(n, context, stride)
                 for w, (start, length, scored) in enumerate(plan):
                     assert 1 <= scored <= length <= context and start + length <= n - 1
                     if w == 0:
