@@ -77,7 +77,9 @@ class NanoshiftLM(TemplateLM or object):
             raise ValueError(f"unknown model_args for {MODEL_NAME}: {sorted(unused)}; "
                              "known: ckpt, device, dtype, batch_size, max_gen_toks")
         if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
-            batch_size = 8  # lm_eval's 'auto' batch search is not implemented here
+            print(f"{MODEL_NAME}: batch_size={batch_size!r} is not supported (no automatic batch search); using 8",
+                  file=sys.stderr)
+            batch_size = 8
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         if self.batch_size < 1 or self.max_gen_toks < 1:
@@ -85,16 +87,6 @@ class NanoshiftLM(TemplateLM or object):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.lm = load_lm(ckpt=ckpt, device=device, dtype=dtype)
         self._device = self.lm.device
-
-    @classmethod
-    def from_lm(cls, lm, batch_size=8, max_gen_toks=256):
-        """The adapter around an already loaded lm.LanguageModel (e.g. one made in a test or a notebook)."""
-        require_lm_eval()
-        self = cls.__new__(cls)
-        TemplateLM.__init__(self)
-        self.lm, self._device = lm, lm.device
-        self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
-        return self
 
     # -- what TemplateLM needs
 
