@@ -484,7 +484,7 @@ print(used, statistics.median(times[2:]))
 _BUSY_LOOP = "while True: pass"
 
 
-def bench_threads(steps=15, rounds=2):
+def bench_threads(steps=6, rounds=2):
     """The demo's training step (config/demo.py's model and batch) in wall seconds, on an idle machine and
     with one competing CPU-bound process (a Python busy loop), for the default thread count (threads=0:
     half the cores, or OMP_NUM_THREADS) and for one thread per core. Rounds alternate idle and loaded, and

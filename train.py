@@ -314,7 +314,9 @@ def load_resume_checkpoint():
                          "be resumed. Analyse or evaluate it; to train further, start a run with "
                          "save_optimizer_at_end=True")
     keys = model_args if ckpt["weights_from"] == "scratch" else RESIDUAL_KEYS
-    changed = {k: (ckpt["model_args"].get(k), model_args[k]) for k in keys if ckpt["model_args"].get(k) != model_args[k]}
+    # a checkpoint from before a GPTConfig field existed holds that field's default (e.g. arch='gpt2')
+    saved = {**{f.name: f.default for f in fields(GPTConfig) if f.init}, **ckpt["model_args"]}
+    changed = {k: (saved.get(k), model_args[k]) for k in keys if saved.get(k) != model_args[k]}
     if changed:
         raise SettingError(f"{ckpt_path} was trained with different model settings: "
                            + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items()))

@@ -32,7 +32,8 @@ from model import GPT
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
         "--total_batch_tokens=256", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=0",
-        "--eval_interval=1000", "--eval_tokens=1024", "--log_interval=1", "--dropout=0.0", "--seed=7"]
+        "--eval_interval=1000", "--eval_tokens=1024", "--log_interval=1", "--dropout=0.0", "--seed=7",
+        "--track_alignment=False"]  # alignment tracking has its own tests (test_tracking.py); here it only costs time
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -301,8 +302,11 @@ def test_a_pickled_payload_is_refused_by_every_reader_and_never_runs(prose_shard
 def test_an_old_checkpoint_is_refused_then_converted_once_on_request(finished, prose_shards, tmp_path):
     out = copy_run(finished, tmp_path / "run")
     path = os.path.join(out, "ckpt.pt")
-    old = load_checkpoint(path)  # written the way nanoshift did before: the numpy RNG state as numpy objects
-    old["rng"] = [dict(r, numpy=np.random.get_state()) for r in old["rng"]]
+    old = load_checkpoint(path)  # written the way nanoshift did before: the numpy RNG state as numpy objects,
+    old["rng"] = [dict(r, numpy=np.random.get_state()) for r in old["rng"]]  # and without the later fields
+    newer = ("arch", "n_kv_head", "intermediate_size", "rope_theta", "rope_scaling", "norm_eps", "tie_embeddings")
+    old["model_args"] = {k: v for k, v in old["model_args"].items() if k not in newer}
+    old.pop("tokenizer", None)
     torch.save(old, path)
     line = one_error_line(train(out, prose_shards, "--max_iters=6", "--init_from=resume", expect=1))
     assert "numpy" in line and f"python convert_checkpoint.py {path} --trust" in line

@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 layers, 32 wide, 32 tokens: a step takes milliseconds. Each optimizer step reads 256 tokens.
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=8",
         "--total_batch_tokens=256", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=3",
-        "--eval_interval=1000", "--eval_tokens=1024", "--log_interval=1", "--dropout=0.0", "--seed=7"]
+        "--eval_interval=1000", "--eval_tokens=1024", "--log_interval=1", "--dropout=0.0", "--seed=7",
+        "--track_alignment=False"]  # alignment tracking has its own tests (test_tracking.py)
 
 # one thread per run: tiny matmuls gain little from a second one, and on a busy 2-core machine two
 # threads per process spin against each other (2-3x slower); torchrun sets the same for its ranks
