@@ -203,12 +203,7 @@ class HFCausalLM(LanguageModel):
         self.logit_softcap = getattr(cfg, "final_logit_softcapping", None)  # Gemma-2
         self.device = self.out_embedding.device
         self.source = f"hf:{name}"
-        self._tokenizer = tokenizer
-        if tokenizer is not None and not isinstance(tokenizer, _Gpt2Tokenizer):
-            try:
-                self.text_tokenizer = HFTokenizer(tokenizer, name)
-            except Exception:  # a tokenizer without a vocabulary listing: identified by the model's source
-                self.text_tokenizer = None
+        self.text_tokenizer = tokenizer  # data.py's interface (HFTokenizer or GPT-2's), or None
         self._mid_modules = []
         for layer in self.layers:
             mod = next((getattr(layer, n) for n in _MID_INPUT_MODULES if hasattr(layer, n)), None)
@@ -240,15 +235,14 @@ class HFCausalLM(LanguageModel):
         return logits.float()
 
     def encode(self, text):
-        if self._tokenizer is None:
+        if self.text_tokenizer is None:
             raise ValueError(f"{self.name}: no tokenizer found next to the model; "
                              "give token shards instead of text, or save a tokenizer with the model")
-        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.text_tokenizer.encode_ordinary(text)
 
     @property
     def eot(self):
-        tok = self._tokenizer
-        return tok.eos_token_id if tok is not None else None
+        return None if self.text_tokenizer is None else self.text_tokenizer.eot_token
 
     @property
     def bos_prefix(self):
@@ -282,26 +276,12 @@ def _load_hf(name, device, dtype):
         hint = " (HF_HUB_OFFLINE=1: give a local directory saved with save_pretrained)" if offline else ""
         raise ValueError(f"could not load HF model {name!r}{hint}: {e}") from e
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-        if len(tokenizer) < 2:  # transformers builds an empty tokenizer when no vocab files exist
-            tokenizer = None
-    except Exception:
+        tokenizer = HFTokenizer.load(name)  # data.py's one HF tokenizer wrapper
+    except InputError:
         tokenizer = None
     if tokenizer is None and model.config.model_type == "gpt2":  # e.g. a GPT-2 saved without tokenizer
-        tokenizer = _Gpt2Tokenizer()
+        tokenizer = get_tokenizer()
     return HFCausalLM(model.to(device), name, tokenizer)
-
-
-class _Gpt2Tokenizer:
-    """Our offline GPT-2 tokenizer behind the small part of the transformers API that HFCausalLM uses."""
-
-    def __init__(self):
-        self.enc = get_tokenizer()
-        self.eos_token_id = self.enc.eot_token
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": self.enc.encode_ordinary(text)}
-
 
 
 def load_lm(ckpt=None, hf=None, device="cpu", dtype="float32", name=None):

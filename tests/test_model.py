@@ -236,7 +236,7 @@ def test_from_checkpoint_roundtrip_and_compile_prefix(tmp_path):
     save_ckpt(tmp_path / "ckpt.pt", m, prefix="_orig_mod.")
     m2 = GPT.from_checkpoint(tmp_path / "ckpt.pt").eval()
     assert m2.config == m.config
-    m3 = GPT.from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=False)).eval()  # an already-loaded dict
+    m3 = GPT.from_checkpoint(torch.load(tmp_path / "ckpt.pt", weights_only=True)).eval()  # an already-loaded dict
     idx = tokens()
     with torch.no_grad():
         assert torch.equal(m(idx, idx)[0], m2(idx, idx)[0])

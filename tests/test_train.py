@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,7 @@ def losses(out_dir):
 
 
 def load(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+    return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))  # weights-only, as every reader loads it
 
 
 def file_digest(path):
