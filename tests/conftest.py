@@ -11,6 +11,11 @@ import pydoc_data.topics  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# pytest.ini runs the tests on every core (pytest-xdist, -n auto): one torch thread per worker, so the workers do
+# not fight over the cores (the entry points the tests start use OMP_NUM_THREADS=1 or half the cores themselves)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 from checkpoint import save_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from prepare import first_tokens_split, prepare_shards  # noqa: E402
