@@ -49,15 +49,17 @@ def _describe_unreadable(path, error):
     return message
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     """The dict saved in a checkpoint file, read without running any code from it (weights_only).
 
-    InputError for a missing, unreadable or unsafe file, naming it and saying what to do.
+    mmap: map the tensors from the file instead of reading them (cheap when only the settings are
+    wanted, e.g. a run's seed). InputError for a missing, unreadable or unsafe file, naming it and
+    saying what to do.
     """
     if not os.path.isfile(path):
         raise InputError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many types for a bad file (OSError, KeyError, EOFError, ...)
         raise InputError(_describe_unreadable(path, e)) from None
     if not isinstance(ckpt, dict):

@@ -17,6 +17,7 @@ price of assuming roughly normal differences (reasonable for averages over milli
 interval that contains 0, or p >= 0.05, is reported as "no significant difference", not as a win.
 """
 
+import functools
 import math
 
 from common import InputError
@@ -59,6 +60,7 @@ def t_cdf(t, df):
     return 0.5 + half if t > 0 else 0.5 - half
 
 
+@functools.lru_cache(maxsize=None)  # a group summary asks for the same few quantiles at every number
 def t_quantile(p, df):
     """The t with P(T <= t) = p, by bisection (to ~1e-12)."""
     lo, hi = -1e6, 1e6
