@@ -8,13 +8,23 @@ WikiText, LAMBADA, OpenWebText and FineWeb-Edu, for several models side by side.
     python eval_benchmarks.py --ckpt out-gate --benchmarks wikitext103 lambada \\
         --wikitext103_files wikitext/test-00000-of-00001.parquet --lambada_files lambada_test.jsonl
     python eval_benchmarks.py --ckpt out-gate --max_tokens=20000 --batch_size=4   # a quick look
+    python eval_benchmarks.py --ckpt 'out-baseline-s*' 'out-gate-s*'   # groups of seeds: mean, 95% CI, paired tests
     python eval_benchmarks.py --help                                   # every setting
 
 Models: --ckpt (our checkpoints or out dirs, several) and --hf (transformers causal LMs: hub names or
 local save_pretrained dirs, several), all loaded by lm.load_models. Output: a markdown table, one
 column per model, printed and written to {out_dir}/results.md, and {out_dir}/results.json (both
 rewritten atomically after every model, so a long run that dies keeps what it finished). Exit status:
-0 done, 1 bad or missing data or models, 2 a bad setting. From Python (e.g. a demo script):
+0 done, 1 bad or missing data or models, 2 a bad setting.
+
+Groups of seeds (groups.py has the rules): a quoted --ckpt pattern ('out-gate-s*') or label=pattern is a
+group of runs. Every run is evaluated as above, then results.md starts with a table of every group
+(mean ± 95% t interval and standard deviation over seeds, for every metric) and a table of each group's
+paired differences from the baseline group (--baseline_group, default the first; matched by seed, with
+the 95% interval and the paired t-test's p-value), above the per-run table; results.json gains "groups"
+and "differences". Seeds that do not pair up are an error before anything is evaluated.
+
+From Python (e.g. a demo script):
 
     from eval_benchmarks import DEFAULTS, evaluate, format_table, run
     metrics = evaluate(lm, tokens, context=256, stride=128)   # one lm (lm.load_lm), token array(s)
@@ -82,6 +92,8 @@ from common import (InputError, SettingError, check_out_dir, expand_globs, markd
                     write_text)
 from configurator import configure
 from data import GPT2_NAME, HubError, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
+from groups import baseline_of, differences, group_tables, lookup, model_groups
+from groups import summarize as summarize_runs
 from lens import analyze_model
 from lm import load_models
 from model import dtype_from_name
@@ -130,7 +142,7 @@ LOCAL_FILE_HINTS = {
 }
 
 DEFAULTS = dict(
-    ckpt=[],  # our checkpoints (files, or out dirs holding ckpt.pt)
+    ckpt=[],  # our checkpoints (files, or out dirs holding ckpt.pt); quoted patterns / label=pattern: groups of seeds
     hf=[],  # transformers causal LMs: hub names or local save_pretrained dirs
     benchmarks=["wikitext103", "lambada", "openwebtext", "fineweb_edu"],  # any of: wikitext103, wikitext2, lambada, hellaswag, openwebtext, fineweb_edu, demo
     wikitext103_files=[],  # local parquet/jsonl/txt instead of the hub (empty: the hub)
@@ -148,6 +160,7 @@ DEFAULTS = dict(
     device="cuda" if torch.cuda.is_available() else "cpu",  # 'cuda' (the default where there is one) | 'cpu'
     dtype="float32",  # float32 | bfloat16 | float16 (the model's weights; logits are scored in float32)
     threads=0,  # CPU threads: 0 = OMP_NUM_THREADS if set, else half the cores (common.cpu_threads)
+    baseline_group="",  # groups of seeds: the label of the group the others are compared with ('' = the first)
     out_dir="out-eval",  # folder for results.md and results.json
     progress=True,  # tqdm progress bars
 )
@@ -421,6 +434,34 @@ def format_table(results):
     return markdown_table(["benchmark", "metric"] + models, rows, align=["left", "left"] + ["right"] * len(models))
 
 
+# digits of each metric in the tables of groups (the per-run table's precision)
+GROUP_DIGITS = {"loss": 4, "ppl": 2, "acc": 2, "last_word_acc": 2, "last_word_ppl": 2, "mc_acc_norm": 2, "mc_acc": 2,
+                "misalignment": 3}
+
+
+def summarize_groups(groups, baseline, models):
+    """({label: {"runs", "seeds", "metrics"}}, {label: paired differences}) of groups of runs: "metrics" is
+    groups.summarize of the runs' {benchmark: metrics} (describe() at every number), the differences are
+    groups.differences against the baseline group (None: no paired comparison) for every other group with seeds."""
+    summary = {g.label: {"runs": [run.name for run in g.runs], "seeds": g.seeds,
+                         "metrics": summarize_runs([models[run.name] for run in g.runs])} for g in groups}
+    diffs = {g.label: differences(g, baseline, models) for g in groups
+             if baseline is not None and g is not baseline and g.pairable}
+    return summary, diffs
+
+
+def format_group_tables(groups, baseline, summary, diffs):
+    """Markdown: every group's metrics (mean ± 95% interval, sd) and the paired differences from the baseline."""
+    metrics = {label: s["metrics"] for label, s in summary.items()}
+    rows = []
+    for b in BENCHMARKS:
+        present = [(key, label) for key, label, _ in METRIC_ROWS if key in GROUP_DIGITS
+                   and any(lookup(metrics[g.label], (b, key)) is not None for g in groups)]
+        rows += [([BENCHMARKS[b].title if i == 0 else "", label], (b, key), GROUP_DIGITS[key])
+                 for i, (key, label) in enumerate(present)]
+    return group_tables(rows, ["benchmark", "metric"], groups, metrics, diffs, baseline)
+
+
 def _write_outputs(out_dir, results, table):
     os.makedirs(out_dir, exist_ok=True)
     write_json(os.path.join(out_dir, "results.json"), results, indent=2)
@@ -463,10 +504,15 @@ def run(settings, lms=None):
     """
     check_settings(settings)
     check_out_dir(settings["out_dir"])  # before hours of work, not after
+    groups = model_groups(settings["ckpt"], settings["hf"]) if lms is None else None
+    if settings["baseline_group"] and not groups:
+        raise SettingError("baseline_group names a group of seeds: give --ckpt groups (quoted patterns or label=pattern)")
+    baseline = baseline_of(groups, settings["baseline_group"]) if groups else None  # seeds pair up, or an error now
     names = settings["benchmarks"]
     data = {name: load_benchmark(name, settings) for name in names}  # all data present before any model loads
     if lms is None:
-        lms = load_models(settings["ckpt"], settings["hf"], settings["device"], settings["dtype"])
+        ckpt = [run.path for g in groups for run in g.runs if not run.hf] if groups else settings["ckpt"]
+        lms = load_models(ckpt, settings["hf"], settings["device"], settings["dtype"])
     results = {"settings": {k: settings[k] for k in DEFAULTS}, "models": {}, "sources": {}}
     token_cache = {}  # tokenizing is shared by models with the same tokenizer
     for lm in lms:  # a generator: one model in memory at a time
@@ -500,8 +546,16 @@ def run(settings, lms=None):
         results["sources"][lm.name] = lm.source
         _write_outputs(settings["out_dir"], results, format_table(results["models"]))
         del lm  # free one model before the next is loaded
+    table = format_table(results["models"])
+    if groups:
+        summary, diffs = summarize_groups(groups, baseline, results["models"])
+        results["groups"] = summary
+        results["differences"] = {"baseline": baseline and baseline.label, "groups": diffs,
+                                  "test": "two-sided paired t-test over seeds (stats.py)"}
+        table = format_group_tables(groups, baseline, summary, diffs) + "\n\nEvery run:\n\n" + table
+        _write_outputs(settings["out_dir"], results, table)
     print()
-    print(format_table(results["models"]))
+    print(table)
     print(f"\nwrote {os.path.join(settings['out_dir'], 'results.md')} and results.json")
     return results
 
