@@ -11,12 +11,26 @@ state through the embeddings and watch it move from the input token t_i to the t
     python analyze.py --ckpt out/ckpt.pt --space=normed --k=1 --lens_norm=False --mid
     python analyze.py --log out-gate/log.jsonl                         # residual alphas over training
     python analyze.py --cut_sweep 'out-cut*/log.jsonl' --baseline out-baseline/log.jsonl
+    python analyze.py --ckpt 'out-baseline-s*' 'out-gate-s*' --shards 'data/demo/*_val_*.bin'   # groups of seeds
+    python analyze.py --log 'out-baseline-s*/log.jsonl' gate='out-gate-s*/log.jsonl'          # logs, as groups
 
 Settings use configurator.py (config files, --key=value, --key v1 v2 for lists); --help lists and
 describes them. Outputs go to --out_dir (default analysis/), each written atomically: metrics.json,
 metrics.csv (one row per model and layer), topk.png, cosine_projection.png, lens.png, shift_depth.png
 (+ alphas.png, cut_sweep.png), and a printed summary of the shift depth per model. Exit status: 0 done,
-1 bad or missing input (models, text, logs), 2 a bad setting. From Python:
+1 bad or missing input (models, text, logs), 2 a bad setting.
+
+Groups of seeds (groups.py has the rules): a quoted --ckpt or --log pattern ('out-gate-s*') or
+label=pattern is a group of runs. Every run is analysed as above (metrics.csv, "models" in metrics.json);
+the plots draw each group as its mean with a shaded band, the 95% t interval of the mean over seeds (a
+group of one run: its line, no band); groups.md (also printed) has every group's shift-depth numbers (mean
+± 95% interval, sd) and their paired differences from the baseline group (--baseline_group, default the
+first; by seed); metrics.json gains "groups" (every number, per layer too) and "differences". Training
+logs: alphas.png and shift_training.png draw each group's mean and band at the iterations all its runs
+logged, target_match_by_step.png the first tracked group's mean; --cut_sweep pools the runs that share a
+cut layer (mean, 95% error bar) and --baseline may be a pattern (mean line and band).
+
+From Python:
 
     from analyze import batched, read_documents, text_starts, text_windows, write_plots
     from lens import LensOptions, analyze_models
@@ -43,18 +57,20 @@ import numpy as np
 import torch
 
 from common import (InputError, SettingError, atomic_write, check_out_dir, expand_globs, read_jsonl, run_main, set_threads,
-                    write_json)
+                    write_json, write_text)
 from configurator import configure
 from data import GPT2_NAME, first_windows, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
+from groups import Run, baseline_of, band, differences, expand, group_tables, make_group, mean, model_groups, summarize
 from lens import METRICS, LensOptions, analyze_models, summary_table
 from lm import load_models
 from model import SCALAR_GATE_INIT_ALPHA, dtype_from_name
+from stats import describe
 
 PLOTS = ("topk", "cosine_projection", "lens", "shift_depth")
 
 DEFAULTS = dict(
     # models: several of each for an overlay
-    ckpt=[],  # our checkpoints: ckpt.pt paths or run dirs holding one (label = run dir name)
+    ckpt=[],  # our checkpoints: ckpt.pt paths or run dirs holding one (label = run dir name); quoted patterns / label=pattern: groups of seeds
     hf=[],  # transformers causal LMs: hub names or local save_pretrained dirs
     # text: the hub dataset (default WikiText-103 test, like the paper), local files, or token shards
     dataset="Salesforce/wikitext",  # hub dataset to read text from (when neither data_files nor shards is given)
@@ -85,9 +101,10 @@ DEFAULTS = dict(
     out_dir="analysis",  # folder for metrics.json/csv and the plots
     plots=list(PLOTS),  # which plots to write: topk, cosine_projection, lens, shift_depth
     # training logs
-    log=[],  # train.py log.jsonl files: alpha per layer (runs with attenuation) and the tracked shift over training
-    cut_sweep=[],  # log.jsonl globs of runs with a cut at different layers: final val loss vs cut layer
-    baseline="",  # the baseline run's log.jsonl, a horizontal line in the cut-sweep plot
+    log=[],  # train.py log.jsonl files: alpha per layer (runs with attenuation) and the tracked shift over training; patterns / label=pattern: groups
+    cut_sweep=[],  # log.jsonl globs of runs with a cut at different layers: final val loss vs cut layer (runs of one layer pooled)
+    baseline="",  # the baseline run's log.jsonl (or a pattern: several seeds), a horizontal line in the cut-sweep plot
+    baseline_group="",  # groups of seeds: the label of the group the others are compared with ('' = the first)
 )
 
 DEFAULT_MAX_SEQ_LEN = 1024
@@ -217,11 +234,12 @@ def batched(windows, batch_size):
 CSV_FIELDS = ["model", "source", "kind", "layer", "space", "lens_norm", "k"] + [name for name, _ in METRICS]
 
 
-def write_metrics(results, out_dir, settings=None):
-    """metrics.json (everything) and metrics.csv (one row per model and state), each atomic; their paths."""
+def write_metrics(results, out_dir, settings=None, groups=None):
+    """metrics.json (everything; groups: {"groups", "differences"} added) and metrics.csv (one row per model
+    and state), each atomic; their paths."""
     os.makedirs(out_dir, exist_ok=True)
     json_path, csv_path = os.path.join(out_dir, "metrics.json"), os.path.join(out_dir, "metrics.csv")
-    write_json(json_path, {"settings": settings or {}, "models": results})
+    write_json(json_path, {"settings": settings or {}, "models": results, **(groups or {})})
     with atomic_write(csv_path, "w") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -259,14 +277,38 @@ def _color(i):
     return colormaps["tab10"](i % 10)
 
 
+def _nan(values):
+    """Numbers for matplotlib: None (no value) becomes NaN, a gap in a line or band."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _band(ax, xs, low, high, color):
+    """A group's 95% interval around its mean line, shaded."""
+    ax.fill_between(xs, _nan(low), _nan(high), color=color, alpha=0.2, linewidth=0)
+
+
+def group_result(label, results):
+    """One result of a group of runs' results (analyze_model's keys): the mean of every number over the runs,
+    the group's label, and "band": the (low, high) ends of the 95% interval of the mean in the same shape
+    (None for a group of one run, which is its run under the group's label)."""
+    out = mean(results)
+    out["label"] = label if len(results) == 1 else f"{label} (n={len(results)}, 95% CI)"
+    out["band"] = band(results) if len(results) > 1 else None
+    return out
+
+
 def _curves(ax, results, metrics, styles, ylabel):
-    """One color per model; one line style per metric (e.g. input solid, target dashed)."""
+    """One color per model; one line style per metric (e.g. input solid, target dashed); a group (group_result)
+    is its mean line with the 95% interval shaded."""
     for i, r in enumerate(results):
         resid = [row for row in r["layers"] if row["kind"] == "resid"]
         mids = [row for row in r["layers"] if row["kind"] == "mid"]
         for (name, what), style in zip(metrics, styles):
             ax.plot([row["layer"] for row in resid], [row[name] for row in resid], style, color=_color(i),
                     label=f"{r['label']}: {what}", markersize=4)
+            if r.get("band"):
+                low, high = ([row[name] for row in end["layers"] if row["kind"] == "resid"] for end in r["band"])
+                _band(ax, [row["layer"] for row in resid], low, high, _color(i))
             if mids:
                 ax.plot([row["layer"] for row in mids], [row[name] for row in mids], style[0], color=_color(i),
                         markerfacecolor="none", markersize=5, linestyle="none")
@@ -331,8 +373,14 @@ def plot_shift_depth(results):
         s = r["shift_depth"]
         counts = np.array(s["first_win_hist"] + [s["first_win_never"]], dtype=float)
         xs = np.array(list(range(r["n_layer"] + 1)) + [n_max + 1 + math.ceil((n_max + 1) / 14)])
-        ax.bar(xs - 0.4 + width * (i + 0.5), counts / max(counts.sum(), 1), width=width, color=_color(i),
-               label=f"{r['label']} (median {s['first_win_median'] if s['first_win_median'] is not None else '-'})")
+        total = max(counts.sum(), 1)
+        ax.bar(xs - 0.4 + width * (i + 0.5), counts / total, width=width, color=_color(i),
+               label=f"{r['label']} (median {_fmt_median(s['first_win_median'])})")
+        if r.get("band"):  # a group: the 95% interval of each bar's mean
+            low, high = (_nan(end["shift_depth"]["first_win_hist"] + [end["shift_depth"]["first_win_never"]])
+                         for end in r["band"])
+            ax.errorbar(xs - 0.4 + width * (i + 0.5), counts / total, yerr=[(counts - low) / total, (high - counts) / total],
+                        fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
     step = math.ceil((n_max + 1) / 14)  # at most ~14 numbered ticks
     never = n_max + 1 + step  # one tick step right of the last layer, so its label never touches a number
     ticks = list(range(0, n_max + 1, step))
@@ -340,6 +388,13 @@ def plot_shift_depth(results):
     _label(ax, "per-token shift depth", "first layer from which the target's logit stays above the input's",
            "fraction of positions")
     return fig
+
+
+def _fmt_median(median):
+    """A first-win median: a layer for one run, the mean over seeds (1 decimal) for a group; "-" for none."""
+    if median is None:
+        return "-"
+    return str(int(median)) if float(median).is_integer() else f"{median:.1f}"
 
 
 def save_figure(fig, path):
@@ -361,11 +416,13 @@ def write_plots(results, out_dir, plots=PLOTS):
 
 
 def read_log(path):
-    """{"name", "path", "config", "alphas": [(iter, [alpha per layer])], "final_val_loss", "final_iter"}."""
+    """{"name", "path", "config", "model_args", "alphas": [(iter, [alpha per layer])], "alignment": [(iter, tracked
+    metrics)], "final_val_loss", "final_iter"}."""
     if not os.path.isfile(path):
         raise InputError(f"training log not found: {path}")
     rows = read_jsonl(path)
     configs = [r["config"] for r in rows if r.get("type") == "run" and isinstance(r.get("config"), dict)]
+    model_args = [r["model_args"] for r in rows if r.get("type") == "run" and isinstance(r.get("model_args"), dict)]
     evals = [r for r in rows if r.get("type") == "eval" and r.get("val_loss") is not None]
     # train rows are the dense series; eval rows add the iterations they do not cover (the final eval at
     # max_iters, or every point of an eval_only log)
@@ -375,6 +432,7 @@ def read_log(path):
     run_dir = os.path.dirname(os.path.abspath(path))
     return {
         "name": os.path.basename(run_dir), "path": path, "config": configs[-1] if configs else None,
+        "model_args": model_args[-1] if model_args else None,
         "alphas": [(r["iter"], r["alphas"]) for r in series],
         "alignment": [(r["iter"], r["alignment"]) for r in evals if r.get("alignment")],  # tracked at each eval
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
@@ -382,20 +440,54 @@ def read_log(path):
     }
 
 
+def group_log(label, paths):
+    """One log of a group of runs (read_log's keys): the mean alphas and tracked alignment over the runs at the
+    iterations all of them logged, with the ends of their 95% intervals ("alphas_band", "alignment_band": [(iter,
+    low, high)]), and the mean final val loss. A group of one is its run under the group's label. The runs must
+    be one configuration over different seeds (groups.make_group)."""
+    runs = [read_log(path) for path in paths]
+    make_group(label, [Run(path, run["name"], (run["config"] or {}).get("seed"), run["model_args"])
+                       for path, run in zip(paths, runs)])
+    if len(runs) == 1:
+        return dict(runs[0], name=label)
+    out = dict(runs[0], name=f"{label} (n={len(runs)}, 95% CI)", label=label, runs=[run["name"] for run in runs])
+    for key in ("alphas", "alignment"):
+        by_iter = [dict(run[key]) for run in runs]
+        iters = sorted(set.intersection(*(set(points) for points in by_iter)))
+        if any(len(points) != len(iters) for points in by_iter):
+            print(f"note: the runs of {label!r} logged {key} at different iterations (one still training?): the "
+                  f"group's mean is drawn at the {len(iters)} iterations all of them logged")
+        series = [[points[it] for it in iters] for points in by_iter]
+        low, high = band(series) if iters else ([], [])
+        out[key] = list(zip(iters, mean(series))) if iters else []
+        out[key + "_band"] = list(zip(iters, low, high))
+    finals = [run["final_val_loss"] for run in runs]
+    out["final_val_loss"] = None if None in finals else sum(finals) / len(finals)
+    return out
+
+
 def plot_shift_over_training(logs):
     """The tracked alignment of each run against the training step (one line per run, baseline / cut /
     gate overlaid): its misalignment score, and its shift depth (the median first-win layer, normalised
-    by the depth so runs of different depth share the axis)."""
+    by the depth so runs of different depth share the axis). A group (group_log): its mean and 95% band."""
     fig, (ax_score, ax_depth) = _figure(2, width=5.5)
     for i, run in enumerate(logs):
         points = run["alignment"]
         iters = [it for it, _ in points]
         n = len(points[0][1]["raw"]["topk_target"]) - 1  # blocks: the curves have L + 1 states
+
+        def depth(a):
+            return None if a["raw"]["first_win_median"] is None else a["raw"]["first_win_median"] / n
+
         ax_score.plot(iters, [a["misalignment"] for _, a in points], "o-", color=_color(i), label=run["name"],
                       markersize=3)
-        depth = [a["raw"]["first_win_median"] for _, a in points]
-        ax_depth.plot(iters, [None if d is None else d / n for d in depth], "o-", color=_color(i),
+        ax_depth.plot(iters, [depth(a) for _, a in points], "o-", color=_color(i),
                       label=run["name"], markersize=3)
+        if run.get("alignment_band"):
+            _band(ax_score, iters, [lo["misalignment"] for _, lo, _ in run["alignment_band"]],
+                  [hi["misalignment"] for _, _, hi in run["alignment_band"]], _color(i))
+            _band(ax_depth, iters, [depth(lo) for _, lo, _ in run["alignment_band"]],
+                  [depth(hi) for _, _, hi in run["alignment_band"]], _color(i))
     _label(ax_score, "misalignment over training", "iteration", "misalignment (0-1, lower = earlier shift)")
     _label(ax_depth, "shift depth over training", "iteration", "median first-win layer / number of blocks")
     for ax in (ax_score, ax_depth):
@@ -414,7 +506,8 @@ def plot_target_match_by_step(run):
     ticks = list(range(len(points)))
     step = max(1, len(ticks) // 10)
     ax.set_xticks(ticks[::step], [str(points[t][0]) for t in ticks[::step]])
-    ax.set_title(f"{run['name']}: top-k match of the target t_i+1 per layer over training")
+    who = f"{run['label']}, mean of {len(run['runs'])} runs" if run.get("runs") else run["name"]
+    ax.set_title(f"{who}: top-k match of the target t_i+1 per layer over training")
     ax.set_xlabel("iteration (eval)")
     ax.set_ylabel("layer (0 = embeddings)")
     fig.colorbar(image, ax=ax, label="fraction of positions")
@@ -460,11 +553,15 @@ def plot_alphas(logs):
         cmap = colormaps["viridis"]
         for layer in range(n):
             ax.plot(iters, values[:, layer], color=cmap(layer / max(n - 1, 1)), label=f"layer {layer}")
+            if run.get("alphas_band"):  # a group: the 95% interval of each layer's mean alpha
+                _band(ax, iters, [lo[layer] for _, lo, _ in run["alphas_band"]],
+                      [hi[layer] for _, _, hi in run["alphas_band"]], cmap(layer / max(n - 1, 1)))
         ax.set_xlim(iters[0], max(iters[-1], iters[0] + 1))
         ax.set_title(f"residual alpha per layer: {_mode_text(cfg)}")
         ax.set_xlabel("iteration")
         ax.set_ylabel("alpha")
-        ax.legend(fontsize=8, ncol=2 if n > 8 else 1, title=f"run {run['name']}", title_fontsize=8)
+        ax.legend(fontsize=8, ncol=2 if n > 8 else 1, title=f"{'group' if run.get('runs') else 'run'} {run['name']}",
+                  title_fontsize=8)
     return fig
 
 
@@ -477,33 +574,48 @@ def _cut_layers(run):
 
 
 def plot_cut_sweep(runs, baseline=None):
-    """Final validation loss against the cut layer (the paper's Figure 4), the baseline as a line."""
-    points = []
+    """Final validation loss against the cut layer (the paper's Figure 4), the baseline as a line. Runs with the
+    same cut (seeds) are pooled: their mean, the 95% interval as an error bar. baseline: a run, or a list of
+    runs (seeds): their mean line, the 95% interval shaded."""
+    pooled = {}  # (cut layers, alpha) -> final val losses
     for run in runs:
         if (run["config"] or {}).get("residual_mode") != "cut":
             raise InputError(f"{run['path']}: residual_mode is {(run['config'] or {}).get('residual_mode')!r}, "
                                "not 'cut' (give the baseline with --baseline)")
         if run["final_val_loss"] is None:
             raise InputError(f"{run['path']} has no eval row with a val_loss")
-        points.append((_cut_layers(run), run["final_val_loss"], run["config"].get("cut_alpha")))
-    ends = {run["name"]: run["final_iter"] for run in runs + ([baseline] if baseline else [])}
+        pooled.setdefault((tuple(_cut_layers(run)), run["config"].get("cut_alpha")), []).append(run["final_val_loss"])
+    baselines = [] if baseline is None else baseline if isinstance(baseline, list) else [baseline]
+    ends = {run["name"]: run["final_iter"] for run in runs + baselines}
     if len(set(ends.values())) > 1:  # e.g. a run stopped early: its "final" loss is from an earlier eval
         print(f"note: the runs' last evals are at different iterations: {ends}")
-    points.sort()
+    points = [(layers, describe(losses)) for (layers, _), losses in sorted(pooled.items())]
     fig, (ax,) = _figure()
-    xs = [layers[0] for layers, _, _ in points]
-    alphas = sorted({a for _, _, a in points})
-    ax.plot(xs, [loss for _, loss, _ in points], "o-", color=_color(0),
-            label="cut, alpha " + ", ".join(f"{a:g}" for a in alphas))
-    for layers, loss, _ in points:
+    xs, ys = [layers[0] for layers, _ in points], [d["mean"] for _, d in points]
+    alphas = sorted({a for _, a in pooled})
+    several = any(d["n"] > 1 for _, d in points)
+    ax.plot(xs, ys, "o-", color=_color(0), label="cut, alpha " + ", ".join(f"{a:g}" for a in alphas)
+            + (" (mean over seeds, 95% CI)" if several else ""))
+    if several:
+        low = [d["mean"] - d["ci95"][0] if d["ci95"] else 0.0 for _, d in points]
+        high = [d["ci95"][1] - d["mean"] if d["ci95"] else 0.0 for _, d in points]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="none", ecolor=_color(0), capsize=3)
+    for (layers, _), y in zip(points, ys):
         if len(layers) > 1:  # several cut layers in one run: plotted at the first, labelled with all
-            ax.annotate(",".join(map(str, layers)), (layers[0], loss), xytext=(3, 3), textcoords="offset points",
+            ax.annotate(",".join(map(str, layers)), (layers[0], y), xytext=(3, 3), textcoords="offset points",
                         fontsize=8)
-    if baseline is not None:
-        if baseline["final_val_loss"] is None:
-            raise InputError(f"{baseline['path']} has no eval row with a val_loss")
-        name = "" if baseline["name"] == "baseline" else f" ({baseline['name']})"
-        ax.axhline(baseline["final_val_loss"], color="gray", linestyle="--", label=f"baseline, no cut{name}")
+    if baselines:
+        for run in baselines:
+            if run["final_val_loss"] is None:
+                raise InputError(f"{run['path']} has no eval row with a val_loss")
+        d = describe([run["final_val_loss"] for run in baselines])
+        if len(baselines) == 1:
+            name = "" if baselines[0]["name"] == "baseline" else f" ({baselines[0]['name']})"
+        else:
+            name = f" (mean of {len(baselines)} seeds, 95% CI)"
+        ax.axhline(d["mean"], color="gray", linestyle="--", label=f"baseline, no cut{name}")
+        if d["ci95"]:
+            ax.axhspan(*d["ci95"], color="gray", alpha=0.2, linewidth=0)
     ax.set_xticks(sorted(set(xs)))
     _label(ax, "validation loss vs cut layer", "cut layer (block index)", "final validation loss")
     return fig
@@ -562,17 +674,50 @@ def check_settings(settings):
     return LensOptions.from_settings(settings)
 
 
+# the numbers of a group's table: (row label, path in a result, digits)
+GROUP_ROWS = [(["misalignment"], ("misalignment",), 3), (["final CE"], ("final_loss",), 3),
+              (["top-k cross"], ("shift_depth", "topk_crossing"), 2), (["cosine cross"], ("shift_depth", "cosine_crossing"), 2),
+              (["projection 1/2"], ("shift_depth", "projection_half"), 2),
+              (["first-win median"], ("shift_depth", "first_win_median"), 2),
+              (["never (fraction)"], ("shift_depth", "never_fraction"), 3)]
+
+
+def analyze_groups(groups, baseline, results):
+    """For groups of runs (groups.model_groups) and their runs' results: (one group_result per group, for the
+    plots; {"groups", "differences"} for metrics.json; the markdown of groups.md)."""
+    by_name = {r["label"]: r for r in results}
+    shown = [group_result(g.label, [by_name[run.name] for run in g.runs]) for g in groups]
+    stats = {g.label: summarize([by_name[run.name] for run in g.runs]) for g in groups}
+    diffs = {g.label: differences(g, baseline, by_name) for g in groups
+             if baseline is not None and g is not baseline and g.pairable}
+    saved = {"groups": {g.label: {"runs": [run.name for run in g.runs], "seeds": g.seeds, "stats": stats[g.label]}
+                        for g in groups},
+             "differences": {"baseline": baseline and baseline.label, "groups": diffs,
+                             "test": "two-sided paired t-test over seeds (stats.py)"}}
+    return shown, saved, group_tables(GROUP_ROWS, ["number"], groups, stats, diffs, baseline)
+
+
 def run(settings):
     """Everything main() does, with errors as exceptions; returns the results (one dict per model)."""
     options = check_settings(settings)
     out_dir = settings["out_dir"]
     check_out_dir(out_dir)
-    logs = [read_log(p) for p in expand_globs(settings["log"], "training logs")]
+    log_groups = expand(settings["log"], "training logs")
+    logs = ([read_log(p) for p in expand_globs(settings["log"], "training logs")] if log_groups is None
+            else [group_log(label, paths) for label, paths in log_groups])
     sweep = [read_log(p) for p in expand_globs(settings["cut_sweep"], "training logs")]
-    baseline = read_log(settings["baseline"]) if settings["baseline"] else None
+    baseline = None
+    if settings["baseline"]:  # one run, or a pattern: several seeds
+        baseline = ([read_log(p) for p in expand_globs(settings["baseline"], "training logs")]
+                    if expand([settings["baseline"]]) else read_log(settings["baseline"]))
+    groups = model_groups(settings["ckpt"], settings["hf"])
+    if settings["baseline_group"] and not groups:
+        raise SettingError("baseline_group names a group of seeds: give --ckpt groups (quoted patterns or label=pattern)")
+    compare_to = baseline_of(groups, settings["baseline_group"]) if groups else None  # seeds pair up, or an error now
     results = []
     if settings["ckpt"] or settings["hf"]:
-        lms = list(load_models(settings["ckpt"], settings["hf"], settings["device"], settings["dtype"]))
+        ckpt = [run.path for g in groups for run in g.runs if not run.hf] if groups else settings["ckpt"]
+        lms = list(load_models(ckpt, settings["hf"], settings["device"], settings["dtype"]))
         auto = min(DEFAULT_MAX_SEQ_LEN, *(lm.block_size for lm in lms))
         settings["seq_len"] = settings["seq_len"] or auto
         for lm in lms:
@@ -582,11 +727,15 @@ def run(settings):
         windows = token_windows(lms, settings)
         batches = [batched(w, settings["batch_size"]) for w in windows]
         results = analyze_models(lms, batches, options, settings["progress"])
-        for path in write_metrics(results, out_dir, settings) + write_plots(results, out_dir, settings["plots"]):
+        shown, saved, text = analyze_groups(groups, compare_to, results) if groups else (results, None, None)
+        for path in write_metrics(results, out_dir, settings, saved) + write_plots(shown, out_dir, settings["plots"]):
             print(f"wrote {path}")
         print(f"\nshift depth ({settings['num_sequences']} x {settings['seq_len']} tokens, {options.space} "
               f"state, lens {'with' if options.lens_norm else 'without'} final norm, top-{options.k}):\n")
         print(summary_table(results))
+        if groups:
+            path = write_text(os.path.join(out_dir, "groups.md"), text + "\n")
+            print(f"\ngroups of seeds:\n\n{text}\n\nwrote {path}")
     if logs:
         os.makedirs(out_dir, exist_ok=True)
         attenuated = [run for run in logs if (run["config"] or {}).get("residual_mode") != "none"] or logs
