@@ -1,6 +1,7 @@
 """
 Small pieces every part of nanoshift shares: the error rule, atomic files, globs, jsonl logs,
-markdown tables and the CPU thread count. A library module: it imports nothing of the project.
+markdown tables, the CPU thread count and the machine, and running the steps of a pipeline. A library
+module: it imports nothing of the project.
 
 Errors and exit codes (one rule for every entry point, applied by `run_main` / `exit_with`):
     SettingError   a bad setting (value, combination, unknown key)        -> "config error: ...", exit 2
@@ -19,7 +20,10 @@ import glob
 import json
 import math
 import os
+import platform
+import subprocess
 import sys
+import time
 import warnings
 
 
@@ -204,6 +208,42 @@ def set_threads(setting=0):
     n = cpu_threads(setting)
     torch.set_num_threads(n)
     return n
+
+def machine_line(threads):
+    """The machine numbers came from: CPU model, cores, torch threads (they change the last digits)."""
+    import torch  # here, not at the top (see set_threads)
+
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s) per process, torch {torch.__version__}"
+
+# -----------------------------------------------------------------------------
+# Steps of a pipeline (demo.py, reproduce.py)
+
+
+def run_step(cmd, log_path, who):
+    """Run one command with its output shown live and copied to log_path; its wall time in seconds. If it
+    fails, say so ("{who}: step failed ...", naming the log) and exit with its status: a pipeline stops at
+    its first failed step."""
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    print(f"\n$ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        while chunk := proc.stdout.read1(1 << 16):  # bytes as they come: progress bars stay bars
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            log.write(chunk)
+        proc.wait()
+    seconds = time.time() - t0
+    if proc.returncode != 0:
+        print(f"\n{who}: step failed (exit {proc.returncode}) after {seconds:.0f}s: {' '.join(cmd)}\n"
+              f"      its output is in {log_path}", file=sys.stderr)
+        sys.exit(proc.returncode)
+    print(f"[{os.path.splitext(os.path.basename(log_path))[0]}: {seconds:.0f}s]", flush=True)
+    return seconds
 
 # -----------------------------------------------------------------------------
 # Text

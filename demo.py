@@ -24,15 +24,11 @@ weights only at the end (save_optimizer_at_end=False) and best.pt as a hard link
 
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 
-import torch
-
-from common import SettingError, cpu_threads, markdown_table, read_jsonl, run_main, write_text
+from common import SettingError, cpu_threads, machine_line, markdown_table, read_jsonl, run_main, run_step, write_text
 from configurator import configure
 from lens import summary_table  # the same table analyze.py prints
 
@@ -44,33 +40,7 @@ VAL_SHARDS = f"{DEMO_DATA}/*_val_*.bin"
 
 def run(cmd, log_name, out):
     """Run one command with its output shown live and kept in out/logs/; stop the demo if it fails."""
-    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    log_path = os.path.join(out, "logs", log_name + ".log")
-    print(f"\n$ {' '.join(cmd)}", flush=True)
-    t0 = time.time()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        while chunk := proc.stdout.read1(1 << 16):  # bytes as they come: progress bars stay bars
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            log.write(chunk)
-        proc.wait()
-    seconds = time.time() - t0
-    if proc.returncode != 0:
-        print(f"\ndemo: step failed (exit {proc.returncode}) after {seconds:.0f}s: {' '.join(cmd)}\n"
-              f"      its output is in {log_path}", file=sys.stderr)
-        sys.exit(proc.returncode)
-    print(f"[{log_name}: {seconds:.0f}s]", flush=True)
-    return seconds
-
-
-def machine_line(threads):
-    """The machine the numbers came from: CPU model, cores, torch threads (they change the last digits)."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread(s) per process, torch {torch.__version__}"
+    return run_step(cmd, os.path.join(out, "logs", log_name + ".log"), "demo")
 
 
 def summarize(out, timings, threads):
