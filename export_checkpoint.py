@@ -22,7 +22,7 @@ from configurator import configure
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(
-    path="",  # an FSDP run's out_dir (its newest complete sharded checkpoint) or one ckpt-*.dcp directory (also the first plain argument)
+    path="",  # an FSDP run's out_dir (its newest sharded checkpoint) or a ckpt-*.dcp directory (or the first argument)
     out="",  # the file to write; '' = ckpt.pt in the run's out_dir
 )
 

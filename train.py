@@ -52,9 +52,9 @@ Outputs in out_dir (rank 0 writes; parallelism='fsdp': see Sharded training belo
 Sharded training (parallelism='fsdp', README: Sharded training): PyTorch's FSDP2 (fully_shard) shards every
 block and then the root (embeddings, final norm, output layer and the residual gate, which every block reads
 and which is gathered once per step with the embeddings), so each rank holds 1/world_size of the weights,
-gradients and AdamW state. bf16/fp16 runs gather weights in that dtype and reduce gradients in float32
+gradients and AdamW state. bfloat16 runs gather weights in bfloat16 and reduce gradients in float32
 (MixedPrecisionPolicy; the master weights and AdamW stay float32); float16 is refused (loss scaling over
-sharded gradients is not supported here: use bfloat16). torch.compile compiles each block. Gradient
+sharded gradients is not supported here). torch.compile compiles each block. Gradient
 accumulation keeps the gathered weights and unsharded float32 gradients between micro-steps and
 reduce-scatters once per step (fsdp_reshard_micro_steps=True: every micro-step, for the least memory).
 `python train.py --parallelism=fsdp` without torchrun runs a 1-rank group (nothing is sharded: for testing).
@@ -189,9 +189,9 @@ max_iters = 19073  # optimizer steps of the run
 lr_decay_iters = 0  # iteration where the schedule reaches min_lr; 0 = max_iters (set it to stop a run early)
 wsd_decay_frac = 0.2  # wsd: the last fraction of the schedule decays linearly to min_lr
 # parallelism: what each torchrun rank holds (README: Sharded training)
-parallelism = "ddp"  # 'ddp' (every rank holds the whole model, gradients and AdamW state) | 'fsdp' (PyTorch FSDP2: each holds 1/world_size)
-activation_checkpointing = False  # recompute each block's activations in the backward pass: far less activation memory, ~1/3 more compute
-fsdp_reshard_micro_steps = False  # fsdp with gradient accumulation: True re-shards after every micro-step (least memory); False keeps weights gathered, one reduce-scatter per step
+parallelism = "ddp"  # 'ddp' (each rank holds all weights, gradients, AdamW state) | 'fsdp' (FSDP2: each holds 1/world_size)
+activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+fsdp_reshard_micro_steps = False  # fsdp + accumulation: True re-shards every micro-step (least memory); False gathers once a step
 # system
 device = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda'
 dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16; float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
@@ -640,8 +640,10 @@ def evaluate():
 def reshard_all():
     """fsdp: free every gathered weight (FSDP keeps the root's, and the last block's, after a forward pass
     that no backward follows), so what reads parameters next sees the float32 shards."""
+    from torch.distributed.fsdp import FSDPModule
+
     for module in model.modules():
-        if hasattr(module, "reshard") and hasattr(module, "set_requires_gradient_sync"):  # an FSDPModule
+        if isinstance(module, FSDPModule):
             module.reshard()
 
 
@@ -664,8 +666,6 @@ def track_alignment_now():
     tracked = {"windows": len(track_windows), "tokens": track_windows[:, 1:].numel()}
     spaces = ("raw", "normed")
     sums = [(i, lens_sums(lm, [track_windows[i:i + 1]], spaces=spaces)) for i in mine]  # one lens pass each
-    if fsdp:
-        reshard_all()
     if distributed:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, sums)
@@ -679,6 +679,8 @@ def track_alignment_now():
         tracked["misalignment"] = result["misalignment"]
         tracked[space] = {**{name: [row[name] for row in result["layers"]] for name in TRACKED_CURVES},
                           **{name: result["shift_depth"][name] for name in TRACKED_SUMMARIES}}
+    if fsdp:
+        reshard_all()  # after the last use of lm, which holds the gathered embeddings
     raw_model.train()
     return tracked
 
@@ -729,9 +731,10 @@ def held_state_bytes():
 
 def memory_report():
     """Per rank (a collective): held_state_bytes at the first step, peak resident memory, peak CUDA memory."""
-    mine = dict(held_bytes or {}, rank=rank, max_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                cuda_max_allocated_mib=(round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-                                        if device_type == "cuda" else None))
+    max_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else None
+    mine = dict(held_bytes or {}, rank=rank, max_rss_mib=round(max_rss_mib, 1),
+                cuda_max_allocated_mib=None if cuda_mib is None else round(cuda_mib, 1))
     if not distributed:
         return [mine]
     report = [None] * world_size
@@ -782,8 +785,9 @@ def save(is_best, final=False):
                              f" is unchanged and no temporary file is left"))
     if master:
         last_saved = (saved, iter_num)
-        print(f"saved {saved} at iter {iter_num}" + (f" (and {ckpt_path}, the weights)" if fsdp and final and full else "")
-              + (" (and best.pt)" if is_best else "") + ("" if full else ", weights only"))
+        also = f" (and {ckpt_path}, the weights)" if fsdp and final and full else ""
+        print(f"saved {saved} at iter {iter_num}{also}" + (" (and best.pt)" if is_best else "")
+              + ("" if full else ", weights only"))
 
 
 def save_whole(is_best, full, rng):
@@ -1067,7 +1071,8 @@ if master:
     for m in memory:
         held = (f"weights + gradients + AdamW {sum(m[k] for k in ('params', 'grads', 'optimizer')) / 2**20:,.1f} MiB, "
                 if "params" in m else "")
-        cuda = "" if m["cuda_max_allocated_mib"] is None else f", peak CUDA memory {m['cuda_max_allocated_mib']:,.0f} MiB"
+        peak = m["cuda_max_allocated_mib"]
+        cuda = "" if peak is None else f", peak CUDA memory {peak:,.0f} MiB"
         print(f"rank {m['rank']}: {held}peak RSS {m['max_rss_mib']:,.0f} MiB{cuda}")
     print(f"stopped at iter {iter_num}: {end_reason}")
     log_file.close()
