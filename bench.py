@@ -2,7 +2,7 @@
 Throughput / memory benchmarks for nanoshift (not tests: numbers, printed as markdown).
 
     python bench.py                      # every section
-    python bench.py --section data       # one section: data | train | train_llama | analyze | eval | threads | tracking | fsdp | all
+    python bench.py --section data       # one section (--help lists them), or all
     python bench.py --section=fsdp --table_out=fsdp.md   # also write the section's table to a file
 
 data: the full prepare path (parquet documents -> tokenizer pool -> shards on disk)
@@ -659,6 +659,61 @@ def bench_fsdp(table_out=""):
     return ratio
 
 
+# (n_layer, n_embd, n_head) of model.py's gpt2 arch with GPT-2's vocabulary: GPT-2 small, and the depth at the
+# widths of Llama-3.2-1B / -3B and Llama-2-7B (2048, 3072, 4096) that comes closest to 1B, 3B and 7B parameters
+_MEMORY_MODELS = {"124M": (12, 768, 12), "1B": (18, 2048, 16), "3B": (26, 3072, 24), "7B": (32, 4096, 32)}
+
+
+def fsdp_memory_arithmetic(micro_batch=4, seq_len=2048, vocab_size=50304):
+    """Per-rank memory of training with DDP and with FSDP on 8 and 32 GPUs, computed (not measured) from the
+    parameter counts of model.py, bf16 compute, float32 master weights, gradients and AdamW. Rows of
+    [model, parameters, setup, weights, gradients, AdamW, transient, activations, activations with
+    activation_checkpointing, total with checkpointing] in GiB (README: Sharded training says what each is).
+      DDP: weights 4N, gradients 4N, AdamW 8N; transient 2N (autocast's bf16 weight copies, kept for the
+        backward pass) + 4N (DDP's gradient buckets).
+      FSDP on W ranks: 4N/W, 4N/W, 8N/W; transient: the gathered bf16 root (embeddings, final norm, lm_head,
+        gate: 2 bytes x its parameters) + two gathered bf16 blocks (the one running, the next prefetched)
+        + one block's unsharded float32 gradient before its reduce-scatter.
+      Activations of a micro-batch of B x T tokens (Korthikanti et al. 2022, attention by SDPA, which stores no
+        T x T scores): 34 B T d bytes per block + 10 B T V for the logits (bf16, their float32 copy and the
+        log-softmax the loss keeps); with activation checkpointing each block keeps only its input (2 B T d
+        bytes under FSDP's bf16 residual stream, 4 under DDP's float32 autocast one) and one block at a time is
+        recomputed (34 B T d).
+    Gradient accumulation under FSDP with fsdp_reshard_micro_steps=False adds 2N (gathered weights) + 4N
+    (unsharded float32 gradients) during a step: not in this table."""
+    gib = lambda n: n / 2**30
+    B, T, V = micro_batch, seq_len, vocab_size
+    rows = []
+    for name, (L, d, heads) in _MEMORY_MODELS.items():
+        with torch.device("meta"):
+            model = GPT(GPTConfig(n_layer=L, n_embd=d, n_head=heads, block_size=T, vocab_size=V))
+        N = model.num_params(non_embedding=False)
+        block = sum(p.numel() for p in model.transformer.h[0].parameters())
+        root = N - L * block
+        logits = 10 * B * T * V
+        for setup, world in (("DDP", 1), ("FSDP, 8 GPUs", 8), ("FSDP, 32 GPUs", 32)):
+            fsdp = world > 1
+            transient = 2 * root + 2 * 2 * block + 4 * block if fsdp else 2 * N + 4 * N
+            activations = 34 * B * T * d * L + logits
+            checkpointed = (2 if fsdp else 4) * B * T * d * L + 34 * B * T * d + logits
+            states = 16 * N / world
+            rows.append([name, N, setup, gib(4 * N / world), gib(4 * N / world), gib(8 * N / world), gib(transient),
+                         gib(activations), gib(checkpointed), gib(states + transient + checkpointed)])
+    return rows
+
+
+def bench_fsdp_memory():
+    """The README's per-rank memory table (fsdp_memory_arithmetic), printed as markdown."""
+    B, T = 4, 2048
+    rows = [[name, f"{n / 1e9:.2f}B", setup, *(f"{x:,.1f}" for x in numbers)]
+            for name, n, setup, *numbers in fsdp_memory_arithmetic(B, T)]
+    print(f"### fsdp_memory: per-rank memory in GiB, bf16 compute, float32 weights / gradients / AdamW, micro-batch "
+          f"{B} x {T} tokens, GPT-2 vocabulary (computed from model.py's parameter counts, not measured)\n")
+    print(markdown_table(["model", "parameters", "setup", "weights", "gradients", "AdamW", "transient",
+                          "activations", "activations, checkpointed", "total, checkpointed"], rows,
+                         align=["left"] * 3 + ["right"] * 7))
+
+
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
@@ -668,10 +723,11 @@ SECTIONS = {
     "threads": bench_threads,
     "tracking": bench_tracking,
     "fsdp": bench_fsdp,
+    "fsdp_memory": bench_fsdp_memory,
 }
 
 DEFAULTS = dict(
-    section="all",  # which benchmark: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp
+    section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory
     table_out="",  # fsdp: also write its table (markdown) to this file
 )
 
