@@ -2,7 +2,8 @@
 Throughput / memory benchmarks for nanoshift (not tests: numbers, printed as markdown).
 
     python bench.py                      # every section
-    python bench.py --section data       # one section: data | train | train_llama | analyze | eval | threads | tracking | all
+    python bench.py --section data       # one section (--help lists them), or all
+    python bench.py --section=fsdp --table_out=fsdp.md   # also write the section's table to a file
 
 data: the full prepare path (parquet documents -> tokenizer pool -> shards on disk)
 against the bare tokenizer (tiktoken encode_ordinary_batch) on the same text with
@@ -26,9 +27,9 @@ import pyarrow.parquet as pq
 import torch
 
 import eval_benchmarks
-from common import SettingError, markdown_table, run_main
+from common import SettingError, markdown_table, read_jsonl, run_main, write_text
 from configurator import configure
-from data import get_tokenizer, iter_documents
+from data import get_tokenizer, iter_documents, shard_name, write_shard
 from lens import LensOptions, analyze_model, lens_sums
 from lm import OurGPT
 from model import GPT, GPTConfig
@@ -573,6 +574,146 @@ def bench_tracking(repeats=3):
     print(f"\ntraining time with tracking on / off: {(train_seconds + track_seconds) / train_seconds:.5f} (target <= 1.03)")
 
 
+# -----------------------------------------------------------------------------
+# fsdp: what each rank holds, and how fast it steps, with DDP and with FSDP (train.py itself under torchrun)
+
+# CPU: 2 ranks (gloo) of a small GPT-2 (4 x 256, GPT-2's vocabulary), 4 x 64 tokens per rank per step, float32
+_FSDP_CPU = dict(nproc=2, steps=30, step_tokens=512, args=[
+    "--device=cpu", "--n_layer=4", "--n_head=4", "--n_embd=256", "--block_size=64", "--batch_size=4",
+    "--total_batch_tokens=512", "--eval_tokens=512", "--warmup_iters=5", "--dtype=float32", "--compile=False"])
+# GPU: config/fsdp_350m.py (GPT-2 medium's shape, bf16, torch.compile) on one GPU, 2 micro-steps of 16 x 1024 tokens
+_FSDP_GPU = dict(nproc=1, steps=300, step_tokens=32768, args=[
+    "config/fsdp_350m.py", "--total_batch_tokens=32768", "--eval_tokens=16384", "--warmup_iters=30"])
+
+
+def _random_token_shards(folder, train_tokens, val_tokens):
+    """Uniformly random GPT-2 token ids as a train and a val shard: speed and memory do not depend on the text,
+    and nothing needs downloading (train.py reads them with require_manifest=False)."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", train_tokens), ("val", val_tokens)):
+        write_shard(os.path.join(folder, shard_name("random", split, 0)), rng.integers(0, 50257, n, dtype=np.uint16))
+
+
+def fsdp_comparison(runs, warmup_steps):
+    """{'ddp': out_dir, 'fsdp': out_dir} of two train.py runs of one model -> (markdown table, the FSDP / DDP
+    ratio of the bytes a rank holds). Held bytes: weights + gradients + AdamW state per rank, as train.py logs
+    them (counted from the tensors' local shards); peaks: the process's max RSS and, on a GPU,
+    torch.cuda.max_memory_allocated; speed: medians over the train rows after warmup_steps."""
+    mib = lambda n: f"{n / 2**20:,.1f}"
+    held, rows = {}, []
+    for name, out in runs.items():
+        log = read_jsonl(os.path.join(out, "log.jsonl"))
+        train = [r for r in log if r["type"] == "train"][warmup_steps:]
+        memory = [r for r in log if r["type"] == "end"][-1]["memory"]
+        held[name] = [m["params"] + m["grads"] + m["optimizer"] for m in memory]
+        ms = statistics.median(r["dt_ms"] for r in train)
+        speed = statistics.median(r["tokens_per_sec"] for r in train)
+        mfu = [r["mfu"] for r in train if r["mfu"] is not None]
+        for m, total in zip(memory, held[name]):
+            cuda = m["cuda_max_allocated_mib"]
+            rows.append([name, m["rank"], mib(m["params"]), mib(m["grads"]), mib(m["optimizer"]), mib(total),
+                         f"{total / max(held['ddp']):.2f}" if "ddp" in held else "", f"{m['max_rss_mib']:,.0f}",
+                         "" if cuda is None else f"{cuda:,.0f}", f"{ms:,.1f}", f"{speed:,.0f}",
+                         f"{statistics.median(mfu):.1%}" if mfu else ""])
+    table = markdown_table(["parallelism", "rank", "weights MiB", "gradients MiB", "AdamW MiB", "held MiB",
+                            "held vs DDP", "peak RSS MiB", "peak CUDA MiB", "ms / step", "tokens/s", "MFU"], rows,
+                           align=["left"] + ["right"] * 11)
+    return table, max(held["fsdp"]) / max(held["ddp"])
+
+
+def bench_fsdp(table_out=""):
+    """The same model and batch trained with parallelism='ddp' and 'fsdp' by train.py under torchrun, on random
+    tokens: per rank, the bytes of weights, gradients and AdamW state it holds, its peak memory, and the step
+    time. CPU: 2 ranks over gloo, a small model (FSDP halves what each rank holds; on a CPU the collectives
+    cost more than the compute, so FSDP is slower). GPU: config/fsdp_350m.py on one GPU, bf16 and
+    torch.compile, a few hundred steps: one rank shards nothing, so this measures FSDP's overhead against DDP
+    (memory and speed), not its savings (README: Sharded training has the per-rank arithmetic)."""
+    cuda = torch.cuda.is_available()
+    plan = _FSDP_GPU if cuda else _FSDP_CPU
+    warmup = 20 if cuda else 5  # compilation and the allocator's first steps
+    here = os.path.dirname(os.path.abspath(__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        _random_token_shards(tmp, (plan["steps"] + 1) * plan["step_tokens"] + 1, 4 * plan["step_tokens"] + 1)
+        runs = {}
+        for parallelism in ("ddp", "fsdp"):
+            runs[parallelism] = os.path.join(tmp, parallelism)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={plan['nproc']}",
+                   "train.py", *plan["args"], f"--parallelism={parallelism}", f"--data_dir={tmp}",
+                   f"--out_dir={runs[parallelism]}", f"--max_iters={plan['steps']}", f"--eval_interval={plan['steps']}",
+                   "--require_manifest=False", "--track_alignment=False", "--log_interval=1"]
+            result = subprocess.run(cmd, cwd=here, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                                    text=True)
+            if result.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n"
+                                   f"{result.stderr[-3000:]}")
+        table, ratio = fsdp_comparison(runs, warmup)
+    where = f"{plan['nproc']} x {_device_name('cuda') if cuda else _device_name('cpu') + ' (gloo)'}"
+    model = "config/fsdp_350m.py (24 x 1024, 354.9M parameters), bf16, torch.compile" if cuda else \
+        "GPT-2 4 x 256 (16.0M parameters with its 50304-token vocabulary), float32"
+    text = (f"### fsdp: DDP vs FSDP per rank, {where}, torch {torch.__version__}\n\n{model}; "
+            f"{plan['step_tokens']:,} tokens per step, {plan['steps']} steps, medians after {warmup}\n\n{table}\n\n"
+            f"held bytes per rank, FSDP / DDP: {ratio:.3f}\n")
+    print(text)
+    if table_out:
+        write_text(table_out, f"machine: {machine_description()}\n\n{text}")
+    return ratio
+
+
+# (n_layer, n_embd, n_head) of model.py's gpt2 arch with GPT-2's vocabulary: GPT-2 small, and the depth at the
+# widths of Llama-3.2-1B / -3B and Llama-2-7B (2048, 3072, 4096) that comes closest to 1B, 3B and 7B parameters
+_MEMORY_MODELS = {"124M": (12, 768, 12), "1B": (18, 2048, 16), "3B": (26, 3072, 24), "7B": (32, 4096, 32)}
+
+
+def fsdp_memory_arithmetic(micro_batch=4, seq_len=2048, vocab_size=50304):
+    """Per-rank memory of training with DDP and with FSDP on 8 and 32 GPUs, computed (not measured) from the
+    parameter counts of model.py, bf16 compute, float32 master weights, gradients and AdamW. Rows of
+    [model, parameters, setup, weights, gradients, AdamW, transient, activations, activations with
+    activation_checkpointing, total with checkpointing] in GiB (README: Sharded training says what each is).
+      DDP: weights 4N, gradients 4N, AdamW 8N; transient 2N (autocast's bf16 weight copies, kept for the
+        backward pass) + 4N (DDP's gradient buckets).
+      FSDP on W ranks: 4N/W, 4N/W, 8N/W; transient: the gathered bf16 root (embeddings, final norm, lm_head,
+        gate: 2 bytes x its parameters) + two gathered bf16 blocks (the one running, the next prefetched)
+        + one block's unsharded float32 gradient before its reduce-scatter.
+      Activations of a micro-batch of B x T tokens (Korthikanti et al. 2022, attention by SDPA, which stores no
+        T x T scores): 34 B T d bytes per block + 10 B T V for the logits (bf16, their float32 copy and the
+        log-softmax the loss keeps); with activation checkpointing each block keeps only its input (2 B T d
+        bytes under FSDP's bf16 residual stream, 4 under DDP's float32 autocast one) and one block at a time is
+        recomputed (34 B T d).
+    Gradient accumulation under FSDP with fsdp_reshard_micro_steps=False adds 2N (gathered weights) + 4N
+    (unsharded float32 gradients) during a step: not in this table."""
+    gib = lambda n: n / 2**30
+    B, T, V = micro_batch, seq_len, vocab_size
+    rows = []
+    for name, (L, d, heads) in _MEMORY_MODELS.items():
+        with torch.device("meta"):
+            model = GPT(GPTConfig(n_layer=L, n_embd=d, n_head=heads, block_size=T, vocab_size=V))
+        N = model.num_params(non_embedding=False)
+        block = sum(p.numel() for p in model.transformer.h[0].parameters())
+        root = N - L * block
+        logits = 10 * B * T * V
+        for setup, world in (("DDP", 1), ("FSDP, 8 GPUs", 8), ("FSDP, 32 GPUs", 32)):
+            fsdp = world > 1
+            transient = 2 * root + 2 * 2 * block + 4 * block if fsdp else 2 * N + 4 * N
+            activations = 34 * B * T * d * L + logits
+            checkpointed = (2 if fsdp else 4) * B * T * d * L + 34 * B * T * d + logits
+            states = 16 * N / world
+            rows.append([name, N, setup, gib(4 * N / world), gib(4 * N / world), gib(8 * N / world), gib(transient),
+                         gib(activations), gib(checkpointed), gib(states + transient + checkpointed)])
+    return rows
+
+
+def bench_fsdp_memory():
+    """The README's per-rank memory table (fsdp_memory_arithmetic), printed as markdown."""
+    B, T = 4, 2048
+    rows = [[name, f"{n / 1e9:.2f}B", setup, *(f"{x:,.1f}" for x in numbers)]
+            for name, n, setup, *numbers in fsdp_memory_arithmetic(B, T)]
+    print(f"### fsdp_memory: per-rank memory in GiB, bf16 compute, float32 weights / gradients / AdamW, micro-batch "
+          f"{B} x {T} tokens, GPT-2 vocabulary (computed from model.py's parameter counts, not measured)\n")
+    print(markdown_table(["model", "parameters", "setup", "weights", "gradients", "AdamW", "transient",
+                          "activations", "activations, checkpointed", "total, checkpointed"], rows,
+                         align=["left"] * 3 + ["right"] * 7))
+
+
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
@@ -581,20 +722,26 @@ SECTIONS = {
     "eval": bench_eval,
     "threads": bench_threads,
     "tracking": bench_tracking,
+    "fsdp": bench_fsdp,
+    "fsdp_memory": bench_fsdp_memory,
 }
 
 DEFAULTS = dict(
-    section="all",  # which benchmark: all | data | train | train_llama | analyze | eval | threads | tracking
+    section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory
+    table_out="",  # fsdp: also write its table (markdown) to this file
 )
 
 
 def run(argv):
-    section = configure(DEFAULTS, argv, help_from=__file__)["section"]
+    settings = configure(DEFAULTS, argv, help_from=__file__)
+    section = settings["section"]
     if section != "all" and section not in SECTIONS:
         raise SettingError(f"unknown section={section!r}; choose from {list(SECTIONS) + ['all']}")
+    if settings["table_out"] and section != "fsdp":
+        raise SettingError("table_out is written by --section=fsdp only")
     print(f"machine: {machine_description()}\n")
     for name in (SECTIONS if section == "all" else [section]):
-        SECTIONS[name]()
+        SECTIONS[name](**({"table_out": settings["table_out"]} if name == "fsdp" else {}))
         print()
 
 

@@ -104,7 +104,7 @@ def launch(argv):
     own, train_args = split_args(argv)
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        return 0
+        configure(DEFAULTS, ["--help"], help_from=__file__)  # the launcher's own setting, described; exits 0
     seeds = [int(s) if isinstance(s, str) and s.strip().lstrip("-").isdigit() else s  # --seeds=7 arrives as ['7']
              for s in configure(DEFAULTS, own)["seeds"]]
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):

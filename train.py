@@ -23,20 +23,20 @@ Settings: the flat block below; config files and --key=value overrides change th
 the data and model built, before the process group starts or any training runs; a bad one exits
 with status 2 and a message naming it.
 
-init_from: 'scratch'; 'resume' continues out_dir/ckpt.pt exactly (same losses and weights as a run
-that was never stopped); 'auto' resumes if that file exists, else starts from scratch (for requeued
-jobs); 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub name ('HuggingFaceTB/SmolLM2-360M') or a
+init_from: 'scratch'; 'resume' continues out_dir/ckpt.pt (an FSDP run: its sharded checkpoint) exactly
+(same losses and weights as a run that was never stopped); 'auto' resumes if out_dir holds a checkpoint,
+else starts from scratch (for requeued jobs); 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl', a hub name ('HuggingFaceTB/SmolLM2-360M') or a
 local HuggingFace GPT-2 or Llama directory continues training those weights with the configured
 residual mode (a retrofit; attenuation_warmup_iters > 0 makes step 0 the pretrained model and brings
 the attenuation in linearly). A new run (scratch or pretrained) into an out_dir that already holds
-ckpt.pt is refused unless --overwrite=True.
+a checkpoint is refused unless --overwrite=True.
 
 Tokenizers: the model reads the tokens of its own tokenizer (the `tokenizer` setting for a scratch run,
 GPT-2's for GPT-2 weights, the HF directory's own for Llama weights); data prepared with another one
 (its _done.json says which) is refused with exit 2 naming both. A run with an HF tokenizer copies it
 into out_dir/tokenizer, so analyze.py and eval_benchmarks.py read the checkpoint with it.
 
-Outputs in out_dir (rank 0 writes):
+Outputs in out_dir (rank 0 writes; parallelism='fsdp': see Sharded training below):
     ckpt.pt    the latest state, written at every eval (so at the end) and on SIGTERM/SIGUSR1: 'model'
                (unwrapped state dict) and 'model_args' (GPTConfig.to_dict(); GPT.from_checkpoint reads
                these two), 'optimizer', 'scaler', 'iter_num', 'best_val_loss', 'loader' (train data
@@ -46,7 +46,34 @@ Outputs in out_dir (rank 0 writes):
                save_optimizer_at_end=False the final one (max_iters reached) holds the weights only.
     best.pt    the weights (no optimizer) of the eval with the lowest val loss so far (save_best); a hard
                link to ckpt.pt, not a copy, when the final weights-only ckpt.pt is that eval
-    log.jsonl  one JSON object per line: "type" is "run", "train", "eval" or "end"
+    log.jsonl  one JSON object per line: "type" is "run", "train", "eval" or "end" (its "memory": per rank,
+               the bytes of weights, gradients and optimizer state held, and peak memory)
+
+Sharded training (parallelism='fsdp', README: Sharded training): PyTorch's FSDP2 (fully_shard) shards every
+block and then the root (embeddings, final norm, output layer and the residual gate, which every block reads
+and which is gathered once per step with the embeddings), so each rank holds 1/world_size of the weights,
+gradients and AdamW state. bfloat16 runs gather weights in bfloat16 and reduce gradients in float32
+(MixedPrecisionPolicy; the master weights and AdamW stay float32); float16 is refused (loss scaling over
+sharded gradients is not supported here). torch.compile compiles each block. Gradient
+accumulation keeps the gathered weights and unsharded float32 gradients between micro-steps and
+reduce-scatters once per step (fsdp_reshard_micro_steps=True: every micro-step, for the least memory).
+`python train.py --parallelism=fsdp` without torchrun runs a 1-rank group (nothing is sharded: for testing).
+Checkpoints are PyTorch Distributed Checkpoint directories, every rank writing its own part in parallel:
+    ckpt-00000250.dcp/  one per save: each rank's shards of weights and AdamW moments, DCP's .metadata, and
+                        train_state.pt (iter_num, best_val_loss, loader, every rank's RNG, config, model_args,
+                        weights_from, tokenizer, world_size); older ones are deleted once a newer one is whole
+    ckpt.dcp.json       the pointer to the newest complete one, moved atomically by rank 0 after every rank
+                        wrote its part: a save killed midway leaves a directory no pointer names, never
+                        resumed from and removed by the next run. resume/auto read this, not ckpt.pt.
+    ckpt.pt             at the end of the run (max_iters): the consolidated weights only (a weights-only
+                        checkpoint that GPT.from_checkpoint, analyze.py and eval_benchmarks.py read);
+                        `python export_checkpoint.py out_dir` writes it from the newest sharded checkpoint
+    best.pt             as for DDP: the consolidated weights of the best eval (gathered to rank 0)
+With save_optimizer_at_end=False the final state is ckpt.pt alone (the sharded checkpoints are deleted: like
+DDP's final weights-only ckpt.pt, such a run cannot be resumed). A sharded checkpoint resumes on any number of
+ranks (DCP reshards it): weights, AdamW state and the data stream continue exactly; with another world size the
+per-rank dropout masks differ and the float sums of the gradient reduction run in another order (so losses
+agree to float precision, not bit for bit). A checkpoint resumes with the parallelism that wrote it.
 
 Reliability:
 - Checkpoints are written atomically (a temporary file, fsynced, renamed): a crash, kill -9 or a full
@@ -73,6 +100,7 @@ import math
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import sys
@@ -160,6 +188,10 @@ warmup_iters = 715  # iterations of linear warmup
 max_iters = 19073  # optimizer steps of the run
 lr_decay_iters = 0  # iteration where the schedule reaches min_lr; 0 = max_iters (set it to stop a run early)
 wsd_decay_frac = 0.2  # wsd: the last fraction of the schedule decays linearly to min_lr
+# parallelism: what each torchrun rank holds (README: Sharded training)
+parallelism = "ddp"  # 'ddp' (each rank holds all weights, gradients, AdamW state) | 'fsdp' (FSDP2: each holds 1/world_size)
+activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
+fsdp_reshard_micro_steps = False  # fsdp + accumulation: True re-shards every micro-step (least memory); False gathers once a step
 # system
 device = "auto"  # 'auto' (cuda if available) | 'cpu' | 'cuda'
 dtype = "auto"  # 'auto' (bfloat16 on GPUs that have it, else float16; float32 on CPU) | 'float32' | 'bfloat16' | 'float16'
@@ -179,6 +211,8 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # 'org/model' (a local path of that form is tried first)
 # settings a fine-tune takes from the configuration (its shape comes from the pretrained weights)
 RESIDUAL_KEYS = ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")
+FSDP_FLOAT16 = ("parallelism='fsdp' does not support dtype='float16' (its loss scaling over sharded gradients is not "
+                "implemented here): use dtype='bfloat16' (or 'float32')")
 # settings that only act in some residual modes: {setting: the modes it acts in}
 MODE_SETTINGS = {"cut_layer": ("cut",), "cut_alpha": ("cut",), "gate_mode": ("gate",), "gate_alpha_min": ("gate",),
                  "gate_lr_mult": ("gate",)}
@@ -226,15 +260,32 @@ def check_settings(c):
         raise SettingError(f"device={c['device']!r} but torch sees no CUDA GPU")
     if c["dtype"] == "bfloat16" and c["device"].startswith("cuda") and not torch.cuda.is_bf16_supported():
         raise SettingError("dtype='bfloat16' but this GPU does not support it; use dtype='float16'")
+    if c["parallelism"] not in ("ddp", "fsdp"):
+        raise SettingError(f"parallelism must be 'ddp' or 'fsdp', got {c['parallelism']!r}")
+    if c["parallelism"] == "fsdp" and c["dtype"] == "float16":
+        raise SettingError(FSDP_FLOAT16)
     check_out_dir(c["out_dir"])
     ckpt = os.path.join(c["out_dir"], "ckpt.pt")
-    if c["init_from"] == "resume" and not os.path.exists(ckpt):
-        raise SettingError(f"init_from='resume' but there is no checkpoint at {ckpt} (check out_dir)")
+    pointer = os.path.join(c["out_dir"], checkpoint.SHARDED_POINTER)
+    has_ckpt, has_pointer = os.path.exists(ckpt), os.path.exists(pointer)
+    if c["init_from"] == "resume" or (c["init_from"] == "auto" and (has_ckpt or has_pointer)):
+        # a checkpoint resumes with the parallelism that wrote it (README: Sharded training)
+        if c["parallelism"] == "fsdp" and not has_pointer:
+            raise SettingError(f"init_from={c['init_from']!r} with parallelism='fsdp' resumes a sharded checkpoint, "
+                               f"but there is no {pointer}" + (
+                                   f": {ckpt} is a DDP run's checkpoint (resume it with --parallelism=ddp) or a "
+                                   f"finished FSDP run's weights-only export (not resumable)" if has_ckpt else
+                                   " (check out_dir)"))
+        if c["parallelism"] == "ddp" and has_pointer:
+            raise SettingError(f"{c['out_dir']} holds an FSDP run's sharded checkpoint ({pointer}): resume it with "
+                               f"--parallelism=fsdp")
+        if c["parallelism"] == "ddp" and not has_ckpt:
+            raise SettingError(f"init_from='resume' but there is no checkpoint at {ckpt} (check out_dir)")
     new_run = c["init_from"] not in ("resume", "auto") and not c["eval_only"]
-    if new_run and os.path.exists(ckpt) and not c["overwrite"]:
-        raise SettingError(f"{c['out_dir']} already holds a run ({ckpt}); init_from={c['init_from']!r} would replace "
-                           f"it. Continue it with --init_from=resume, choose another --out_dir, or pass "
-                           f"--overwrite=True to replace it")
+    if new_run and (has_ckpt or has_pointer) and not c["overwrite"]:
+        raise SettingError(f"{c['out_dir']} already holds a run ({ckpt if has_ckpt else pointer}); init_from="
+                           f"{c['init_from']!r} would replace it. Continue it with --init_from=resume, choose "
+                           f"another --out_dir, or pass --overwrite=True to replace it")
 
 
 def unused_setting_warnings(c):
@@ -250,23 +301,29 @@ except SettingError as e:
     exit_with(e)
 set_threads(threads)
 ckpt_path, best_path, log_path = (os.path.join(out_dir, name) for name in ("ckpt.pt", "best.pt", "log.jsonl"))
+pointer_path = os.path.join(out_dir, checkpoint.SHARDED_POINTER)  # fsdp: names the newest sharded checkpoint
+fsdp = parallelism == "fsdp"
 if init_from == "auto":
-    init_from = "resume" if os.path.exists(ckpt_path) else "scratch"
+    init_from = "resume" if os.path.exists(ckpt_path) or os.path.exists(pointer_path) else "scratch"
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
 device_type = device.split(":")[0]
 if dtype == "auto":
     dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+if fsdp and dtype == "float16":
+    exit_with(SettingError(FSDP_FLOAT16 + " (dtype='auto' chose float16: this GPU has no bfloat16)"))
 use_compile = device_type == "cuda" if compile is None else compile
 decay_end = lr_decay_iters or max_iters  # the schedule reaches min_lr here
 decay_start = decay_end - wsd_decay_frac * decay_end if lr_schedule == "wsd" else decay_end
 
-# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one plain process
-ddp = "RANK" in os.environ
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is one plain process (with fsdp: a 1-rank
+# process group, so the sharded code paths and checkpoints are the same with one rank as with many)
+torchrun = "RANK" in os.environ
+distributed = torchrun or fsdp  # a process group exists
 rank, local_rank, world_size = ((int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
-                                if ddp else (0, 0, 1))
+                                if torchrun else (0, 0, 1))
 master = rank == 0
-if ddp and device_type == "cuda":
+if torchrun and device_type == "cuda":
     device = f"cuda:{local_rank}"
 micro_tokens = batch_size * block_size * world_size  # global tokens per micro-step
 if total_batch_tokens % micro_tokens:
@@ -305,33 +362,48 @@ def open_data():
         raise InputError(f"data_dir={data_dir!r}: {e}") from e
 
 
+def resume_source():
+    """What init_from='resume' continues: ckpt.pt, or (fsdp) the newest complete sharded checkpoint directory."""
+    if not fsdp:
+        return ckpt_path
+    pointer = checkpoint.read_sharded_pointer(out_dir)
+    if pointer is None:
+        raise InputError(f"no sharded checkpoint to resume: {pointer_path} is gone")
+    return pointer["dir"]
+
+
 def load_resume_checkpoint():
-    """ckpt.pt, checked against the settings: they must describe its model, or this would silently continue
-    another experiment (a fine-tune's shape came from the pretrained weights: only the residual settings)."""
-    ckpt = checkpoint.load_checkpoint(ckpt_path)
-    if "optimizer" not in ckpt:
-        raise InputError(f"{ckpt_path} is a final weights-only checkpoint (save_optimizer_at_end=False): it cannot "
-                         "be resumed. Analyse or evaluate it; to train further, start a run with "
-                         "save_optimizer_at_end=True")
+    """ckpt.pt (fsdp: the sharded checkpoint's train_state.pt; its weights load once the model is sharded),
+    checked against the settings: they must describe its model, or this would silently continue another
+    experiment (a fine-tune's shape came from the pretrained weights: only the residual settings)."""
+    if fsdp:
+        ckpt = checkpoint.load_checkpoint(os.path.join(resume_from, checkpoint.TRAIN_STATE))
+    else:
+        ckpt = checkpoint.load_checkpoint(ckpt_path)
+        if "optimizer" not in ckpt:
+            raise InputError(f"{ckpt_path} is a final weights-only checkpoint (save_optimizer_at_end=False): it "
+                             "cannot be resumed. Analyse or evaluate it; to train further, start a run with "
+                             "save_optimizer_at_end=True")
     keys = model_args if ckpt["weights_from"] == "scratch" else RESIDUAL_KEYS
     # a checkpoint from before a GPTConfig field existed holds that field's default (e.g. arch='gpt2')
     saved = {**{f.name: f.default for f in fields(GPTConfig) if f.init}, **ckpt["model_args"]}
     changed = {k: (saved.get(k), model_args[k]) for k in keys if saved.get(k) != model_args[k]}
     if changed:
-        raise SettingError(f"{ckpt_path} was trained with different model settings: "
+        raise SettingError(f"{resume_from} was trained with different model settings: "
                            + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items()))
     return ckpt
 
 
 try:
     train_loader, val_loader = open_data()
+    resume_from = resume_source() if init_from == "resume" else None  # a file, or (fsdp) a directory
     checkpoint_in = load_resume_checkpoint() if init_from == "resume" else None
     if checkpoint_in is not None:
         model_args = checkpoint_in["model_args"]
         try:
             train_loader.load_state_dict(checkpoint_in["loader"])
         except ValueError as e:
-            raise SettingError(f"cannot resume the data stream of {ckpt_path} (keep total_batch_tokens, block_size, "
+            raise SettingError(f"cannot resume the data stream of {resume_from} (keep total_batch_tokens, block_size, "
                                f"seed and the data the same): {e}") from e
 except NanoshiftError as e:
     exit_with(e)
@@ -358,13 +430,13 @@ if wandb_log and master:
         exit_with(SettingError("wandb_log=True but wandb is not installed (pip install wandb)"))
 
 # the model: scratch, the checkpoint to resume, or pretrained GPT-2 / Llama weights
-torch.manual_seed(seed + rank)  # rank 0's initial weights are broadcast by DDP; dropout differs per rank
+torch.manual_seed(seed + rank)  # rank 0's initial weights are broadcast (DDP, FSDP); dropout differs per rank
 random.seed(seed + rank)
 np.random.seed(seed + rank)
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
-elif init_from == "resume":
-    model = GPT.from_checkpoint(checkpoint_in)
+elif init_from == "resume":  # fsdp: the weights are read into the sharded model below
+    model = GPT(GPTConfig(**model_args)) if fsdp else GPT.from_checkpoint(checkpoint_in)
 else:
     try:
         model = GPT.from_pretrained(init_from, **{k: config[k] for k in RESIDUAL_KEYS})
@@ -428,35 +500,91 @@ except NanoshiftError as e:
 tokenizer_dir = os.path.join(out_dir, "tokenizer")  # a copy of an HF tokenizer, next to the checkpoints
 train_loader.vocab_size = val_loader.vocab_size = model.config.vocab_size  # every batch checked (cheap)
 raw_model = model  # the unwrapped module: its state_dict has no '_orig_mod.' / 'module.' prefixes
+model.set_activation_checkpointing(activation_checkpointing)
 
-if ddp:  # everything above succeeded on every rank: now the process group
+if distributed:  # everything above succeeded on every rank: now the process group
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if torchrun:
+        dist.init_process_group(backend=backend)
+    else:  # fsdp in one plain process: a group of one, in memory
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        print("note: parallelism='fsdp' without torchrun: a 1-rank process group, nothing is sharded")
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True  # only affects float32 matmuls (fp32 runs, the lm loss)
     torch.backends.cudnn.allow_tf32 = True
 ptdtype = dtype_from_name(dtype)
 ctx = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type=device_type, dtype=ptdtype)
-model.to(device)
 
+
+def shard_model():
+    """FSDP2: each block its own unit (gathered just before it runs, freed after), then the root (embeddings,
+    final norm, lm_head and the gate: the gate is read before the first block and every block's backward adds
+    to its gradient, so it is gathered with the embeddings once per step and reduce-scattered after the last
+    block's backward). Weights are gathered in the compute dtype and gradients reduced in float32, while the
+    sharded master weights and AdamW state stay float32. Moves the local shards to the device."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # a scratch model's weights are rank 0's (each rank drew its own init from seed + rank, as under DDP, so
+    # the RNG streams that dropout then uses are DDP's too); pretrained or resumed weights are the same everywhere
+    rank0_init = init_from == "scratch" and world_size > 1
+    initial = {k: v.clone() for k, v in model.state_dict().items()} if rank0_init and master else {}
+    mesh = init_device_mesh(device_type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=None if ptdtype == torch.float32 else ptdtype, reduce_dtype=torch.float32)
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
+        if use_compile:
+            block.compile()  # in place (the parameter names stay), before sharding, as PyTorch recommends
+        # the last block's weights would be gathered again at once for the backward pass: keep them
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    if rank0_init:
+        set_model_state_dict(model, initial, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def keep_blocks_gathered(keep):
+    """fsdp gradient accumulation: keep every block's weights gathered through the forward pass (the loop also
+    keeps them after each backward but the last), so a step gathers them once, not twice per micro-step."""
+    for block in model.transformer.h[:-1]:  # the last block (and the root) stay gathered after forward anyway
+        block.set_reshard_after_forward(not keep)
+
+
+# fsdp + gradient accumulation: weights gathered once per step and float32 gradients summed unsharded, one
+# reduce-scatter per step (fsdp_reshard_micro_steps=True: FSDP's default cycle on every micro-step instead)
+accumulate_gathered = fsdp and grad_accum_steps > 1 and not fsdp_reshard_micro_steps
+
+
+if fsdp:
+    shard_model()  # before the optimizer: FSDP replaces the parameters by their shards (DTensors)
+else:
+    model.to(device)
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type, gate_lr_mult)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))  # bf16 and fp32 need no loss scaling
 iter_num, best_val_loss = 0, float("inf")
 if checkpoint_in is not None:
     # the hyperparameters come from the settings (they may change on resume), the moments from the checkpoint
     hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(checkpoint_in["optimizer"])
+    if fsdp:
+        try:
+            checkpoint.load_sharded(resume_from, model, optimizer)  # resharded if written by another world size
+        except NanoshiftError as e:
+            exit_with(e)
+    else:
+        optimizer.load_state_dict(checkpoint_in["optimizer"])
     for group, h in zip(optimizer.param_groups, hyper):
         group.update(h)
     if checkpoint_in["scaler"]:
         scaler.load_state_dict(checkpoint_in["scaler"])
     iter_num, best_val_loss = checkpoint_in["iter_num"], checkpoint_in["best_val_loss"]
 start_iter = iter_num
+held_bytes = None  # held_state_bytes() of this rank, measured at the first step
 
-if use_compile:
+if use_compile and not fsdp:  # fsdp compiled each block above
     model = torch.compile(model)
-if ddp:
+if distributed and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
 # MFU: training FLOPs per token against the device's dense bf16 peak
@@ -501,10 +629,22 @@ def evaluate():
         with ctx:
             _, loss = model(x.to(device), y.to(device))
         total += loss.float()
-    if ddp:
+    if distributed:
         dist.all_reduce(total)
     model.train()
+    if fsdp:
+        reshard_all()
     return total.item() / (eval_steps * world_size)
+
+
+def reshard_all():
+    """fsdp: free every gathered weight (FSDP keeps the root's, and the last block's, after a forward pass
+    that no backward follows), so what reads parameters next sees the float32 shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 TRACKED_CURVES = ("topk_input", "topk_target", "cos_input", "cos_target", "projection")
@@ -519,12 +659,14 @@ def track_alignment_now():
     so the numbers do not depend on the number of ranks, and equal analyze.py's on the checkpoint with
     --shards <val> --windows=first --num_sequences=track_sequences --batch_size=1 exactly.
     """
+    if fsdp:  # the lens calls the model's parts, not its forward: gather the root's weights for it (blocks
+        model.unshard()  # gather their own); under bf16 they are the bf16 copies, so the numbers are close, not equal
     lm = OurGPT(raw_model, os.path.basename(os.path.abspath(out_dir)))  # puts the model in eval mode
     mine = range(rank, len(track_windows), world_size)
     tracked = {"windows": len(track_windows), "tokens": track_windows[:, 1:].numel()}
     spaces = ("raw", "normed")
     sums = [(i, lens_sums(lm, [track_windows[i:i + 1]], spaces=spaces)) for i in mine]  # one lens pass each
-    if ddp:
+    if distributed:
         gathered = [None] * world_size
         dist.all_gather_object(gathered, sums)
         sums = [item for part in gathered for item in part]
@@ -537,6 +679,8 @@ def track_alignment_now():
         tracked["misalignment"] = result["misalignment"]
         tracked[space] = {**{name: [row[name] for row in result["layers"]] for name in TRACKED_CURVES},
                           **{name: result["shift_depth"][name] for name in TRACKED_SUMMARIES}}
+    if fsdp:
+        reshard_all()  # after the last use of lm, which holds the gathered embeddings
     raw_model.train()
     return tracked
 
@@ -544,21 +688,64 @@ def track_alignment_now():
 def gather_rng_states():
     """The RNG states of every rank, gathered (a collective: every rank calls it)."""
     mine = checkpoint.rng_state(device_type, device)
-    if not ddp:
+    if not distributed:
         return [mine]
     states = [None] * world_size
     dist.all_gather_object(states, mine)
     return states
 
 
+def local(t):
+    """This rank's part of a tensor: its shard if FSDP sharded it (a DTensor), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def weights_finite():
-    return all(bool(torch.isfinite(p).all()) for p in raw_model.parameters())
+    finite = all(bool(torch.isfinite(local(p)).all()) for p in raw_model.parameters())
+    if not fsdp:
+        return finite  # every rank holds the same whole weights
+    flag = torch.tensor(float(finite), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # each rank checked its shards: all must be finite
+    return bool(flag.item())
 
 
-last_saved = (ckpt_path, start_iter) if checkpoint_in is not None else None  # (file, iter) of the last good state
+def local_bytes(tensors):
+    """Bytes this rank holds for these tensors (a sharded one: its shard), each storage counted once."""
+    seen, total = set(), 0
+    for t in tensors:
+        t = local(t)
+        if t.numel() and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def held_state_bytes():
+    """What this rank holds between steps: weights, gradients (as the optimizer sees them) and AdamW state.
+    DDP's gradient buckets (another copy of the gradients) are not counted."""
+    params = list(raw_model.parameters())
+    return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params if p.grad is not None),
+            "optimizer": local_bytes(v for state in optimizer.state.values() for v in state.values()
+                                     if torch.is_tensor(v))}
+
+
+def memory_report():
+    """Per rank (a collective): held_state_bytes at the first step, peak resident memory, peak CUDA memory."""
+    max_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20 if device_type == "cuda" else None
+    mine = dict(held_bytes or {}, rank=rank, max_rss_mib=round(max_rss_mib, 1),
+                cuda_max_allocated_mib=None if cuda_mib is None else round(cuda_mib, 1))
+    if not distributed:
+        return [mine]
+    report = [None] * world_size
+    dist.all_gather_object(report, mine)
+    return report
+
+
+last_saved = (resume_from, start_iter) if checkpoint_in is not None else None  # (path, iter) of the last good state
 # a new run over an old one (--overwrite): the old ckpt.pt, best.pt and log.jsonl stay until the first checkpoint
 replacing_old_run = init_from != "resume" and not eval_only and any(map(os.path.exists, (ckpt_path, best_path,
-                                                                                          log_path)))
+                                                                                          log_path, pointer_path)))
 new_log_path = log_path + ".new"  # where such a run logs until then
 
 
@@ -575,34 +762,76 @@ def link_or_false(src, dst):
         return False
 
 
+def run_record():
+    """What every checkpoint carries besides tensors (checkpoint.WEIGHTS_KEYS)."""
+    return {"model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+            "weights_from": weights_from, "tokenizer": tokenizer_info}
+
+
 def save(is_best, final=False):
-    """ckpt.pt (everything resume needs; weights only if final and not save_optimizer_at_end), and best.pt
-    (weights only) when this eval is the best so far. Atomic; a failed write leaves the old files."""
+    """The checkpoint of this eval or stop (weights only if final and not save_optimizer_at_end), and best.pt
+    (weights only) when this eval is the best so far. Atomic; a failed write leaves the previous files."""
     global last_saved
     full = not (final and not save_optimizer_at_end)
     rng = gather_rng_states() if full else None  # a collective: every rank takes part
-    if not master:
-        return
-    weights = {"model": raw_model.state_dict(), "model_args": model_args, "iter_num": iter_num,
-               "best_val_loss": best_val_loss, "config": config, "weights_from": weights_from,
-               "tokenizer": tokenizer_info}
-    state = dict(weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                 loader=train_loader.state_dict(), rng=rng) if full else weights
     try:
-        checkpoint.save_checkpoint(state, ckpt_path)
-        save_tokenizer_files()
-        if replacing_old_run:
-            finish_replacing_old_run()
-        if is_best:
-            if full or not link_or_false(ckpt_path, best_path):  # final weights-only: the same bytes, linked
-                checkpoint.save_checkpoint(weights, best_path)
+        if fsdp:
+            saved = save_sharded(is_best, final, full, rng)  # every rank writes its part
+        else:
+            saved = save_whole(is_best, full, rng) if master else None
     except OSError as e:
         exit_with(InputError(f"could not write a checkpoint in {out_dir}: {e.strerror or e}; the previous "
                              f"{'checkpoint' if last_saved is None else last_saved[0] + ' (iter ' + str(last_saved[1]) + ')'}"
                              f" is unchanged and no temporary file is left"))
-    last_saved = (ckpt_path, iter_num)
-    print(f"saved {ckpt_path} at iter {iter_num}" + (" (and best.pt)" if is_best else "")
-          + ("" if full else ", weights only"))
+    if master:
+        last_saved = (saved, iter_num)
+        also = f" (and {ckpt_path}, the weights)" if fsdp and final and full else ""
+        print(f"saved {saved} at iter {iter_num}{also}" + (" (and best.pt)" if is_best else "")
+              + ("" if full else ", weights only"))
+
+
+def save_whole(is_best, full, rng):
+    """ddp, rank 0: ckpt.pt (everything resume needs, or the weights only), best.pt."""
+    weights = {"model": raw_model.state_dict(), **run_record()}
+    state = dict(weights, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                 loader=train_loader.state_dict(), rng=rng) if full else weights
+    checkpoint.save_checkpoint(state, ckpt_path)
+    committed(ckpt_written=True)
+    if is_best:
+        if full or not link_or_false(ckpt_path, best_path):  # final weights-only: the same bytes, linked
+            checkpoint.save_checkpoint(weights, best_path)
+    return ckpt_path
+
+
+def save_sharded(is_best, final, full, rng):
+    """fsdp, every rank: the sharded checkpoint (checkpoint.save_sharded), and the weights gathered whole to
+    rank 0 for best.pt and, at the end, ckpt.pt. The final ckpt.pt is written before the pointer moves: a crash
+    in between resumes the state before, which redoes both."""
+    weights = {"model": checkpoint.full_model_state(model), **run_record()} if is_best or final else None
+    if master and final:
+        checkpoint.save_checkpoint(weights, ckpt_path)
+    saved = ckpt_path
+    if full:
+        name = [checkpoint.new_sharded_dir_name(out_dir, iter_num) if master else None]
+        dist.broadcast_object_list(name, src=0)  # the directory rank 0 chose: every rank writes its part there
+        state = dict(run_record(), scaler=scaler.state_dict(), loader=train_loader.state_dict(), rng=rng,
+                     world_size=world_size)
+        saved = checkpoint.save_sharded(out_dir, name[0], model, optimizer, state, master)
+    if not master:
+        return saved
+    committed(ckpt_written=final)
+    if not full:  # the final weights only, as DDP's final ckpt.pt: no sharded state is left to resume
+        checkpoint.remove_sharded_run(out_dir)
+    if is_best and not (final and link_or_false(ckpt_path, best_path)):  # the final ckpt.pt: the same bytes
+        checkpoint.save_checkpoint(weights, best_path)
+    return saved
+
+
+def committed(ckpt_written):
+    """Rank 0, once a checkpoint is whole: a new run's tokenizer copy, and the files of the run it replaces."""
+    save_tokenizer_files()
+    if replacing_old_run:
+        finish_replacing_old_run(ckpt_written)
 
 
 def save_tokenizer_files():
@@ -625,8 +854,10 @@ def open_log():
     if not master:
         return None
     os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(out_dir), "*.pt.*.tmp")):  # a save killed mid-write
-        os.remove(stale)
+    for pattern in ("*.pt.*.tmp", checkpoint.SHARDED_POINTER + ".*.tmp"):  # a save killed mid-write
+        for stale in glob.glob(os.path.join(glob.escape(out_dir), pattern)):
+            os.remove(stale)
+    checkpoint.remove_uncommitted_sharded(out_dir)  # a sharded save killed before its pointer moved
     if init_from == "resume" or eval_only:
         if start_iter > 0 and os.path.exists(log_path):
             rows = read_jsonl(log_path)
@@ -637,13 +868,18 @@ def open_log():
     return open(new_log_path if replacing_old_run else log_path, "w")
 
 
-def finish_replacing_old_run():
-    """With a new run's first checkpoint: its log replaces the old one, and the old run's best.pt goes."""
+def finish_replacing_old_run(ckpt_written):
+    """With a new run's first checkpoint: its log replaces the old one, and the old run's best.pt goes, and
+    the old run's checkpoint of the other kind (ckpt.pt unless just written; sharded checkpoints)."""
     global replacing_old_run
     if os.path.exists(new_log_path):
         os.replace(new_log_path, log_path)  # the open file follows the rename
     if os.path.exists(best_path):
         os.remove(best_path)
+    if not ckpt_written and os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    if not fsdp:
+        checkpoint.remove_sharded_run(out_dir)
     replacing_old_run = False
 
 
@@ -681,7 +917,7 @@ def stop_nonfinite(what, value):
               f"The last good checkpoint is {good}. Lower learning_rate, raise warmup_iters or check the data.",
               file=sys.stderr)
     log({"type": "end", "iter": iter_num, "reason": "nonfinite_" + what.split()[-1], what.split()[-1]: str(value)})
-    if ddp:
+    if distributed:
         dist.destroy_process_group()
     sys.exit(1)
 
@@ -707,7 +943,7 @@ if checkpoint_in is not None:  # the RNG last: building the model above consumed
     if len(checkpoint_in["rng"]) == world_size:
         checkpoint.set_rng_state(checkpoint_in["rng"][rank], device_type, device)
     elif master:
-        print(f"note: {ckpt_path} was written by {len(checkpoint_in['rng'])} rank(s), this run has {world_size}: "
+        print(f"note: {resume_from} was written by {len(checkpoint_in['rng'])} rank(s), this run has {world_size}: "
               f"same data stream, but dropout masks are not those of an uninterrupted run")
     del checkpoint_in
 
@@ -773,17 +1009,25 @@ while end_reason is None:
     if device_type == "cuda":
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     loss_sum = torch.zeros((), device=device)
+    if accumulate_gathered:
+        keep_blocks_gathered(True)
     for micro_step in range(grad_accum_steps):
-        if ddp:  # set before the forward pass: DDP decides there whether this backward all-reduces
-            model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
+        last = micro_step == grad_accum_steps - 1
+        if distributed and not fsdp:  # set before the forward pass: DDP decides there whether this backward all-reduces
+            model.require_backward_grad_sync = last
+        if accumulate_gathered:  # the last backward reduce-scatters the summed gradients and frees the weights
+            model.set_requires_gradient_sync(last)
+            model.set_reshard_after_backward(last)
         rows = slice(micro_step * batch_size, (micro_step + 1) * batch_size)
         with ctx:
             _, loss = model(x[rows], y[rows])
         loss_sum += loss.detach().float()
         scaler.scale(loss / grad_accum_steps).backward()
+    if accumulate_gathered:
+        keep_blocks_gathered(False)  # what runs between steps (evals) frees each block after its forward again
     # one small collective per step: the global mean loss, and whether any rank was asked to stop
     stats = torch.stack([loss_sum / grad_accum_steps, torch.tensor(float(stop_signal is not None), device=device)])
-    if ddp:
+    if distributed:
         dist.all_reduce(stats)
     loss_sum_ranks, stop_votes = stats.tolist()  # the one host-device sync of a step
     step_loss = loss_sum_ranks / world_size
@@ -792,9 +1036,14 @@ while end_reason is None:
     grad_norm = None
     if grad_clip > 0:
         scaler.unscale_(optimizer)
+        # fsdp: the norm of the sharded gradients is a DTensor, summed over the ranks' shards (a collective)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if fsdp and logging_step:
+            grad_norm = grad_norm.full_tensor()
     scaler.step(optimizer)
     scaler.update()
+    if held_bytes is None:  # once, while gradients and optimizer state both exist
+        held_bytes = held_state_bytes()
     optimizer.zero_grad(set_to_none=True)
     if logging_step:
         dt = time.time() - t0
@@ -816,12 +1065,19 @@ while end_reason is None:
         save(is_best=False)
         end_reason = stop_signal or "signal on another rank"
 
-log({"type": "end", "iter": iter_num, "reason": end_reason})
+memory = memory_report()  # a collective
+log({"type": "end", "iter": iter_num, "reason": end_reason, "memory": memory})
 if master:
+    for m in memory:
+        held = (f"weights + gradients + AdamW {sum(m[k] for k in ('params', 'grads', 'optimizer')) / 2**20:,.1f} MiB, "
+                if "params" in m else "")
+        peak = m["cuda_max_allocated_mib"]
+        cuda = "" if peak is None else f", peak CUDA memory {peak:,.0f} MiB"
+        print(f"rank {m['rank']}: {held}peak RSS {m['max_rss_mib']:,.0f} MiB{cuda}")
     print(f"stopped at iter {iter_num}: {end_reason}")
     log_file.close()
     if wandb is not None:
         wandb.finish()
-if ddp:
+if distributed:
     dist.barrier()  # no rank tears the group down while another still talks to it (gloo aborts then)
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ from common import cpu_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ["train.py", "analyze.py", "eval_benchmarks.py", "prepare_fineweb.py", "prepare_owt.py", "demo.py",
-                "bench.py", "convert_checkpoint.py"]
+                "bench.py", "convert_checkpoint.py", "export_checkpoint.py", "seeds.py", "reproduce.py"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -61,6 +61,10 @@ def test_one_exit_code_rule_for_every_entry_point_and_no_folder_left_behind(tmp_
         (["bench.py", "--section=nope"], 2, "config error: unknown section"),
         (["convert_checkpoint.py", missing], 2, "config error: unpickling can run code"),
         (["convert_checkpoint.py", missing, "--trust"], 1, "error: checkpoint not found"),
+        (["export_checkpoint.py"], 2, "config error: give the run to export"),
+        (["export_checkpoint.py", missing], 1, "error: not found"),
+        (["seeds.py", "config/demo.py", "--seeds=1,1", f"--out_dir={out}"], 2, "config error: seeds must be different"),
+        (["reproduce.py", "--steps=plot", f"--out={out}"], 2, "config error: unknown step"),
     ]
     results = run_all([[sys.executable, *cmd] for cmd, _, _ in cases])
     for (cmd, status, start), result in zip(cases, results):

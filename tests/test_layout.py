@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBRARY = {"common", "data", "prepare", "lens", "lm", "model", "checkpoint", "stats", "scoring", "harness", "groups"}
 ENTRY_POINTS = {"train", "analyze", "eval_benchmarks", "prepare_fineweb", "prepare_owt", "demo", "bench",
-                "convert_checkpoint", "seeds", "reproduce"}
+                "convert_checkpoint", "export_checkpoint", "seeds", "reproduce"}
 CONFIGURATOR = {"configurator"}
 PROJECT = LIBRARY | ENTRY_POINTS | CONFIGURATOR
 
