@@ -43,6 +43,9 @@ DEFAULTS = dict(
     seeds=[1, 2, 3],  # the seeds to run, e.g. --seeds=1,2,3 or --seeds 1 2 3
 )
 READ = ("out_dir", "max_iters", "init_from")  # the train.py settings the launcher needs to know
+# a run in out_dir can be resumed when it holds one of these: DDP's ckpt.pt, FSDP's pointer to its sharded
+# checkpoint (checkpoint.SHARDED_POINTER; named here so that the launcher starts without importing torch)
+CHECKPOINT_FILES = ("ckpt.pt", "ckpt.dcp.json")
 
 
 def split_args(argv):
@@ -129,7 +132,7 @@ def launch(argv):
             print(f"seeds: seed {seed}: {out_dir} finished earlier, skipped", flush=True)
             outcome.append((seed, out_dir, "finished earlier", 0.0, 0))
             continue
-        resume = os.path.exists(os.path.join(out_dir, "ckpt.pt"))
+        resume = any(os.path.exists(os.path.join(out_dir, name)) for name in CHECKPOINT_FILES)
         init = f"--init_from={'resume' if resume else init_from}" if pretrained else "--init_from=auto"
         cmd = [sys.executable, TRAIN, *train_args, f"--seed={seed}", f"--out_dir={out_dir}", init]
         print(f"\nseeds: seed {seed}: {'continuing' if resume else 'starting'} {out_dir}\n$ {shlex.join(cmd)}", flush=True)

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import seeds
 from conftest import TINY_GPT
 from data import ShardLoader
@@ -125,3 +126,14 @@ def test_one_seed_gives_every_mode_the_same_start_and_data_order(prose_shards):
 
     assert all(torch.equal(a, b) for a, b in zip(batches(7), batches(7)))
     assert not all(torch.equal(a, b) for a, b in zip(batches(7), batches(8)))
+
+
+@pytest.mark.parametrize("saved", ["ckpt.pt", "ckpt.dcp.json"])
+def test_a_pretrained_run_with_a_checkpoint_is_resumed_not_restarted(launcher, tmp_path, saved):
+    """init_from = pretrained weights: a seed whose out_dir holds DDP's ckpt.pt or FSDP's sharded-checkpoint
+    pointer continues (--init_from=resume); a fresh one starts from the weights."""
+    assert checkpoint.SHARDED_POINTER in seeds.CHECKPOINT_FILES  # the launcher's copy of the name stays in step
+    end_row(tmp_path / "runs" / "gate-s1", 3, reason="SIGTERM")
+    (tmp_path / "runs" / "gate-s1" / saved).write_text("")
+    code, calls = launcher("cfg.py", "--seeds=1,2", "--init_from=gpt2")
+    assert code == 0 and [c[-1] for c in calls] == ["--init_from=resume", "--init_from=gpt2"]
