@@ -90,14 +90,23 @@ def iter_tokenized_chunks(documents, num_proc, chunk_chars=1 << 18, tokenizer=GP
     get_tokenizer(tokenizer)  # build once here; forked workers inherit it
     # an HF (Rust) tokenizer's own thread pool and fork do not mix; we encode one text at a time anyway
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with multiprocessing.Pool(num_proc) as pool:
-        in_flight = collections.deque()
+    # not `with Pool(...)`: its exit calls terminate(), which can hang for good when it kills workers in the
+    # middle of tasks (seen when the consumer stops early, e.g. max_tokens reached). A consumer that stops
+    # early here lets the tasks in flight finish (a chunk each, seconds at most), then closes the pool.
+    pool = multiprocessing.Pool(num_proc)
+    in_flight = collections.deque()
+    try:
         for chunk in _document_chunks(documents, chunk_chars):
             in_flight.append(pool.apply_async(tokenize_documents, (chunk, tokenizer)))
             if len(in_flight) >= 2 * num_proc:
                 yield in_flight.popleft().get()
         while in_flight:
             yield in_flight.popleft().get()
+    finally:
+        for result in in_flight:
+            result.wait()
+        pool.close()
+        pool.join()
 
 
 class ShardWriter:
