@@ -33,8 +33,8 @@ cut layer (mean, 95% error bar) and --baseline may be a pattern (mean line and b
 From Python:
 
     from analyze import batched, read_documents, text_starts, text_windows, write_plots
-    from lens import LensOptions, analyze_models
-    from lm import load_lm
+    from nanoshift.lens import LensOptions, analyze_models
+    from nanoshift.lm import load_lm
     lm = load_lm(ckpt="out/ckpt.pt")
     docs = read_documents(data_files=["texts/*.txt"])
     windows = text_windows(lm, docs, text_starts(docs, 100, seed=0), 257)  # [100, 256 inputs + 1 target]
@@ -56,15 +56,15 @@ import sys
 import numpy as np
 import torch
 
-from common import (InputError, SettingError, atomic_write, check_out_dir, expand_globs, read_jsonl, run_main, set_threads,
+from nanoshift.common import (InputError, SettingError, atomic_write, check_out_dir, expand_globs, read_jsonl, run_main, set_threads,
                     write_json, write_text)
-from configurator import configure
-from data import GPT2_NAME, first_windows, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
-from groups import Run, baseline_of, band, differences, expand, group_tables, make_group, mean, model_groups, summarize
-from lens import METRICS, LensOptions, analyze_models, summary_table
-from lm import load_models
+from nanoshift.configurator import configure
+from nanoshift.data import GPT2_NAME, first_windows, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
+from nanoshift.groups import Run, baseline_of, band, differences, expand, group_tables, make_group, mean, model_groups, summarize
+from nanoshift.lens import METRICS, LensOptions, analyze_models, summary_table
+from nanoshift.lm import load_models
 from model import SCALAR_GATE_INIT_ALPHA, dtype_from_name
-from stats import describe
+from nanoshift.stats import describe
 
 PLOTS = ("topk", "cosine_projection", "lens", "shift_depth")
 

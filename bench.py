@@ -27,13 +27,13 @@ import pyarrow.parquet as pq
 import torch
 
 import eval_benchmarks
-from common import SettingError, markdown_table, read_jsonl, run_main, write_text
-from configurator import configure
-from data import get_tokenizer, iter_documents, shard_name, write_shard
-from lens import LensOptions, analyze_model, lens_sums
-from lm import OurGPT
+from nanoshift.common import SettingError, markdown_table, read_jsonl, run_main, write_text
+from nanoshift.configurator import configure
+from nanoshift.data import get_tokenizer, iter_documents, shard_name, write_shard
+from nanoshift.lens import LensOptions, analyze_model, lens_sums
+from nanoshift.lm import OurGPT
 from model import GPT, GPTConfig
-from prepare import demo_corpus, first_tokens_split, prepare_shards
+from nanoshift.prepare import demo_corpus, first_tokens_split, prepare_shards
 
 
 def machine_description():
@@ -77,8 +77,8 @@ def _raw_process_pool(documents, num_proc, chunk_docs=64):
 _MEMORY_PROBE = """
 import json, resource, sys
 import datasets, pyarrow, torch  # everything prepare imports, so the baseline below includes it
-from data import get_tokenizer, iter_documents
-from prepare import first_tokens_split, prepare_shards
+from nanoshift.data import get_tokenizer, iter_documents
+from nanoshift.prepare import first_tokens_split, prepare_shards
 get_tokenizer()
 baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 manifest = prepare_shards(iter_documents(data_files=sys.argv[1]), sys.argv[2], "bench", first_tokens_split(0),
@@ -379,8 +379,8 @@ def _bench_train_models(models, title, steps, repeats, warmup, baseline="none", 
 _ANALYZE_MEMORY_PROBE = """
 import json, re, sys
 import torch
-from lens import analyze_model
-from lm import OurGPT
+from nanoshift.lens import analyze_model
+from nanoshift.lm import OurGPT
 from model import GPT, GPTConfig
 n, T, B = (int(a) for a in sys.argv[1:4])
 torch.manual_seed(0)
@@ -462,7 +462,7 @@ def bench_analyze(repeats=2, B=2, T=128, memory_sequences=(2, 8)):
 _DEMO_STEP_PROBE = """
 import statistics, sys, time
 import torch
-from common import set_threads
+from nanoshift.common import set_threads
 from model import GPT, GPTConfig
 threads, steps = int(sys.argv[1]), int(sys.argv[2])
 used = set_threads(threads)

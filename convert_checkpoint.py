@@ -15,9 +15,9 @@ import sys
 
 import torch
 
-from checkpoint import load_checkpoint, make_safe, save_checkpoint
-from common import InputError, SettingError, run_main
-from configurator import configure
+from nanoshift.checkpoint import load_checkpoint, make_safe, save_checkpoint
+from nanoshift.common import InputError, SettingError, run_main
+from nanoshift.configurator import configure
 
 DEFAULTS = dict(
     path="",  # the checkpoint to convert (also the first plain argument)

@@ -28,9 +28,9 @@ import shutil
 import sys
 import time
 
-from common import SettingError, cpu_threads, machine_line, markdown_table, read_jsonl, run_main, run_step, write_text
-from configurator import configure
-from lens import summary_table  # the same table analyze.py prints
+from nanoshift.common import SettingError, cpu_threads, machine_line, markdown_table, read_jsonl, run_main, run_step, write_text
+from nanoshift.configurator import configure
+from nanoshift.lens import summary_table  # the same table analyze.py prints
 
 RUNS = {"baseline": "config/demo.py", "cut": "config/demo_cut.py", "gate": "config/demo_gate.py"}
 STEPS = ("prepare", "train", "analyze", "eval")

@@ -88,16 +88,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (InputError, SettingError, check_out_dir, expand_globs, markdown_table, run_main, set_threads, write_json,
+from nanoshift.common import (InputError, SettingError, check_out_dir, expand_globs, markdown_table, run_main, set_threads, write_json,
                     write_text)
-from configurator import configure
-from data import GPT2_NAME, HubError, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
-from groups import baseline_of, differences, group_tables, lookup, model_groups
-from groups import summarize as summarize_runs
-from lens import analyze_model
-from lm import load_models
+from nanoshift.configurator import configure
+from nanoshift.data import GPT2_NAME, HubError, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
+from nanoshift.groups import baseline_of, differences, group_tables, lookup, model_groups
+from nanoshift.groups import summarize as summarize_runs
+from nanoshift.lens import analyze_model
+from nanoshift.lm import load_models
 from model import dtype_from_name
-from scoring import continuation_scores, encode_pair, score_tokens
+from nanoshift.scoring import continuation_scores, encode_pair, score_tokens
 
 # -----------------------------------------------------------------------------
 # Benchmarks

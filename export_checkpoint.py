@@ -15,10 +15,10 @@ Exit status: 0 done, 1 an unreadable or missing checkpoint, 2 a bad setting.
 import os
 import sys
 
-from checkpoint import (SHARDED_DIR, TRAIN_STATE, WEIGHTS_KEYS, load_checkpoint, load_sharded_weights,
+from nanoshift.checkpoint import (SHARDED_DIR, TRAIN_STATE, WEIGHTS_KEYS, load_checkpoint, load_sharded_weights,
                         read_sharded_pointer, save_checkpoint)
-from common import InputError, SettingError, run_main
-from configurator import configure
+from nanoshift.common import InputError, SettingError, run_main
+from nanoshift.configurator import configure
 from model import GPT, GPTConfig
 
 DEFAULTS = dict(

@@ -44,9 +44,9 @@ import sys
 import numpy as np
 import torch
 
-from data import get_tokenizer
-from lm import load_lm
-from scoring import continuation_scores
+from nanoshift.data import get_tokenizer
+from nanoshift.lm import load_lm
+from nanoshift.scoring import continuation_scores
 
 LM_EVAL_MISSING = ("the downstream-task adapter needs the optional package lm_eval "
                    "(lm-evaluation-harness): pip install lm_eval==0.4.13")

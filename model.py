@@ -45,8 +45,8 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
-from checkpoint import load_checkpoint
-from common import InputError, SettingError
+from nanoshift.checkpoint import load_checkpoint
+from nanoshift.common import InputError, SettingError
 
 RESIDUAL_MODES = ("none", "cut", "gate")
 GATE_MODES = ("layer", "token", "scalar")

@@ -19,10 +19,10 @@ Exit status: 0 done, 1 bad or missing input, 2 a bad setting.
 """
 import sys
 
-import prepare
-from common import SettingError, run_main
-from configurator import configure
-from prepare import PREPARE_DEFAULTS, check_dataset_name, check_prepare_settings, demo_corpus, first_tokens_split
+from nanoshift import prepare
+from nanoshift.common import SettingError, run_main
+from nanoshift.configurator import configure
+from nanoshift.prepare import PREPARE_DEFAULTS, check_dataset_name, check_prepare_settings, demo_corpus, first_tokens_split
 
 DEFAULTS = dict(
     PREPARE_DEFAULTS,

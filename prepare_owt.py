@@ -22,10 +22,10 @@ Exit status: 0 done, 1 bad or missing input, 2 a bad setting.
 """
 import sys
 
-import prepare
-from common import SettingError, run_main
-from configurator import configure
-from prepare import PREPARE_DEFAULTS, check_prepare_settings, hashed_split
+from nanoshift import prepare
+from nanoshift.common import SettingError, run_main
+from nanoshift.configurator import configure
+from nanoshift.prepare import PREPARE_DEFAULTS, check_prepare_settings, hashed_split
 
 OWT_DOCUMENTS = 8_013_769  # documents in the full OpenWebText train split
 

@@ -52,10 +52,10 @@ import os
 import sys
 import time
 
-from common import SettingError, cpu_threads, machine_line, markdown_table, run_main, run_step, write_json, write_text
-from configurator import configure
-from data import MANIFEST_NAME, manifest_tokenizer, read_manifest
-from prepare import demo_corpus
+from nanoshift.common import SettingError, cpu_threads, machine_line, markdown_table, run_main, run_step, write_json, write_text
+from nanoshift.configurator import configure
+from nanoshift.data import MANIFEST_NAME, manifest_tokenizer, read_manifest
+from nanoshift.prepare import demo_corpus
 
 MODES = {"baseline": "config/repro.py", "cut": "config/repro_cut.py", "gate": "config/repro_gate.py"}
 STEPS = ("prepare", "train", "eval", "analyze", "report")

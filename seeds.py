@@ -35,8 +35,8 @@ import subprocess
 import sys
 import time
 
-from common import SettingError, markdown_table, read_jsonl, run_main
-from configurator import configure
+from nanoshift.common import SettingError, markdown_table, read_jsonl, run_main
+from nanoshift.configurator import configure
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 DEFAULTS = dict(

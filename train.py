@@ -113,13 +113,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint
-from common import (InputError, NanoshiftError, SettingError, atomic_write, check_out_dir, exit_with, read_jsonl,
+from nanoshift import checkpoint
+from nanoshift.common import (InputError, NanoshiftError, SettingError, atomic_write, check_out_dir, exit_with, read_jsonl,
                     report_uncaught_errors, set_threads)
-from configurator import configure_or_exit
-from data import GPT2_NAME, MANIFEST_NAME, ShardLoader, first_windows, get_tokenizer, manifest_tokenizer, read_manifest
-from lens import LensOptions, lens_sums, summarise
-from lm import OurGPT
+from nanoshift.configurator import configure_or_exit
+from nanoshift.data import GPT2_NAME, MANIFEST_NAME, ShardLoader, first_windows, get_tokenizer, manifest_tokenizer, read_manifest
+from nanoshift.lens import LensOptions, lens_sums, summarise
+from nanoshift.lm import OurGPT
 from model import GPT, GPTConfig, attenuation_ramp, dtype_from_name
 
 report_uncaught_errors()  # bad data found mid-run (common.InputError): one line and exit 1, not a traceback

@@ -16,9 +16,9 @@ import torch  # noqa: E402
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
-from checkpoint import save_checkpoint  # noqa: E402
+from nanoshift.checkpoint import save_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from prepare import first_tokens_split, prepare_shards  # noqa: E402
+from nanoshift.prepare import first_tokens_split, prepare_shards  # noqa: E402
 
 # Real multi-paragraph prose with what trips tokenisers up: unicode, digits, code,
 # odd whitespace, a literal "<|endoftext|>" that must stay ordinary text, and

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import analyze
-from common import InputError
+from nanoshift.common import InputError
 from conftest import tiny_gpt, write_checkpoint
-from data import get_tokenizer, write_shard
-from lm import OurGPT
+from nanoshift.data import get_tokenizer, write_shard
+from nanoshift.lm import OurGPT
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

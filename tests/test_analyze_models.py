@@ -9,8 +9,8 @@ import torch
 
 import analyze
 from conftest import write_checkpoint
-from lens import METRICS, LensOptions, analyze_model
-from lm import load_lm
+from nanoshift.lens import METRICS, LensOptions, analyze_model
+from nanoshift.lm import load_lm
 from model import GPT
 
 transformers = pytest.importorskip("transformers")
@@ -158,7 +158,7 @@ def test_gemma2_embedding_scale_softcap_and_reference_vectors(tmp_path, tied, ca
 def test_shards_are_refused_for_a_model_with_another_tokenizer(tmp_path, capsys):
     import numpy as np
 
-    from data import write_shard
+    from nanoshift.data import write_shard
 
     write_shard(tmp_path / "d_val_000000.bin", np.arange(500, dtype=np.uint16))
     path = small_llama(tmp_path)
@@ -179,7 +179,7 @@ def test_model_without_usable_embedding_is_refused(tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert "opt" in err and "no usable embedding" in err and "(100, 16)" in err
-    from lm import HFCausalLM
+    from nanoshift.lm import HFCausalLM
 
     with pytest.raises(ValueError, match="no usable output embedding"):  # a base model: no LM head at all
         HFCausalLM(transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2)), "base")

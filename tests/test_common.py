@@ -9,7 +9,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common import (InputError, SettingError, atomic_write, expand_globs, markdown_table, read_jsonl, run_main,
+from nanoshift.common import (InputError, SettingError, atomic_write, expand_globs, markdown_table, read_jsonl, run_main,
                     write_json)
 
 

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from configurator import ConfigError, configure
+from nanoshift.configurator import ConfigError, configure
 
 DEFAULTS = dict(out_dir="out", batch_size=12, learning_rate=6e-4, compile=True, init_from="scratch",
                 wandb_run_name=None, cut_layer=-1, ckpt=[], note="")
@@ -129,7 +129,7 @@ def test_entry_point_exits_2_with_one_clear_line(tmp_path):
     script = tmp_path / "entry.py"
     script.write_text(textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(__import__('os').getcwd())!r})
-        from configurator import configure_or_exit
+        from nanoshift.configurator import configure_or_exit
         print(configure_or_exit({{"batch_size": 1}}))
     """))
     bad = subprocess.run([sys.executable, str(script), "--batch_sze=2"], capture_output=True, text=True)

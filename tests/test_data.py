@@ -6,9 +6,9 @@ import socket
 import numpy as np
 import pytest
 
-import data
+from nanoshift import data
 from conftest import DOCUMENTS
-from data import EOT_TOKEN, ShardError, get_tokenizer, read_shard, shard_name, validate_shard, write_shard
+from nanoshift.data import EOT_TOKEN, ShardError, get_tokenizer, read_shard, shard_name, validate_shard, write_shard
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

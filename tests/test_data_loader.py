@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import InputError
-from data import ShardLoader, shard_name, write_shard
+from nanoshift.common import InputError
+from nanoshift.data import ShardLoader, shard_name, write_shard
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_deterministic_from_seed_and_epochs_differ(shards):
 
 def test_unshuffled_reads_shards_in_order(shards, tmp_path):
     x, y = ShardLoader(shards, 2, 8, shuffle=False).next_batch()
-    from data import read_shard
+    from nanoshift.data import read_shard
     first = torch.from_numpy(read_shard(tmp_path / "toy_train_000000.bin")[:17].astype(np.int64))
     assert torch.equal(x.flatten(), first[:-1]) and torch.equal(y.flatten(), first[1:])
 

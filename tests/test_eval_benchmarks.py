@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 import eval_benchmarks as eb
-import scoring
-from configurator import configure
-import data
-from data import EOT_TOKEN, get_tokenizer, shard_name, write_shard
-from common import InputError
+from nanoshift import scoring
+from nanoshift.configurator import configure
+from nanoshift import data
+from nanoshift.data import EOT_TOKEN, get_tokenizer, shard_name, write_shard
+from nanoshift.common import InputError
 from conftest import write_checkpoint
-from lm import LanguageModel, OurGPT, load_models, model_specs
+from nanoshift.lm import LanguageModel, OurGPT, load_models, model_specs
 from model import GPT, GPTConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

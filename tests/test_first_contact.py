@@ -9,7 +9,7 @@ import sys
 import torch
 
 import analyze
-from common import cpu_threads
+from nanoshift.common import cpu_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = ["train.py", "analyze.py", "eval_benchmarks.py", "prepare_fineweb.py", "prepare_owt.py", "demo.py",

@@ -32,11 +32,11 @@ import analyze
 import bench
 import eval_benchmarks
 import export_checkpoint
-from checkpoint import SHARDED_POINTER, TRAIN_STATE, check_dcp_metadata, load_checkpoint
-from common import InputError
+from nanoshift.checkpoint import SHARDED_POINTER, TRAIN_STATE, check_dcp_metadata, load_checkpoint
+from nanoshift.common import InputError
 from conftest import pydoc_documents, save_tiny_tokenizer
 from model import GPT
-from prepare import first_tokens_split, prepare_shards
+from nanoshift.prepare import first_tokens_split, prepare_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

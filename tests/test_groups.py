@@ -12,10 +12,10 @@ from matplotlib.collections import PolyCollection
 
 import analyze
 import eval_benchmarks
-import groups
-from common import InputError, SettingError
+from nanoshift import groups
+from nanoshift.common import InputError, SettingError
 from conftest import tiny_gpt, write_checkpoint
-from data import write_shard
+from nanoshift.data import write_shard
 
 MODES = {"baseline": dict(residual_mode="none"), "gate": dict(residual_mode="gate", gate_mode="layer")}
 SEEDS = (1, 2, 3)

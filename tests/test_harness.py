@@ -14,8 +14,8 @@ import torch
 import eval_benchmarks as eb
 import harness
 from conftest import tiny_gpt, write_checkpoint
-from data import EOT_TOKEN, default_bpe_dir, get_tokenizer
-from lm import load_lm
+from nanoshift.data import EOT_TOKEN, default_bpe_dir, get_tokenizer
+from nanoshift.lm import load_lm
 from model import GPT
 
 lm_eval = pytest.importorskip("lm_eval")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import lens
-from common import SettingError
-from lens import LensOptions, LensStats, analyze_model, crossing_layer
-from lm import OurGPT
+from nanoshift import lens
+from nanoshift.common import SettingError
+from nanoshift.lens import LensOptions, LensStats, analyze_model, crossing_layer
+from nanoshift.lm import OurGPT
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

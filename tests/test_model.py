@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from common import InputError
+from nanoshift.common import InputError
 from model import GPT, GPTConfig
 
 TINY = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=64, dropout=0.0)

@@ -123,7 +123,7 @@ def test_from_pretrained_llama_with_gate_keeps_the_pretrained_weights(tmp_path):
 
 
 def test_our_gpt_uses_input_and_output_embeddings_of_an_untied_llama():
-    from lm import OurGPT
+    from nanoshift.lm import OurGPT
 
     untied = OurGPT(tiny_llama(), "untied")
     m = untied.model

@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import prepare as prep
+from nanoshift import prepare as prep
 from conftest import DOCUMENTS
-from common import InputError, SettingError
-from data import EOT_TOKEN, get_tokenizer, iter_documents, read_shard, validate_shard, write_shard
-from prepare import first_tokens_split, hashed_split, prepare_shards
+from nanoshift.common import InputError, SettingError
+from nanoshift.data import EOT_TOKEN, get_tokenizer, iter_documents, read_shard, validate_shard, write_shard
+from nanoshift.prepare import first_tokens_split, hashed_split, prepare_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,8 +135,8 @@ def test_rerun_skips_finished_output_and_checks_settings(tmp_path):
 KILLED_RUN = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from data import iter_documents
-from prepare import first_tokens_split, prepare_shards
+from nanoshift.data import iter_documents
+from nanoshift.prepare import first_tokens_split, prepare_shards
 def documents():
     for i, doc in enumerate(iter_documents(data_files={pattern!r})):
         if i == 40:
@@ -332,7 +332,7 @@ def test_two_prepare_processes_at_once_one_waits_its_turn_or_fails_cleanly(tmp_p
     pattern = write_inputs(tmp_path / "in", "jsonl", DOCUMENTS)
     out = tmp_path / "out"
     code = (f"import sys; sys.path.insert(0, {REPO!r})\n"
-            f"from data import iter_documents\nfrom prepare import first_tokens_split, prepare_shards\n"
+            f"from nanoshift.data import iter_documents\nfrom prepare import first_tokens_split, prepare_shards\n"
             f"prepare_shards(iter_documents(data_files={pattern!r}), {str(out)!r}, 'toy', first_tokens_split(60), "
             f"shard_tokens=97, progress=False, overwrite=True)")
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(2)]

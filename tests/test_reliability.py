@@ -22,11 +22,11 @@ import torch
 
 import analyze
 import eval_benchmarks
-from checkpoint import load_checkpoint
-from common import InputError
-from data import read_shard, write_shard
+from nanoshift.checkpoint import load_checkpoint
+from nanoshift.common import InputError
+from nanoshift.data import read_shard, write_shard
 from conftest import tiny_gpt, write_checkpoint
-from lm import load_lm
+from nanoshift.lm import load_lm
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

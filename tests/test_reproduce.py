@@ -9,7 +9,7 @@ import pytest
 
 import reproduce
 from conftest import pydoc_documents
-from data import get_tokenizer
+from nanoshift.data import get_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import eval_benchmarks
-from common import InputError
+from nanoshift.common import InputError
 from conftest import pydoc_documents, save_tiny_llama, save_tiny_tokenizer
-from data import ShardLoader, get_tokenizer, read_shard
-from lm import OurGPT, load_lm
+from nanoshift.data import ShardLoader, get_tokenizer, read_shard
+from nanoshift.lm import OurGPT, load_lm
 from model import GPT, GPTConfig, rope_cos_sin
-from prepare import first_tokens_split, prepare_shards
+from nanoshift.prepare import first_tokens_split, prepare_shards
 
 pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

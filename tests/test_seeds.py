@@ -13,17 +13,17 @@ import os
 import pytest
 import torch
 
-import checkpoint
+from nanoshift import checkpoint
 import seeds
 from conftest import TINY_GPT
-from data import ShardLoader
+from nanoshift.data import ShardLoader
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAKE_TRAIN = f"""
 import json, os, sys
 sys.path.insert(0, {ROOT!r})
-from configurator import configure_or_exit
+from nanoshift.configurator import configure_or_exit
 c = configure_or_exit(dict(out_dir="out", max_iters=5, init_from="scratch", seed=1337, lr=0.1))
 with open(os.environ["CALLS"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")

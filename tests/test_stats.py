@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from common import InputError
-from stats import describe, paired_difference, t_cdf, t_quantile
+from nanoshift.common import InputError
+from nanoshift.stats import describe, paired_difference, t_cdf, t_quantile
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 9, 30])

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import DOCUMENTS, pydoc_documents, save_tiny_tokenizer
-from data import (EOT_TOKEN, HEADER_INTS, SHARD_MAGIC, ShardError, ShardLoader, get_tokenizer, read_manifest,
+from nanoshift.data import (EOT_TOKEN, HEADER_INTS, SHARD_MAGIC, ShardError, ShardLoader, get_tokenizer, read_manifest,
                   read_shard, shard_info, validate_shard, write_shard)
-from prepare import first_tokens_split, prepare_shards
+from nanoshift.prepare import first_tokens_split, prepare_shards
 
 pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

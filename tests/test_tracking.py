@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import analyze
-from lens import misalignment_score
+from nanoshift.lens import misalignment_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device=cpu", "--n_layer=3", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from nanoshift.checkpoint import load_checkpoint
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

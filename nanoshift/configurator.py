@@ -32,7 +32,7 @@ import os
 import sys
 import tokenize
 
-from common import SettingError, exit_with
+from nanoshift.common import SettingError, exit_with
 
 ConfigError = SettingError  # a bad setting: exit status 2 (common.py's rule)
 

@@ -3,8 +3,8 @@ What the prepare scripts write: documents -> tokenizer process pool -> fixed-siz
 the split rules, the settings both prepare scripts share, and the demo corpus. The reading side
 (tokenizer, shard format, loader, documents) is data.py.
 
-    from data import iter_documents
-    from prepare import first_tokens_split, prepare_shards
+    from nanoshift.data import iter_documents
+    from nanoshift.prepare import first_tokens_split, prepare_shards
     prepare_shards(iter_documents(data_files=["texts/*.txt"]), "data/mine", "mine", first_tokens_split(10_000))
 
 Guarantees: every shard and the manifest are written atomically (common.atomic_write), the manifest
@@ -30,8 +30,8 @@ import tempfile
 import numpy as np
 from tqdm import tqdm
 
-from common import InputError, SettingError, write_json
-from data import (GPT2_NAME, MANIFEST_NAME, TEMP_SUFFIX, TOKEN_DTYPES, get_tokenizer, iter_documents, read_manifest,
+from nanoshift.common import InputError, SettingError, write_json
+from nanoshift.data import (GPT2_NAME, MANIFEST_NAME, TEMP_SUFFIX, TOKEN_DTYPES, get_tokenizer, iter_documents, read_manifest,
                   shard_name, token_bytes_for, write_shard)
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 One view of a causal LM for analysis and evaluation: our checkpoints and HuggingFace models.
 
-    from lm import load_lm
+    from nanoshift.lm import load_lm
     lm = load_lm(ckpt="out/ckpt.pt")              # ours (or a karpathy/nanoGPT ckpt.pt)
     lm = load_lm(hf="gpt2")                       # any transformers causal LM, hub name or local dir
     resid, mids = lm.hidden_states(idx, mid=True) # L+1 raw residual states, L mid-block states
@@ -25,10 +25,10 @@ import os
 
 import torch
 
-from checkpoint import load_checkpoint
-from common import InputError
-from data import EOT_TOKEN as EOT_GPT2
-from data import GPT2_NAME, TOKENIZER_PROBE, HFTokenizer, get_tokenizer
+from nanoshift.checkpoint import load_checkpoint
+from nanoshift.common import InputError
+from nanoshift.data import EOT_TOKEN as EOT_GPT2
+from nanoshift.data import GPT2_NAME, TOKENIZER_PROBE, HFTokenizer, get_tokenizer
 from model import GPT, dtype_from_name
 
 

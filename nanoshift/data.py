@@ -28,7 +28,7 @@ Shard format (version 1 is llm.c / modded-nanogpt compatible):
     Files are named {dataset}_{split}_{index:06d}.bin.
 
 Quick use:
-    from data import get_tokenizer, ShardLoader
+    from nanoshift.data import get_tokenizer, ShardLoader
     enc = get_tokenizer()                       # GPT-2; works with no internet
     enc = get_tokenizer("path/to/hf_model")     # that model's own tokenizer
     loader = ShardLoader("data/demo/*_train_*.bin", batch_size=8, seq_len=256)
@@ -46,7 +46,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from common import InputError, atomic_write, expand_globs
+from nanoshift.common import InputError, atomic_write, expand_globs
 
 # -----------------------------------------------------------------------------
 # Tokenizer: the exact tiktoken "gpt2" encoding, from pinned local files

@@ -9,7 +9,7 @@ themselves (and why a paired t-test) are in stats.py.
     python analyze.py --ckpt base='runs/none-*' gate='runs/gate-*' --baseline_group=base
     python analyze.py --log 'out-baseline-s*/log.jsonl' 'out-gate-s*/log.jsonl'   # training logs alike
 
-    from groups import model_groups, summarize, differences
+    from nanoshift.groups import model_groups, summarize, differences
     groups = model_groups(["out-baseline-s*", "gate=out-gate-s*"])     # [Group], or None: no entry is a group
 
 Which entries are groups. An entry of --ckpt or --log is a group when it has a wildcard (* ? [) or the
@@ -47,10 +47,10 @@ import os
 import re
 from dataclasses import dataclass
 
-from checkpoint import load_checkpoint
-from common import InputError, SettingError, expand_globs, markdown_table
-from lm import model_specs
-from stats import describe, paired_difference
+from nanoshift.checkpoint import load_checkpoint
+from nanoshift.common import InputError, SettingError, expand_globs, markdown_table
+from nanoshift.lm import model_specs
+from nanoshift.stats import describe, paired_difference
 
 WILDCARD = re.compile(r"[*?[]")
 NAMED = re.compile(r"([A-Za-z_][\w.+-]*)=(.+)")  # label=pattern (a label has no '/', so a path never parses as one)

@@ -1,7 +1,7 @@
 """
 Checkpoint files: the one reader, the one writer, and the RNG states they carry. A library module.
 
-    from checkpoint import load_checkpoint, save_checkpoint
+    from nanoshift.checkpoint import load_checkpoint, save_checkpoint
     ckpt = load_checkpoint("out/ckpt.pt")          # a dict; never runs code from the file
     save_checkpoint(ckpt, "out/ckpt.pt")           # atomic: the old file stays whole until the new one is
 
@@ -43,7 +43,7 @@ import warnings
 import numpy as np
 import torch
 
-from common import InputError, atomic_write, write_json
+from nanoshift.common import InputError, atomic_write, write_json
 
 
 def _describe_unreadable(path, error):

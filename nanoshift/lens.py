@@ -2,7 +2,7 @@
 The lens engine: layerwise alignment metrics of the causal shift (arXiv 2602.14760), computed one
 way for analyze.py, training (alignment tracking), the demo and bench.py. A library module.
 
-    from lens import LensOptions, analyze_model, summary_table
+    from nanoshift.lens import LensOptions, analyze_model, summary_table
     result = analyze_model(lm, token_batches, LensOptions(k=5, space="normed"))   # lm: lm.load_lm(...)
     print(summary_table([result]))
 
@@ -65,7 +65,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import InputError, SettingError, markdown_table
+from nanoshift.common import InputError, SettingError, markdown_table
 from model import DTYPES, dtype_from_name
 
 LENS_CHUNK_BYTES = 128 << 20  # float32 logits of one token chunk (~4 such buffers live); large chunks

@@ -2,7 +2,7 @@
 Statistics over seeds: a group's mean, standard deviation and 95% interval, and paired differences
 against a baseline group. A library module (Python's math only).
 
-    from stats import describe, paired_difference
+    from nanoshift.stats import describe, paired_difference
     describe([3.301, 3.296, 3.299])                        # {"n": 3, "mean": ..., "std": ..., "ci95": [lo, hi]}
     paired_difference({1: 3.28, 2: 3.27, 3: 3.29},         # gate, by seed
                       {1: 3.30, 2: 3.29, 3: 3.30})         # baseline, by seed: differences, interval, p-value
@@ -23,7 +23,7 @@ contains 0, or p >= 0.05, is reported as "no significant difference", not as a w
 import functools
 import math
 
-from common import InputError
+from nanoshift.common import InputError
 
 
 def _continued_fraction(a, b, x, iterations=300, eps=1e-15):
