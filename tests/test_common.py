@@ -29,7 +29,7 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
 def test_a_killed_writer_never_leaves_a_half_file_under_the_real_name(tmp_path):
     path = tmp_path / "out.json"
     path.write_text('{"old": true}')
-    code = ("import os, sys; sys.path.insert(0, %r)\nfrom common import atomic_write\n"
+    code = ("import os, sys; sys.path.insert(0, %r)\nfrom nanoshift.common import atomic_write\n"
             "with atomic_write(%r) as f:\n    f.write('{\"partial\": ')\n    f.flush()\n    os._exit(9)\n"
             % (ROOT, str(path)))
     assert subprocess.run([sys.executable, "-c", code]).returncode == 9
