@@ -789,3 +789,14 @@ def _hf_rope_settings(hc, name):
     if kind == "llama3":  # transformers falls back to max_position_embeddings too
         params.setdefault("original_max_position_embeddings", hc.max_position_embeddings)
     return theta, params
+
+
+def residual_settings():
+    """{GPTConfig field or training setting: the residual modes that read it} (bridge until the registry lands)."""
+    return {"cut_layer": ("cut",), "cut_alpha": ("cut",), "gate_mode": ("gate",), "gate_alpha_min": ("gate",),
+            "gate_lr_mult": ("gate",)}
+
+
+def residual_config_keys():
+    """The GPTConfig fields a fine-tune takes from the settings (its shape comes from the pretrained weights)."""
+    return ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")
