@@ -15,6 +15,7 @@ from nanoshift.common import InputError
 from conftest import tiny_gpt, write_checkpoint
 from nanoshift.data import get_tokenizer, write_shard
 from nanoshift.lm import OurGPT
+from nanoshift import plots
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,7 @@ def test_plots_are_valid_pngs(overlay, name):
 
 def test_overlay_figures_have_one_curve_per_checkpoint(overlay):
     results = json.loads((overlay / "metrics.json").read_text())["models"]
-    fig = analyze.plot_topk(results)
+    fig = plots.plot_topk(results)
     (ax,) = fig.axes
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == [f"{run}: {what}" for run in RUNS for what in ("input t_i", "target t_i+1")]
@@ -72,7 +73,7 @@ def test_overlay_figures_have_one_curve_per_checkpoint(overlay):
     for line, (result, name) in zip(curves, [(r, n) for r in results for n in ("topk_input", "topk_target")]):
         assert list(line.get_ydata()) == [row[name] for row in result["layers"]]
     assert len(curves) == 2 * 3
-    fig = analyze.plot_cosine_projection(results)
+    fig = plots.plot_cosine_projection(results)
     labelled = lambda ax: [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
     assert labelled(fig.axes[0]) == [f"{run}: cos(h, {e})" for run in RUNS for e in ("e_in", "e_out")]
     # the 0 / 1 reference levels are legend entries, not text on the axis that can collide
@@ -80,11 +81,11 @@ def test_overlay_figures_have_one_curve_per_checkpoint(overlay):
         f"{run}: projection" for run in RUNS]
     assert not fig.axes[1].texts
     assert [ax.get_xlabel() for ax in fig.axes] == ["layer (0 = embeddings)"] * 2
-    lens = analyze.plot_lens(results)
+    lens = plots.plot_lens(results)
     assert [ax.get_title() for ax in lens.axes] == ["logit lens cross-entropy", "logit lens entropy",
                                                    "KL(model's output || lens)"]
     assert all(len([l for l in ax.get_lines() if not l.get_label().startswith("_")]) == 3 for ax in lens.axes)
-    shift = analyze.plot_shift_depth(results).axes[0]
+    shift = plots.plot_shift_depth(results).axes[0]
     bars = shift.containers
     assert len(bars) == 3 and all(len(b) == 2 + 2 for b in bars)  # layers 0..2 and "never"
     assert [t.get_text() for t in shift.get_xticklabels()] == ["0", "1", "2", "never"]
@@ -95,7 +96,7 @@ def test_shift_depth_ticks_never_crowd_never_for_deep_models():
     layers = 26
     result = {"label": "deep", "n_layer": layers, "shift_depth": {
         "first_win_hist": [1] * (layers + 1), "first_win_never": 3, "first_win_median": 13}}
-    ax = analyze.plot_shift_depth([result]).axes[0]
+    ax = plots.plot_shift_depth([result]).axes[0]
     ticks = list(ax.get_xticks())
     assert [t.get_text() for t in ax.get_xticklabels()][-1] == "never"
     assert ticks[-1] - ticks[-2] >= ticks[1] - ticks[0]  # "never" at least one tick step from the last number
@@ -133,7 +134,7 @@ def test_alpha_plot_has_one_line_per_layer_over_training(tmp_path):
     path = write_log(tmp_path / "out-gate", config, alphas, [4.0, 3.5])
     analyze.main(["--log", path, "--out_dir", str(tmp_path / "a")])
     assert (tmp_path / "a" / "alphas.png").read_bytes()[:8] == PNG_SIGNATURE
-    (ax,) = analyze.plot_alphas([analyze.read_log(path)]).axes
+    (ax,) = analyze.alphas_figure([analyze.read_log(path)]).axes
     start, *layers = ax.get_lines()
     # the eval row at iter 50 extends the train rows' series: the x-axis runs to the last logged iteration
     assert [list(line.get_ydata()) for line in layers] == [list(col) + [col[-1]] for col in zip(*alphas)]
@@ -164,14 +165,14 @@ def test_shift_over_training_overlays_runs_and_normalises_depth(tmp_path):
     analyze.main(["--log", a, b, "--out_dir", str(tmp_path / "plots")])
     assert {"alphas.png", "shift_training.png", "target_match_by_step.png"} <= set(os.listdir(tmp_path / "plots"))
     runs = [analyze.read_log(p) for p in (a, b)]
-    score_ax, depth_ax = analyze.plot_shift_over_training(runs).axes
+    score_ax, depth_ax = plots.plot_shift_over_training(runs).axes
     assert [line.get_label() for line in score_ax.get_lines()] == ["out-a", "out-b"]
     assert [list(line.get_ydata()) for line in score_ax.get_lines()] == [[0.6, 0.5, 0.4], [0.7, 0.6, 0.3]]
     assert list(score_ax.get_lines()[0].get_xdata()) == [0, 100, 200]
     depths = [list(line.get_ydata()) for line in depth_ax.get_lines()]
     assert depths[0] == [0.75, 0.5, 0.5] and depths[1][0] == 0.75 and depths[1][2] == 0.5  # median / depth
     assert score_ax.get_ylabel().startswith("misalignment") and depth_ax.get_xlabel() == "iteration"
-    picture = analyze.plot_target_match_by_step(runs[1])
+    picture = plots.plot_target_match_by_step(runs[1])
     image = picture.axes[0].get_images()[0].get_array()
     assert image.shape == (9, 3)  # layers 0..8 x three evals
     assert [t.get_text() for t in picture.axes[0].get_xticklabels()] == ["0", "100", "200"]
@@ -188,7 +189,7 @@ def test_cut_sweep_plots_final_val_loss_per_cut_layer_and_the_baseline(tmp_path)
     analyze.main(["--cut_sweep", str(tmp_path / "out-cut*" / "log.jsonl"), "--baseline", baseline,
                   "--out_dir", str(tmp_path / "a")])
     assert (tmp_path / "a" / "cut_sweep.png").read_bytes()[:8] == PNG_SIGNATURE
-    fig = analyze.plot_cut_sweep([analyze.read_log(p) for p in logs], analyze.read_log(baseline))
+    fig = analyze.cut_sweep_figure([analyze.read_log(p) for p in logs], analyze.read_log(baseline))
     sweep, base = fig.axes[0].get_lines()
     assert list(sweep.get_xdata()) == [0, 1, 2] and list(sweep.get_ydata()) == [3.4, 3.2, 3.1]
     assert list(base.get_ydata()) == [3.0, 3.0]

@@ -1,6 +1,6 @@
 """What a new user meets first: --help describes every setting of every entry point, one exit-code rule
 (2 a bad setting, 1 bad or missing data) with no traceback and no new folder left behind, the CPU thread
-setting, the demo's disk footprint, and a README that quotes the demo's own summary."""
+setting, the demo's disk footprint, and a results page (docs/results.md) that quotes the demo's own summary."""
 import os
 import re
 import subprocess
@@ -126,11 +126,13 @@ def test_the_demo_runs_fit_in_100_mb(prose_shards, tmp_path):
     assert os.path.samefile(tmp_path / "demo_gate" / "best.pt", tmp_path / "demo_gate" / "ckpt.pt")
 
 
-def test_the_readme_quotes_the_published_demo_summary_and_its_pictures_exist():
-    readme = open(os.path.join(ROOT, "README.md")).read()
+def test_the_results_page_quotes_the_published_demo_summary_and_its_pictures_exist():
+    results = open(os.path.join(ROOT, "docs", "results.md")).read()
     summary = open(os.path.join(ROOT, "docs", "demo", "summary.md")).read()
-    quoted = re.search(r"<!-- demo summary: begin -->\n(.*?)<!-- demo summary: end -->", readme, re.S)
-    assert quoted, "the README must quote docs/demo/summary.md between the demo-summary markers"
-    assert quoted.group(1).strip() == summary.strip()  # verbatim: the README's numbers are that run's
-    for picture in re.findall(r"\(docs/demo/([\w.]+\.png)\)", readme):
+    quoted = re.search(r"<!-- demo summary: begin -->\n(.*?)<!-- demo summary: end -->", results, re.S)
+    assert quoted, "docs/results.md must quote docs/demo/summary.md between the demo-summary markers"
+    assert quoted.group(1).strip() == summary.strip()  # verbatim: the page's numbers are that run's
+    pictures = re.findall(r"\(demo/([\w.]+\.png)\)", results)
+    assert pictures
+    for picture in pictures:
         assert os.path.isfile(os.path.join(ROOT, "docs", "demo", picture)), picture

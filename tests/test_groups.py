@@ -12,7 +12,7 @@ from matplotlib.collections import PolyCollection
 
 import analyze
 import eval_benchmarks
-from nanoshift import groups
+from nanoshift import groups, plots
 from nanoshift.common import InputError, SettingError
 from conftest import tiny_gpt, write_checkpoint
 from nanoshift.data import write_shard
@@ -190,8 +190,8 @@ def test_groups_analyse_into_group_tables_and_plots_with_bands(runs, capsys):
     assert text.startswith("| number | base (n=3) | gate (n=3) | foreign (n=1) |")
     assert "| number | gate − base |" in text  # the unseeded run is not compared
     assert "groups of seeds:" in capsys.readouterr().out
-    shown = [analyze.group_result(label, [by_name[name] for name in g["runs"]]) for label, g in saved["groups"].items()]
-    ax = analyze.plot_topk(shown).axes[0]
+    shown = [plots.group_result(label, [by_name[name] for name in g["runs"]]) for label, g in saved["groups"].items()]
+    ax = plots.plot_topk(shown).axes[0]
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
     assert len(bands) == 2 * 2  # input and target curves of the two groups of 3; the group of one has no band
     labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
@@ -234,7 +234,7 @@ def test_training_logs_as_groups_plot_means_with_bands(tmp_path, capsys):
     assert {"alphas.png", "shift_training.png", "target_match_by_step.png"} <= set(os.listdir(tmp_path / "plots"))
     run = analyze.group_log("gate", [str(tmp_path / f"out-gate-s{s}" / "log.jsonl") for s in SEEDS])
     assert run["name"] == "gate (n=3, 95% CI)" and run["final_val_loss"] == pytest.approx(4.2)
-    (ax,) = analyze.plot_alphas([run]).axes
+    (ax,) = analyze.alphas_figure([run]).axes
     layer1 = [line for line in ax.get_lines() if line.get_label() == "layer 1"][0]
     assert list(layer1.get_ydata()) == pytest.approx(np.mean([alphas[s] for s in SEEDS], axis=0)[:, 1])
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
@@ -242,10 +242,10 @@ def test_training_logs_as_groups_plot_means_with_bands(tmp_path, capsys):
     highs = [scipy_summary([alphas[s][i][1] for s in SEEDS])[3] for i in range(3)]  # layer 1's interval per iteration
     assert bands[1].get_paths()[0].vertices[:, 1].max() == pytest.approx(max(highs))
     assert ax.get_legend().get_title().get_text() == "group gate (n=3, 95% CI)"
-    score_ax, depth_ax = analyze.plot_shift_over_training([run]).axes
+    score_ax, depth_ax = plots.plot_shift_over_training([run]).axes
     assert list(score_ax.get_lines()[0].get_ydata()) == pytest.approx(np.mean([scores[s] for s in SEEDS], axis=0))
     assert sum(isinstance(c, PolyCollection) for c in score_ax.collections) == 1
-    assert analyze.plot_target_match_by_step(run).axes[0].get_title().startswith("gate, mean of 3 runs")
+    assert plots.plot_target_match_by_step(run).axes[0].get_title().startswith("gate, mean of 3 runs")
     write_log(tmp_path / "out-x-s9", 9, {**gate, "residual_mode": "cut"}, alphas[1], scores[1], 4.0)
     with pytest.raises(InputError, match="mixes runs of different model settings"):
         analyze.group_log("x", [str(tmp_path / "out-gate-s1" / "log.jsonl"), str(tmp_path / "out-x-s9" / "log.jsonl")])
@@ -259,7 +259,7 @@ def test_cut_sweep_pools_seeds_per_layer_and_bands_the_baseline(tmp_path):
             logs.append(analyze.read_log(write_log(tmp_path / f"cut{layer}-s{s}", s, config, [[1, 1]], [0.5], loss, (0,))))
     base = [analyze.read_log(write_log(tmp_path / f"base-s{s}", s, {"residual_mode": "none"}, [[1, 1]], [0.5], loss, (0,)))
             for s, loss in zip(SEEDS, [3.0, 3.1, 2.9])]
-    ax = analyze.plot_cut_sweep(logs, base).axes[0]
+    ax = analyze.cut_sweep_figure(logs, base).axes[0]
     sweep = ax.get_lines()[0]
     assert list(sweep.get_ydata()) == pytest.approx([3.4, 3.2]) and sweep.get_label().endswith("(mean over seeds, 95% CI)")
     _, _, (bars,) = ax.containers[0].lines
