@@ -627,7 +627,7 @@ def bench_fsdp(table_out=""):
     time. CPU: 2 ranks over gloo, a small model (FSDP halves what each rank holds; on a CPU the collectives
     cost more than the compute, so FSDP is slower). GPU: config/fsdp_350m.py on one GPU, bf16 and
     torch.compile, a few hundred steps: one rank shards nothing, so this measures FSDP's overhead against DDP
-    (memory and speed), not its savings (README: Sharded training has the per-rank arithmetic)."""
+    (memory and speed), not its savings (docs/sharded-training.md has the per-rank arithmetic)."""
     cuda = torch.cuda.is_available()
     plan = _FSDP_GPU if cuda else _FSDP_CPU
     warmup = 20 if cuda else 5  # compilation and the allocator's first steps
@@ -668,7 +668,7 @@ def fsdp_memory_arithmetic(micro_batch=4, seq_len=2048, vocab_size=50304):
     """Per-rank memory of training with DDP and with FSDP on 8 and 32 GPUs, computed (not measured) from the
     parameter counts of model.py, bf16 compute, float32 master weights, gradients and AdamW. Rows of
     [model, parameters, setup, weights, gradients, AdamW, transient, activations, activations with
-    activation_checkpointing, total with checkpointing] in GiB (README: Sharded training says what each is).
+    activation_checkpointing, total with checkpointing] in GiB (docs/sharded-training.md says what each is).
       DDP: weights 4N, gradients 4N, AdamW 8N; transient 2N (autocast's bf16 weight copies, kept for the
         backward pass) + 4N (DDP's gradient buckets).
       FSDP on W ranks: 4N/W, 4N/W, 8N/W; transient: the gathered bf16 root (embeddings, final norm, lm_head,
@@ -703,7 +703,7 @@ def fsdp_memory_arithmetic(micro_batch=4, seq_len=2048, vocab_size=50304):
 
 
 def bench_fsdp_memory():
-    """The README's per-rank memory table (fsdp_memory_arithmetic), printed as markdown."""
+    """docs/sharded-training.md's per-rank memory table (fsdp_memory_arithmetic), printed as markdown."""
     B, T = 4, 2048
     rows = [[name, f"{n / 1e9:.2f}B", setup, *(f"{x:,.1f}" for x in numbers)]
             for name, n, setup, *numbers in fsdp_memory_arithmetic(B, T)]

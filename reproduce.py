@@ -30,7 +30,7 @@ them (whole works) the val split. Every run reads a quarter of the train split (
 The scale, and why. The question is whether cut or gate differ from the baseline by more than the
 seed-to-seed noise, at a fixed budget: 2 cores, under an hour, aiming at ~40 minutes on an idle machine
 for margin; one torch thread per process (the default), which a busy neighbour does not slow down
-(README, CPU threads).
+(docs/training.md, CPU threads).
 - A 4,096-token vocabulary instead of GPT-2's 50,257: in a model this small the unembedding of the big
   vocabulary is ~85% of the arithmetic of a step (a bare training step of the 6 x 128 model on 512
   tokens, one thread: 1.06 s with 50,304 rows, 0.19 s with 4,096), so the small one buys ~5.7x the
@@ -42,7 +42,7 @@ for margin; one torch thread per process (the default), which a busy neighbour d
 - 6 layers x 128 wide (1.7M parameters), 128 tokens of context, 512 tokens a step, 800 steps (410k
   tokens, 2.7x the demo's): depth for the lens and for the cut to act on, the width kept small so that
   the runs get long.
-Cost, measured on the 2-core VM (README, "A small-scale reproduction"): ~0.15 s a step, ~11 s of start-up
+Cost, measured on the 2-core VM (docs/results.md, "A small-scale reproduction"): ~0.15 s a step, ~11 s of start-up
 and evals a run, so ~2.2 minutes a run and ~33 minutes for the 15; evaluation ~8 s and analysis ~5 s a
 model; the prepare ~30 s: about 37 minutes in all (44 if a step costs 0.185 s, as in a bare loop).
 """

@@ -25,7 +25,7 @@ that fails does not stop the others. At the end a table says what happened to ea
 is the first failed run's, 1 if a run stopped before max_iters without failing (e.g. SIGTERM), else 0.
 
 Then compare:  python eval_benchmarks.py --ckpt 'out-baseline-s*' 'out-gate-s*' ...
-On a cluster, run one job per seed instead: README, "Results with error bars" (a SLURM job array).
+On a cluster, run one job per seed instead: docs/results.md, "Results with error bars" (a SLURM job array).
 """
 
 import ast

@@ -134,7 +134,7 @@ warmup_iters = 715  # iterations of linear warmup
 max_iters = 19073  # optimizer steps of the run
 lr_decay_iters = 0  # iteration where the schedule reaches min_lr; 0 = max_iters (set it to stop a run early)
 wsd_decay_frac = 0.2  # wsd: the last fraction of the schedule decays linearly to min_lr
-# parallelism: what each torchrun rank holds (README: Sharded training)
+# parallelism: what each torchrun rank holds (docs/sharded-training.md)
 parallelism = "ddp"  # 'ddp' (each rank holds all weights, gradients, AdamW state) | 'fsdp' (FSDP2: each holds 1/world_size)
 activation_checkpointing = False  # recompute each block's activations in the backward pass: less memory, ~1/3 more compute
 fsdp_reshard_micro_steps = False  # fsdp + accumulation: True re-shards every micro-step (least memory); False gathers once a step

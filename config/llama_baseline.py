@@ -8,7 +8,7 @@
 # Tokenizer: GPT-2's, on purpose. The paper's models differ from GPT-2 in the block *and* the tokenizer; keeping
 # GPT-2's isolates the block family (the residual stream the attenuation acts on), reuses the same shards as
 # the GPT-2 runs, and keeps the logit-lens metrics comparable (same vocabulary, same tokens per text).
-# Cost (README, "Cost of the Llama and retrofit runs"): 0.862 GFLOP/token x 10B tokens = 8.6e18 FLOPs,
+# Cost (docs/training.md, "Cost of the Llama and retrofit runs"): 0.862 GFLOP/token x 10B tokens = 8.6e18 FLOPs,
 # ~0.76 h on 8 x H100 at 40% MFU (~6 GPU-hours).
 exec(open("config/baseline.py").read())
 

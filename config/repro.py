@@ -1,7 +1,7 @@
 # The small-scale reproduction (python reproduce.py): baseline, cut and gate over 5 seeds on CPU, each run
 # ~2.5 minutes on one thread. By hand, after reproduce.py's prepare step:
 #   python seeds.py config/repro.py --seeds 1 2 3 4 5       (config/repro_cut.py, config/repro_gate.py alike)
-# Why this scale is in reproduce.py's docstring; the costs behind it in the README.
+# Why this scale is in reproduce.py's docstring; the costs behind it in docs/results.md.
 out_dir = "out-repro/baseline"  # seeds.py adds -s<seed>
 data_dir = "data/repro"  # the Shakespeare corpus in the reproduction's own 4,096-token BPE (reproduce.py prepares it)
 tokenizer = "data/repro-tokenizer"

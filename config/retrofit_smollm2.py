@@ -11,7 +11,7 @@
 #
 # train.py refuses shards of another tokenizer (exit 2). For Llama-3.2-1B instead: init_from its dir, the same
 # --tokenizer for the prepare (128k vocabulary: 4-byte shards), batch_size = 8.
-# Cost (README, "Cost of the Llama and retrofit runs"): 2.93 GFLOP/token x 2.1B tokens = 6.1e18 FLOPs,
+# Cost (docs/training.md, "Cost of the Llama and retrofit runs"): 2.93 GFLOP/token x 2.1B tokens = 6.1e18 FLOPs,
 # ~0.54 h on 8 x H100 at 40% MFU (~4.3 GPU-hours).
 out_dir = "out-retrofit-smollm2"
 init_from = "models/SmolLM2-360M"  # or the hub name HuggingFaceTB/SmolLM2-360M where the hub is reachable
