@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import pyarrow as pa
@@ -27,13 +26,15 @@ import pyarrow.parquet as pq
 import torch
 
 import eval_benchmarks
+from model import GPT, GPTConfig
 from nanoshift.common import SettingError, markdown_table, read_jsonl, run_main, write_text
 from nanoshift.configurator import configure
 from nanoshift.data import get_tokenizer, iter_documents, shard_name, write_shard
 from nanoshift.lens import LensOptions, analyze_model, lens_sums
 from nanoshift.lm import OurGPT
-from model import GPT, GPTConfig
 from nanoshift.prepare import demo_corpus, first_tokens_split, prepare_shards
+from nanoshift.run import RunFacts
+from nanoshift.training import train_step
 
 
 def machine_description():
@@ -310,7 +311,8 @@ def _bench_train_models(models, title, steps, repeats, warmup, baseline="none", 
         B, T, dtype, compiled = 16, 1024, torch.bfloat16, True
     else:
         B, T, dtype, compiled = 4, 128, torch.float32, False
-    ctx = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    facts = RunFacts.single_process(device, str(dtype).removeprefix("torch."), compiled, B * T)
+    scaler = torch.amp.GradScaler(device, enabled=False)
     vocab_size = next(iter(models.values()))["vocab_size"]
     generator = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, vocab_size, (B, T), generator=generator).to(device) for _ in range(2))
@@ -325,14 +327,9 @@ def _bench_train_models(models, title, steps, repeats, warmup, baseline="none", 
 
     def train_steps(name, n):
         model, forward, optimizer = runs[name]
-        for _ in range(n):
-            with ctx:
-                _, loss = forward(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+        for _ in range(n):  # train.py's step (its one host sync per step included)
+            train_step(forward, optimizer, scaler, x, y, facts, B, grad_clip=1.0)
             optimizer.zero_grad(set_to_none=True)
-        loss.item()  # wait for the device
 
     for name in models:
         train_steps(name, warmup)  # compile, allocator, thread pool
@@ -381,7 +378,6 @@ import json, re, sys
 import torch
 from nanoshift.lens import analyze_model
 from nanoshift.lm import OurGPT
-from model import GPT, GPTConfig
 n, T, B = (int(a) for a in sys.argv[1:4])
 torch.manual_seed(0)
 lm = OurGPT(GPT(GPTConfig()), "gpt2-124M-shape")

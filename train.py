@@ -68,7 +68,8 @@ from nanoshift.configurator import configure_or_exit
 from nanoshift.data import first_windows, read_manifest
 from nanoshift.run import RunFacts, RunFolder, model_args_of
 from nanoshift.training import (FSDP_FLOAT16, build_model, check_settings, check_tokenizer, evaluate, lr_at,
-                                model_tokenizer, open_data, measure_alignment, unused_setting_warnings)
+                                model_tokenizer, open_data, measure_alignment, train_step,
+                                unused_setting_warnings)
 
 _names_before_settings = set(globals())
 # -----------------------------------------------------------------------------
@@ -383,41 +384,17 @@ def main(argv=None):
             end_reason = "max_iters"
             break
 
-        # (3) one optimizer step: grad_accum_steps micro-steps, gradients synced across ranks on the last one only
+        # (3) one optimizer step (training.train_step: micro-steps, gradient sync on the last, clip, AdamW)
         t0 = time.time()
         logging_step = iter_num % c["log_interval"] == 0
         step_alphas = alphas() if logging_step else None  # the alphas this step's forward uses, like its loss
         x, y = train_loader.next_batch()  # a token outside the vocabulary: an InputError naming shard and position
         if facts.device_type == "cuda":
             x, y = x.pin_memory().to(facts.device, non_blocking=True), y.pin_memory().to(facts.device, non_blocking=True)
-        loss_sum = torch.zeros((), device=facts.device)
-        if accumulate_gathered:
-            parallel.keep_blocks_gathered(model, True)
-        for micro_step in range(facts.grad_accum_steps):
-            parallel.set_micro_step(model, facts, micro_step == facts.grad_accum_steps - 1, accumulate_gathered)
-            rows = slice(micro_step * batch_size, (micro_step + 1) * batch_size)
-            with facts.autocast():
-                _, loss = model(x[rows], y[rows])
-            loss_sum += loss.detach().float()
-            scaler.scale(loss / facts.grad_accum_steps).backward()
-        if accumulate_gathered:
-            parallel.keep_blocks_gathered(model, False)  # between steps (evals) each block is freed after its forward
-        # one small collective per step: the global mean loss, and whether any rank was asked to stop
-        stats = torch.stack([loss_sum / facts.grad_accum_steps,
-                             torch.tensor(float(bool(stop_signal)), device=facts.device)])
-        loss_sum_ranks, stop_votes = parallel.sum_over_ranks(stats, facts).tolist()  # the step's one host sync
-        step_loss = loss_sum_ranks / facts.world_size
-        if not math.isfinite(step_loss):  # before the optimizer applies it: the weights stay good
+        step_loss, grad_norm, stop_voted = train_step(model, optimizer, scaler, x, y, facts, batch_size, c["grad_clip"],
+                                                      accumulate_gathered, bool(stop_signal), logging_step)
+        if not math.isfinite(step_loss):  # the optimizer did not apply it: the weights stay good
             stop_nonfinite("train loss", step_loss, lr)
-        grad_norm = None
-        if c["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            # fsdp: the norm of the sharded gradients is a DTensor, summed over the ranks' shards (a collective)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
-            if facts.fsdp and logging_step:
-                grad_norm = grad_norm.full_tensor()
-        scaler.step(optimizer)
-        scaler.update()
         if held_bytes is None:  # once, while gradients and optimizer state both exist
             held_bytes = parallel.held_state_bytes(raw_model, optimizer)
         optimizer.zero_grad(set_to_none=True)
@@ -436,7 +413,7 @@ def main(argv=None):
         state.iter_num += 1
 
         # (4) pre-emption: checkpoint the state after this step, then stop
-        if stop_votes > 0:
+        if stop_voted:
             if not parallel.weights_finite(raw_model, facts):
                 stop_nonfinite("weights", "non-finite", lr)
             save(is_best=False)

@@ -78,6 +78,13 @@ class RunFacts:
         return torch.autocast(device_type=self.device_type, dtype=self.ptdtype)
 
     @classmethod
+    def single_process(cls, device="cpu", dtype="float32", use_compile=False, micro_tokens=0):
+        """One plain process, no process group, no accumulation (bench.py times train.py's step with these)."""
+        return cls(init_from="scratch", torchrun=False, distributed=False, fsdp=False, rank=0, local_rank=0,
+                   world_size=1, device=device, device_type=device.split(":")[0], dtype=dtype,
+                   use_compile=use_compile, grad_accum_steps=1, micro_tokens=micro_tokens)
+
+    @classmethod
     def from_settings(cls, c, fsdp_float16_message):
         """SettingError for what only shows once 'auto' is resolved (float16 under fsdp, the batch split)."""
         out_dir = c["out_dir"]

@@ -265,3 +265,40 @@ def measure_alignment(model, raw_model, windows, facts, name):
         parallel.reshard_all(model)  # after the last use of lm, which holds the gathered embeddings
     raw_model.train()
     return tracked
+
+
+def train_step(model, optimizer, scaler, x, y, facts, micro_batch, grad_clip, accumulate_gathered=False,
+               stop_requested=False, want_grad_norm=True):
+    """One optimizer step of train.py: x, y hold the whole step's rows on this rank; grad_accum_steps micro-steps
+    of micro_batch rows, gradients synced across ranks on the last one only; clip; AdamW (through the loss scaler).
+    Returns (the global mean loss, the gradient norm or None, whether any rank requested a stop). A non-finite
+    loss returns before the optimizer applies it, so the weights stay good (the caller stops)."""
+    loss_sum = torch.zeros((), device=facts.device)
+    if accumulate_gathered:
+        parallel.keep_blocks_gathered(model, True)
+    steps = facts.grad_accum_steps
+    for micro_step in range(steps):
+        parallel.set_micro_step(model, facts, micro_step == steps - 1, accumulate_gathered)
+        rows = slice(micro_step * micro_batch, (micro_step + 1) * micro_batch)
+        with facts.autocast():
+            _, loss = model(x[rows], y[rows])
+        loss_sum += loss.detach().float()
+        scaler.scale(loss / steps).backward()
+    if accumulate_gathered:
+        parallel.keep_blocks_gathered(model, False)  # between steps (evals) each block is freed after its forward
+    # one small collective per step: the global mean loss, and whether any rank was asked to stop
+    stats = torch.stack([loss_sum / steps, torch.tensor(float(stop_requested), device=facts.device)])
+    loss_sum_ranks, stop_votes = parallel.sum_over_ranks(stats, facts).tolist()  # the step's one host sync
+    step_loss = loss_sum_ranks / facts.world_size
+    if not math.isfinite(step_loss):
+        return step_loss, None, stop_votes > 0
+    grad_norm = None
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        # fsdp: the norm of the sharded gradients is a DTensor, summed over the ranks' shards (a collective)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if facts.fsdp and want_grad_norm:
+            grad_norm = grad_norm.full_tensor()
+    scaler.step(optimizer)
+    scaler.update()
+    return step_loss, grad_norm, stop_votes > 0
