@@ -371,7 +371,8 @@ def main(argv=None):
                 shown = "" if c["residual_mode"] == "none" else " alphas " + " ".join(f"{a:.3f}" for a in row["alphas"])
                 tracked = f", misalignment {row['misalignment']:.3f}" if row.get("misalignment") is not None else ""
                 print(f"eval iter {iter_num}: val loss {val_loss:.4f} (best {state.best_val_loss:.4f}){tracked}{shown}")
-            if iter_num > start_iter and not c["eval_only"]:
+            # a new run that ends here saves even if it took no step (max_iters=0: the initial or pretrained model)
+            if (iter_num > start_iter or (iter_num >= max_iters and not folder.resuming)) and not c["eval_only"]:
                 if not parallel.weights_finite(raw_model, facts):
                     stop_nonfinite("weights", "non-finite", lr)
                 save(is_best=improved and c["save_best"], final=iter_num >= max_iters)

@@ -52,7 +52,7 @@ def check_settings(c):
     if not 0 < c["wsd_decay_frac"] <= 1:
         raise SettingError(f"wsd_decay_frac must be in (0, 1], got {c['wsd_decay_frac']}")
     decay_start, decay_end = schedule_ends(c)
-    if not c["eval_only"] and c["warmup_iters"] > decay_start:
+    if not c["eval_only"] and c["max_iters"] > 0 and c["warmup_iters"] > decay_start:  # max_iters=0 trains nothing
         raise SettingError(f"warmup_iters={c['warmup_iters']} does not fit the schedule: it must be <= "
                            f"{decay_start:g} (lr_schedule={c['lr_schedule']!r}, lr_decay_iters or max_iters = "
                            f"{decay_end})")
@@ -175,7 +175,12 @@ def model_tokenizer(c, facts, model, resumed):
     or None): a resume's recorded one, GPT-2's for GPT-2 weights, a Llama dir's own (else the `tokenizer`
     setting), a scratch model's `tokenizer` setting."""
     if facts.init_from == "resume":
-        return resumed.get("tokenizer") or gpt2_tokenizer_info(), None
+        recorded = resumed.get("tokenizer") or gpt2_tokenizer_info()
+        if resumed["weights_from"] == "scratch" and c["tokenizer"] != recorded["name"]:
+            raise SettingError(f"tokenizer={c['tokenizer']!r}, but the run being resumed reads {recorded['name']!r} "
+                               f"tokens (its checkpoint says so): a resumed model keeps its tokenizer. Drop the "
+                               f"setting, or start a new run (another --out_dir) to train on other tokens")
+        return recorded, None
     name = c["tokenizer"]
     if facts.init_from != "scratch":
         name = GPT2_NAME
