@@ -63,7 +63,7 @@ from nanoshift.data import GPT2_NAME, first_windows, iter_documents, read_shard,
 from nanoshift.groups import Run, baseline_of, band, differences, expand, group_tables, make_group, mean, model_groups, summarize
 from nanoshift.lens import METRICS, LensOptions, analyze_models, summary_table
 from nanoshift.lm import load_models
-from model import SCALAR_GATE_INIT_ALPHA, dtype_from_name
+from model import Cut, dtype_from_name, initial_alphas, residual_label
 from nanoshift.stats import describe
 
 PLOTS = ("topk", "cosine_projection", "lens", "shift_depth")
@@ -514,24 +514,11 @@ def plot_target_match_by_step(run):
     return fig
 
 
-def _mode_text(cfg):
-    """The residual mode of a run's config in words, e.g. "layer gate, alpha_min 0.5"."""
-    mode = cfg.get("residual_mode", "?")
-    if mode == "gate":
-        floor = cfg.get("gate_alpha_min")
-        return f"{cfg.get('gate_mode')} gate" + ("" if floor is None else f", alpha_min {floor}")
-    if mode == "cut":
-        return f"cut at block {cfg.get('cut_layer')}, alpha {cfg.get('cut_alpha')}"
-    return "no attenuation" if mode == "none" else mode
-
-
 def _starting_alpha(cfg, n_layer):
-    """The alpha every layer starts from (the gate's uniform start), or None where there is no gate."""
-    if cfg.get("residual_mode") != "gate":
-        return None
-    if cfg.get("gate_mode") == "scalar":
-        return SCALAR_GATE_INIT_ALPHA
-    return 1 - (1 - cfg.get("gate_alpha_min", 0.5)) / n_layer
+    """The alpha every layer starts from (a learned variant's uniform start, model.initial_alphas), or None
+    where the alphas are not learned or start unequal."""
+    start = initial_alphas({**cfg, "n_layer": n_layer})
+    return start[0] if start and len(set(start)) == 1 else None
 
 
 def plot_alphas(logs):
@@ -557,7 +544,7 @@ def plot_alphas(logs):
                 _band(ax, iters, [lo[layer] for _, lo, _ in run["alphas_band"]],
                       [hi[layer] for _, _, hi in run["alphas_band"]], cmap(layer / max(n - 1, 1)))
         ax.set_xlim(iters[0], max(iters[-1], iters[0] + 1))
-        ax.set_title(f"residual alpha per layer: {_mode_text(cfg)}")
+        ax.set_title(f"residual alpha per layer: {residual_label(cfg)}")
         ax.set_xlabel("iteration")
         ax.set_ylabel("alpha")
         ax.legend(fontsize=8, ncol=2 if n > 8 else 1, title=f"{'group' if run.get('runs') else 'run'} {run['name']}",
@@ -566,11 +553,14 @@ def plot_alphas(logs):
 
 
 def _cut_layers(run):
+    """The run's cut blocks as indices >= 0 (negative cut layers count from the end), as model.Cut reads them."""
     cfg = run["config"]
     if not cfg or "cut_layer" not in cfg or "n_layer" not in cfg:
         raise InputError(f"{run['path']} has no run row with the config (cut_layer, n_layer): not a train.py log?")
-    layers = cfg["cut_layer"] if isinstance(cfg["cut_layer"], list) else [cfg["cut_layer"]]
-    return sorted(int(l) % int(cfg["n_layer"]) for l in layers)  # negative cut layers count from the end
+    try:
+        return list(Cut.layers(cfg["cut_layer"], cfg["n_layer"]))
+    except ValueError as e:
+        raise InputError(f"{run['path']}: {e}") from None
 
 
 def plot_cut_sweep(runs, baseline=None):
