@@ -270,7 +270,7 @@ class Residual(nn.Module):
         initial_alphas(settings)  per-layer alphas a learned variant starts from (None: not learned)
         reset_parameters()        its own init, run after GPT's (GPT's init draws for every Linear first)
         alphas(x0)                the alpha family: per-layer alpha for this forward, None (standard
-                                  residual), a float or a tensor ([] or [B, T, 1]); x0 = the embeddings
+                                  residual), a float or a tensor (0-d or [B, T, 1]); x0 = the embeddings
         alpha_values()            the same as floats, for logging (token-level alphas: their mean)
         forward_blocks(...)       the trunk's wiring: runs the blocks from the embeddings, applies the
                                   attenuation ramp, and appends the residual state after each block (what
@@ -281,7 +281,8 @@ class Residual(nn.Module):
 
     The attenuation ramp: with attenuation a in [0, 1] (None: a = 1), a variant must be the configured
     variant at a = 1 and the plain model, bit for bit, at a = 0 (retrofits start from pretrained weights).
-    The alpha family gets this from alpha -> 1 - a (1 - alpha).
+    The alpha family gets this from alpha -> 1 - a (1 - alpha); a variant that cannot become the plain model
+    (deepnorm's post-LN) refuses a < 1 with a clear error.
 
     How the variants of issue #23 map onto this interface (not implemented here):
         lambdas      x = resid_λ_l x + x0_λ_l x0 before each block (nanochat, modded-nanogpt): parameters
