@@ -66,7 +66,7 @@ from nanoshift.lens import METRICS, LensOptions, analyze_models, summary_table
 from nanoshift.lm import load_models
 from nanoshift.plots import (PLOTS, group_result, plot_alphas, plot_cut_sweep, plot_shift_over_training,
                              plot_target_match_by_step, save_figure, write_plots)
-from model import SCALAR_GATE_INIT_ALPHA, dtype_from_name
+from model import Cut, dtype_from_name, initial_alphas, residual_label
 from nanoshift.stats import describe
 
 DEFAULTS = dict(
@@ -306,24 +306,13 @@ def group_log(label, paths):
     return out
 
 
-def _mode_text(cfg):
-    """The residual mode of a run's config in words, e.g. "layer gate, alpha_min 0.5"."""
-    mode = cfg.get("residual_mode", "?")
-    if mode == "gate":
-        floor = cfg.get("gate_alpha_min")
-        return f"{cfg.get('gate_mode')} gate" + ("" if floor is None else f", alpha_min {floor}")
-    if mode == "cut":
-        return f"cut at block {cfg.get('cut_layer')}, alpha {cfg.get('cut_alpha')}"
-    return "no attenuation" if mode == "none" else mode
 
 
 def _starting_alpha(cfg, n_layer):
-    """The alpha every layer starts from (the gate's uniform start), or None where there is no gate."""
-    if cfg.get("residual_mode") != "gate":
-        return None
-    if cfg.get("gate_mode") == "scalar":
-        return SCALAR_GATE_INIT_ALPHA
-    return 1 - (1 - cfg.get("gate_alpha_min", 0.5)) / n_layer
+    """The alpha every layer starts from (a learned variant's uniform start, model.initial_alphas), or None
+    where the alphas are not learned or start unequal."""
+    start = initial_alphas({**cfg, "n_layer": n_layer})
+    return start[0] if start and len(set(start)) == 1 else None
 
 
 def alphas_figure(logs):
@@ -333,16 +322,19 @@ def alphas_figure(logs):
         if not run["alphas"]:
             raise InputError(f"{run['path']} has no rows with 'alphas'")
     configs = [run["config"] or {} for run in logs]
-    return plot_alphas(logs, [_mode_text(cfg) for cfg in configs],
+    return plot_alphas(logs, [residual_label(cfg) for cfg in configs],
                        [_starting_alpha(cfg, len(run["alphas"][0][1])) for cfg, run in zip(configs, logs)])
 
 
 def _cut_layers(run):
+    """The run's cut blocks as indices >= 0 (negative cut layers count from the end), as model.Cut reads them."""
     cfg = run["config"]
     if not cfg or "cut_layer" not in cfg or "n_layer" not in cfg:
         raise InputError(f"{run['path']} has no run row with the config (cut_layer, n_layer): not a train.py log?")
-    layers = cfg["cut_layer"] if isinstance(cfg["cut_layer"], list) else [cfg["cut_layer"]]
-    return sorted(int(l) % int(cfg["n_layer"]) for l in layers)  # negative cut layers count from the end
+    try:
+        return list(Cut.layers(cfg["cut_layer"], cfg["n_layer"]))
+    except ValueError as e:
+        raise InputError(f"{run['path']}: {e}") from None
 
 
 def cut_sweep_figure(runs, baseline=None):

@@ -26,12 +26,12 @@ import pyarrow.parquet as pq
 import torch
 
 import eval_benchmarks
-from model import GPT, GPTConfig
 from nanoshift.common import SettingError, markdown_table, read_jsonl, run_main, write_text
 from nanoshift.configurator import configure
 from nanoshift.data import get_tokenizer, iter_documents, shard_name, write_shard
 from nanoshift.lens import LensOptions, analyze_model, lens_sums
 from nanoshift.lm import OurGPT
+from model import GPT, GPTConfig, residual_examples, residual_label
 from nanoshift.prepare import demo_corpus, first_tokens_split, prepare_shards
 from nanoshift.run import RunFacts
 from nanoshift.training import train_step
@@ -250,17 +250,11 @@ def bench_train(steps=1, repeats=13, warmup=2):
     spin against each other), while a thread's CPU time does not; on an idle core the two are equal.
     """
     shape = _train_shape()
-    _bench_train_models({name: {**shape, **residual} for name, residual in _RESIDUAL_MODES.items()},
-                        "tokens/s per residual mode", steps, repeats, warmup)
+    _bench_train_models({name: {**shape, **residual} for name, residual in residual_examples().items()},
+                        "tokens/s per residual mode (every registered variant)", steps, repeats, warmup)
 
 
-_RESIDUAL_MODES = {
-    "none": dict(residual_mode="none"),
-    "cut (layer -1, alpha 0.5)": dict(residual_mode="cut", cut_layer=-1, cut_alpha=0.5),
-    "gate layer": dict(residual_mode="gate", gate_mode="layer"),
-    "gate token": dict(residual_mode="gate", gate_mode="token"),
-    "gate scalar": dict(residual_mode="gate", gate_mode="scalar"),
-}
+_PLAIN = residual_label({"residual_mode": "none"})  # the standard residual: the row the others are compared to
 
 
 def _train_shape():
@@ -290,14 +284,14 @@ def bench_train_llama(steps=1, repeats=13, warmup=2):
     Same shapes, batch, clock and method as bench_train."""
     gpt2 = _train_shape()
     llama = _matched_llama(gpt2)
-    models = {"gpt2, none": dict(gpt2, residual_mode="none")}
-    models.update({f"llama, {name}": {**llama, **residual} for name, residual in _RESIDUAL_MODES.items()})
+    models = {f"gpt2, {_PLAIN}": dict(gpt2, residual_mode="none")}
+    models.update({f"llama, {name}": {**llama, **residual} for name, residual in residual_examples().items()})
     _bench_train_models(models, f"llama (n_kv_head {llama['n_kv_head']}, SwiGLU {llama['intermediate_size']}) "
                         f"vs gpt2 at matched parameters, and every residual mode on llama", steps, repeats,
-                        warmup, baseline="llama, none", first_column="model", show_params=True)
+                        warmup, baseline=f"llama, {_PLAIN}", first_column="model", show_params=True)
 
 
-def _bench_train_models(models, title, steps, repeats, warmup, baseline="none", first_column="residual mode",
+def _bench_train_models(models, title, steps, repeats, warmup, baseline=_PLAIN, first_column="residual mode",
                         show_params=False):
     """Time train.py's step for each {name: GPTConfig kwargs} and print the table (bench_train's method);
     "vs" is against the model named baseline."""

@@ -7,7 +7,8 @@ GPT in one file, with residual attenuation (arXiv 2602.14760). Two block familie
 
 Every block is written as  x_{l+1} = alpha_l * x_l + F_l(x_l),  F_l(x) = block_l(x) - x,
 where block_l is the ordinary pre-norm block (attention then MLP) of either arch. alpha_l = 1
-for every layer is bit-for-bit the standard model. residual_mode picks alpha (same for both archs):
+for every layer is bit-for-bit the standard model. residual_mode picks the residual variant, one
+registered class each in the "residual variants" section below (same for both archs):
 
     none   alpha_l = 1
     cut    alpha_l = cut_alpha at the layer(s) cut_layer, 1 elsewhere
@@ -15,6 +16,9 @@ for every layer is bit-for-bit the standard model. residual_mode picks alpha (sa
              layer   p = softmax(g), g in R^L learnable, init 0 (the paper's gate)
              token   p(t) = softmax(W LN(x_0[t]) + b), W = b = 0 at init (per-token)
              scalar  alpha_l = sigmoid(w_l), independent, init near 1
+
+A new variant is one class there (its formula, settings, checks, optimizer rule, alphas and label);
+train.py, analyze.py, bench.py and the HF import learn about it from the registry (RESIDUALS).
 
 Attenuation ramp (for retrofits: step 0 must be the pretrained model): model.set_attenuation(a), a in
 [0, 1], makes every mode's effective alpha_l = 1 - a * (1 - alpha_l). a = 1 (the default) is the mode
@@ -29,9 +33,9 @@ Usage:
     model = GPT(GPTConfig(n_layer=12, residual_mode="gate", gate_mode="layer"))
     logits, loss = model(idx, targets)
     resid, mid = model.hidden_states(idx, mid=True)   # for analysis
+    model.residual_alphas()                            # alpha per layer, as training logs it
     model = GPT.from_checkpoint("out/ckpt.pt")         # ours or karpathy/nanoGPT's
-    model = GPT.from_pretrained("gpt2")                # or a local save_pretrained dir
-    model = GPT.from_pretrained("HuggingFaceTB/SmolLM2-135M", residual_mode="gate")  # any LlamaForCausalLM
+    # pretrained GPT-2 / Llama weights: nanoshift.hf.from_pretrained("gpt2", residual_mode="gate")
 """
 
 import inspect
@@ -47,9 +51,8 @@ from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from nanoshift.checkpoint import load_checkpoint
 from nanoshift.common import InputError, SettingError
+from nanoshift.rope import rope_inv_freq, rope_scaling_type
 
-RESIDUAL_MODES = ("none", "cut", "gate")
-GATE_MODES = ("layer", "token", "scalar")
 ARCHS = ("gpt2", "llama")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # names settings use
 
@@ -60,7 +63,6 @@ def dtype_from_name(name, setting="dtype", also=()):
     if name not in DTYPES:
         raise SettingError(f"{setting} must be one of {list(also) + list(DTYPES)}, got {name!r}")
     return DTYPES[name]
-SCALAR_GATE_INIT_ALPHA = 0.98  # "near 1": standard residual at init, but with a gradient
 
 
 def attenuation_ramp(iter_num, warmup_iters):
@@ -78,7 +80,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # gpt2 only: llama has no biases (its from_pretrained sets False)
     gelu_approx: str = "tanh"  # gpt2 only: GPT-2's own GELU; karpathy/nanoGPT checkpoints use "none"
-    residual_mode: str = "none"
+    residual_mode: str = "none"  # a name in RESIDUALS; the settings below belong to the variants that read them
     cut_layer: Union[int, list] = -1  # block index (or list), negative counts from the end
     cut_alpha: float = 0.5
     gate_mode: str = "layer"
@@ -91,7 +93,7 @@ class GPTConfig:
     rope_scaling: Optional[dict] = None  # llama: None or transformers' dict, rope_type 'llama3' or 'linear'
     norm_eps: float = 1e-5  # LayerNorm (gpt2) / RMSNorm (llama) epsilon
     tie_embeddings: bool = True  # lm_head shares the token embedding (always for gpt2)
-    cut_layers: tuple = field(init=False, repr=False)  # cut_layer normalised to indices >= 0
+    cut_layers: tuple = field(init=False, repr=False)  # cut_layer normalised to indices >= 0 (Cut sets it)
 
     def __post_init__(self):
         def fail(msg):
@@ -106,27 +108,10 @@ class GPTConfig:
             fail(f"dropout must be in [0, 1), got {self.dropout}")
         if self.gelu_approx not in ("tanh", "none"):
             fail(f"gelu_approx must be 'tanh' or 'none', got {self.gelu_approx!r}")
-        if self.residual_mode not in RESIDUAL_MODES:
-            fail(f"unknown residual_mode={self.residual_mode!r}, expected one of {RESIDUAL_MODES}")
-        if self.gate_mode not in GATE_MODES:
-            fail(f"unknown gate_mode={self.gate_mode!r}, expected one of {GATE_MODES}")
-        if not 0.0 < self.cut_alpha <= 1.0:
-            # the paper reports that alpha = 0 (removing the residual) breaks optimisation
-            fail(f"cut_alpha must be in (0, 1], got {self.cut_alpha} (alpha <= 0 removes the residual path)")
-        if not 0.0 <= self.gate_alpha_min < 1.0:
-            fail(f"gate_alpha_min must be in [0, 1), got {self.gate_alpha_min}")
-        layers = self.cut_layer if isinstance(self.cut_layer, (list, tuple)) else [self.cut_layer]
-        if not layers:
-            fail("cut_layer is an empty list")
-        norm = []
-        for layer in layers:
-            if isinstance(layer, bool) or not isinstance(layer, int):
-                fail(f"cut_layer must be an int or a list of ints, got {self.cut_layer!r}")
-            if not -self.n_layer <= layer < self.n_layer:
-                fail(f"cut_layer={layer} is out of range for n_layer={self.n_layer} "
-                     f"(valid: {-self.n_layer}..{self.n_layer - 1})")
-            norm.append(layer % self.n_layer)
-        self.cut_layers = tuple(sorted(set(norm)))
+        if self.residual_mode not in RESIDUALS:
+            fail(f"unknown residual_mode={self.residual_mode!r}, expected one of {tuple(RESIDUALS)}")
+        for variant in RESIDUALS.values():  # every variant's settings, the unused ones too: a typo fails early
+            variant.check_config(self)
 
         if self.arch not in ARCHS:
             fail(f"unknown arch={self.arch!r}, expected one of {ARCHS}")
@@ -181,70 +166,352 @@ class GPTConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
 
-# ---- rotary position embeddings (llama), computed exactly as transformers does ----
+# ---- residual variants: how each block's output joins the residual stream ----
+#
+# One registered class per residual_mode. Everything else asks the registry: GPTConfig (which modes exist,
+# their checks), GPT (the trunk, alphas, optimizer groups), the HF import (the parameters a pretrained
+# model lacks), train.py (residual_settings, residual_config_keys), analyze.py (residual_label,
+# initial_alphas) and bench.py (residual_examples).
 
-_ROPE_SCALING_KEYS = {  # rope type -> (required keys, optional keys), as in transformers' rope_scaling dicts
-    "linear": ({"factor"}, set()),
-    "llama3": ({"factor", "low_freq_factor", "high_freq_factor"}, {"original_max_position_embeddings"}),
-}
+RESIDUALS = {}  # residual_mode -> its class, in registration order
 
 
-def rope_scaling_type(scaling):
-    """'default' for None, else the dict's rope_type ('llama3' or 'linear'); ValueError naming rope_scaling."""
-    def fail(msg):
-        raise ValueError(f"GPTConfig: rope_scaling {msg}")
-
-    if scaling is None:
-        return "default"
-    if not isinstance(scaling, dict):
-        fail(f"must be None or a dict like transformers' (e.g. {{'rope_type': 'llama3', 'factor': 32.0, "
-             f"...}}), got {scaling!r}")
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if "type" in scaling and "rope_type" in scaling and scaling["type"] != scaling["rope_type"]:
-        fail(f"has type={scaling['type']!r} and rope_type={scaling['rope_type']!r}")
-    if kind not in _ROPE_SCALING_KEYS:
-        fail(f"has unsupported rope type {kind!r}: supported are {tuple(_ROPE_SCALING_KEYS)} "
-             f"(rope_scaling=None for plain RoPE)")
-    required, optional = _ROPE_SCALING_KEYS[kind]
-    missing = sorted(required - set(scaling))
-    if missing:
-        fail(f"of type {kind!r} is missing {missing}")
-    unknown = sorted(set(scaling) - required - optional - {"rope_type", "type", "partial_rotary_factor"})
+def register_residual(cls):
+    """Class decorator: cls becomes the residual variant GPTConfig(residual_mode=cls.name) builds. A test can
+    add a variant for a while and take it out again with RESIDUALS.pop(cls.name)."""
+    name = cls.name
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"{cls.__name__}.name must be a Python identifier (the model holds the variant at "
+                         f"model.<name>), got {name!r}")
+    if RESIDUALS.get(name, cls) is not cls:
+        raise ValueError(f"residual_mode {name!r} is already registered, by {RESIDUALS[name].__name__}")
+    known = {f.name for f in fields(GPTConfig) if f.init}
+    unknown = [s for s in cls.settings if s not in known]
     if unknown:
-        fail(f"of type {kind!r} has keys it does not use: {unknown}")
-    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-        fail(f"partial_rotary_factor={scaling['partial_rotary_factor']} is not supported (only 1.0)")
-    for key in required | (optional & set(scaling)):
-        v = scaling[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-            fail(f"{key} must be a positive number, got {v!r}")
-    if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
-        fail(f"needs low_freq_factor < high_freq_factor, got {scaling['low_freq_factor']} and "
-             f"{scaling['high_freq_factor']}")
-    return kind
+        raise ValueError(f"{cls.__name__} reads {unknown}, which are not GPTConfig fields: add them to GPTConfig "
+                         "(and to train.py's settings) first")
+    RESIDUALS[name] = cls
+    return cls
 
 
-def rope_inv_freq(config, device=None):
-    """[head_dim // 2] float32 inverse frequencies, the same numbers as transformers' rope init functions
-    (default, 'linear', 'llama3'). A function of the config only, so no buffer to save, cast or shard."""
-    dim = config.n_embd // config.n_head
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(
-        device=device, dtype=torch.float) / dim))
-    kind, s = rope_scaling_type(config.rope_scaling), config.rope_scaling
-    if kind == "linear":
-        inv_freq = inv_freq / s["factor"]
-    elif kind == "llama3":
-        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-        old_context_len = s.get("original_max_position_embeddings", config.block_size)
-        low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
-        wavelen = 2 * math.pi / inv_freq
-        inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth_factor = (old_context_len / wavelen - low) / (high - low)
-        smoothed_inv_freq = (1 - smooth_factor) * inv_freq_llama / factor + smooth_factor * inv_freq_llama
-        is_medium_freq = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-        inv_freq = torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
-    return inv_freq
+def residual_settings():
+    """{setting: the residual modes that read it}: every GPTConfig field a variant reads, and each variant's
+    learning-rate multiplier (a training setting, e.g. gate_lr_mult). train.py warns about a setting changed
+    in a mode that ignores it."""
+    owners = {}
+    for name, variant in RESIDUALS.items():
+        for setting in variant.settings + ((variant.lr_mult_setting,) if variant.lr_mult_setting else ()):
+            owners.setdefault(setting, []).append(name)
+    return {setting: tuple(modes) for setting, modes in owners.items()}
 
+
+def residual_config_keys():
+    """The GPTConfig fields a retrofit or fine-tune takes from its settings (its shape comes from the
+    weights): dropout, residual_mode and every field a registered variant reads."""
+    keys = ["dropout", "residual_mode"]
+    for variant in RESIDUALS.values():
+        keys += [s for s in variant.settings if s not in keys]
+    return tuple(keys)
+
+
+def _settings(config):
+    """A GPTConfig as its constructor arguments; a mapping (a run's logged config, maybe partial) as is."""
+    return config.to_dict() if isinstance(config, GPTConfig) else dict(config)
+
+
+def residual_label(config):
+    """A short text for the residual mode of a GPTConfig or a run's config dict, for plots and tables, e.g.
+    'layer gate, alpha_min 0.5'. A mode this model.py does not know is shown by its name."""
+    settings = _settings(config)
+    mode = settings.get("residual_mode", "?")
+    return RESIDUALS[mode].label(settings) if mode in RESIDUALS else str(mode)
+
+
+def initial_alphas(config):
+    """The alpha per layer a learned variant starts training from (a GPTConfig or a run's config dict;
+    missing settings take GPTConfig's defaults), or None when the alphas are not learned (they are then
+    what residual_alphas logs at every step) or the mode is unknown."""
+    settings = _settings(config)
+    mode = settings.get("residual_mode", "none")
+    return RESIDUALS[mode].initial_alphas(settings) if mode in RESIDUALS else None
+
+
+def residual_examples():
+    """{label: GPTConfig keyword arguments}: the settings of each variant worth comparing (its `examples`);
+    bench.py times each one, the tests run each one."""
+    examples = {}
+    for name, variant in RESIDUALS.items():
+        for example in variant.examples:
+            settings = {"residual_mode": name, **example}
+            examples[residual_label(settings)] = settings
+    return examples
+
+
+def _setting(settings, name):
+    """settings[name], or GPTConfig's default for it."""
+    return settings.get(name, GPTConfig.__dataclass_fields__[name].default)
+
+
+class Residual(nn.Module):
+    """A residual variant: how the blocks' outputs join the residual stream. This base class is the
+    standard residual, x_{l+1} = block_l(x_l), and the machinery of the alpha family.
+
+    A subclass sets
+        name              the residual_mode that selects it; the model holds it at model.<name>, so its
+                          parameters are '<name>.…' in the state_dict (the gate's 'gate.logits')
+        settings          the GPTConfig fields it reads (a new setting is a new GPTConfig field)
+        lr_mult_setting   the training setting that multiplies its parameters' learning rate, or None
+        decays            whether its parameters take weight decay (False: decay would pull them to 0)
+        examples          settings worth comparing (bench.py times each, the tests run each)
+    and overrides what it changes:
+        check_config(config)      ValueError('GPTConfig: ...') for a bad value of its settings; may set a
+                                  derived field (cut: cut_layers). Runs for every config, whatever its mode
+        label(settings)           short text for plots and tables
+        initial_alphas(settings)  per-layer alphas a learned variant starts from (None: not learned)
+        reset_parameters()        its own init, run after GPT's (GPT's init draws for every Linear first)
+        alphas(x0)                the alpha family: per-layer alpha for this forward, None (standard
+                                  residual), a float or a tensor (0-d or [B, T, 1]); x0 = the embeddings
+        alpha_values()            the same as floats, for logging (token-level alphas: their mean)
+        forward_blocks(...)       the trunk's wiring: runs the blocks from the embeddings, applies the
+                                  attenuation ramp, and appends the residual state after each block (what
+                                  the lens reads) and the mid-block state. Override it for variants whose
+                                  wiring is not x_{l+1} = alpha_l x_l + F_l(x_l)
+        optimizer_groups(...)     AdamW groups for its parameters (default: one group, per decays and
+                                  lr_mult_setting)
+
+    The attenuation ramp: with attenuation a in [0, 1] (None: a = 1), a variant must be the configured
+    variant at a = 1 and the plain model, bit for bit, at a = 0 (retrofits start from pretrained weights).
+    The alpha family gets this from alpha -> 1 - a (1 - alpha); a variant that cannot become the plain model
+    (deepnorm's post-LN) refuses a < 1 with a clear error.
+
+    How the variants of issue #23 map onto this interface (not implemented here):
+        lambdas      x = resid_λ_l x + x0_λ_l x0 before each block (nanochat, modded-nanogpt): parameters
+                     resid_λ [L] (init 1) and x0_λ [L] (init 0); forward_blocks keeps x0 and mixes before
+                     calling block(x, None, rope); the ramp scales (λ - identity) by a; alpha_values logs resid_λ
+        rezero       x + α_l F(x), α = 0 at init (Bachlechner et al. 2020): forward_blocks computes
+                     F = block(x, None, rope)[0] - x and adds α_l F; the ramp moves α from 1 towards α_l
+        layerscale   x + diag(λ_l) F(x), small init (CaiT, Touvron et al. 2021): as rezero with a vector λ_l
+        deepnorm     post-LN, x = LN(α x + F(x)), α and the init scale set by depth (DeepNet, Wang et al.
+                     2022): forward_blocks calls the block's sublayers itself (block.attn, block.mlp, with
+                     block.ln_1 / ln_2 as the post-norms); reset_parameters rescales the projections by β
+        value resid  each layer's attention values mixed with the first layer's (ResFormer, Zhou et al.
+                     2024): forward_blocks captures layer 0's values and hands them to the later blocks;
+                     this needs the attention to accept the values to mix (an optional argument of
+                     CausalSelfAttention / LlamaAttention), the one change outside this section
+        hyper-conn.  n residual streams with learnable mixing (Zhu et al. 2024; mHC: doubly stochastic):
+                     forward_blocks expands x to [n, B, T, C], feeds each block a weighted sum of the streams
+                     and writes its update back with learned weights; it appends the streams' sum to resid
+        denseformer  after block l, x = weighted average of the embeddings and every earlier block output
+                     (Pagliardini et al. 2024), identity at init: forward_blocks keeps the outputs and the
+                     weights [L, L + 1]; what it appends to resid is the averaged state the next block reads
+    """
+
+    name = None
+    settings = ()
+    lr_mult_setting = None
+    decays = False
+    examples = ({},)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def fail(cls, message):
+        raise ValueError(f"GPTConfig: {message}")
+
+    @classmethod
+    def check_config(cls, config):
+        pass
+
+    @classmethod
+    def label(cls, settings):
+        return cls.name
+
+    @classmethod
+    def initial_alphas(cls, settings):
+        return None
+
+    def reset_parameters(self):
+        pass
+
+    def alphas(self, x0):
+        return [None] * self.config.n_layer
+
+    def alpha_values(self):
+        return [1.0] * self.config.n_layer
+
+    def effective_alpha_values(self, attenuation=None):
+        """alpha_values with the ramp (attenuation a float, None for a = 1): what training logs."""
+        alphas = self.alpha_values()
+        if attenuation is None:
+            return alphas
+        return [1.0 - attenuation * (1.0 - alpha) for alpha in alphas]
+
+    def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
+        """Run the blocks on the embeddings x; returns the last residual state. attenuation: the ramp's
+        value as a tensor, None for a = 1 (a tensor, so a changing value never recompiles a compiled model).
+        Appends the state after each block to resid and the mid-block state to mids (lists, or None)."""
+        alphas = self.alphas(x)
+        if attenuation is not None:
+            alphas = [None if alpha is None else 1 - attenuation * (1 - alpha) for alpha in alphas]
+        for block, alpha in zip(blocks, alphas):
+            x, mid = block(x, alpha, rope)
+            if resid is not None:
+                resid.append(x)
+            if mids is not None:
+                mids.append(mid)
+        return x
+
+    def optimizer_groups(self, weight_decay, lr_mults):
+        """AdamW parameter groups for this variant's own parameters; lr_mults: {training setting: value}."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            return []
+        lr_mult = lr_mults.get(self.lr_mult_setting, 1.0) if self.lr_mult_setting else 1.0
+        return [{"params": params, "weight_decay": weight_decay if self.decays else 0.0, "lr_mult": lr_mult}]
+
+
+@register_residual
+class Plain(Residual):
+    """none: the standard residual, alpha_l = 1 for every layer (GPT-2 / Llama exactly)."""
+
+    name = "none"
+
+    @classmethod
+    def label(cls, settings):
+        return "no attenuation"
+
+
+@register_residual
+class Cut(Residual):
+    """cut: a fixed attenuation, alpha_l = cut_alpha at the block(s) cut_layer, 1 elsewhere (the paper's fixed
+    cut, arXiv 2602.14760). cut_layer: a block index or a list of them, negative counting from the end.
+    0 < cut_alpha <= 1: the paper reports that alpha = 0 (removing the residual) breaks optimisation."""
+
+    name = "cut"
+    settings = ("cut_layer", "cut_alpha")
+    examples = (dict(cut_layer=-1, cut_alpha=0.5),)
+
+    @staticmethod
+    def layers(cut_layer, n_layer):
+        """cut_layer (an int or a list of ints, negative from the end) as sorted block indices >= 0."""
+        layers = cut_layer if isinstance(cut_layer, (list, tuple)) else [cut_layer]
+        if not layers:
+            Cut.fail("cut_layer is an empty list")
+        norm = []
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                Cut.fail(f"cut_layer must be an int or a list of ints, got {cut_layer!r}")
+            if not -n_layer <= layer < n_layer:
+                Cut.fail(f"cut_layer={layer} is out of range for n_layer={n_layer} (valid: {-n_layer}..{n_layer - 1})")
+            norm.append(layer % n_layer)
+        return tuple(sorted(set(norm)))
+
+    @classmethod
+    def check_config(cls, config):
+        if not 0.0 < config.cut_alpha <= 1.0:
+            cls.fail(f"cut_alpha must be in (0, 1], got {config.cut_alpha} (alpha <= 0 removes the residual path)")
+        config.cut_layers = cls.layers(config.cut_layer, config.n_layer)
+
+    @classmethod
+    def label(cls, settings):
+        return f"cut at block {settings.get('cut_layer')}, alpha {settings.get('cut_alpha')}"
+
+    def alphas(self, x0):
+        cfg = self.config
+        return [cfg.cut_alpha if l in cfg.cut_layers else None for l in range(cfg.n_layer)]
+
+    def alpha_values(self):
+        cfg = self.config
+        return [cfg.cut_alpha if l in cfg.cut_layers else 1.0 for l in range(cfg.n_layer)]
+
+
+@register_residual
+class Gate(Residual):
+    """gate: learned attenuation with a fixed budget, alpha_l = 1 - (1 - gate_alpha_min) * p_l, p by gate_mode:
+        layer   p = softmax(g), g in R^L, init 0: uniform (the paper's gate, arXiv 2602.14760)
+        token   p(t) = softmax(W LN(x_0[t]) + b), W = b = 0 at init: uniform for every token, like 'layer'
+        scalar  alpha_l = sigmoid(w_l), independent per layer, init near 1 (no budget)
+    Its parameters are never weight-decayed and their lr is learning_rate * gate_lr_mult. Called as a module,
+    it returns alpha as [L] or, for 'token', [B, T, L]."""
+
+    name = "gate"
+    settings = ("gate_mode", "gate_alpha_min")
+    lr_mult_setting = "gate_lr_mult"
+    MODES = ("layer", "token", "scalar")
+    SCALAR_INIT_ALPHA = 0.98  # "near 1": the standard residual at init, but with a gradient
+    examples = tuple(dict(gate_mode=mode) for mode in MODES)
+
+    @classmethod
+    def check_config(cls, config):
+        if config.gate_mode not in cls.MODES:
+            cls.fail(f"unknown gate_mode={config.gate_mode!r}, expected one of {cls.MODES}")
+        if not 0.0 <= config.gate_alpha_min < 1.0:
+            cls.fail(f"gate_alpha_min must be in [0, 1), got {config.gate_alpha_min}")
+
+    @classmethod
+    def label(cls, settings):
+        floor = settings.get("gate_alpha_min")
+        return f"{settings.get('gate_mode')} gate" + ("" if floor is None else f", alpha_min {floor}")
+
+    @classmethod
+    def initial_alphas(cls, settings):
+        n_layer = _setting(settings, "n_layer")
+        if _setting(settings, "gate_mode") == "scalar":
+            return [cls.SCALAR_INIT_ALPHA] * n_layer
+        return [1 - (1 - _setting(settings, "gate_alpha_min")) / n_layer] * n_layer  # uniform over the layers
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.mode = config.gate_mode
+        self.budget = 1.0 - config.gate_alpha_min  # total attenuation shared over the layers
+        L = config.n_layer
+        if self.mode == "layer":
+            self.logits = nn.Parameter(torch.zeros(L))
+        elif self.mode == "token":
+            self.ln = make_norm(config)  # LayerNorm (gpt2) or RMSNorm (llama) of x_0
+            self.proj = nn.Linear(config.n_embd, L)
+        else:  # scalar
+            a = self.SCALAR_INIT_ALPHA
+            self.logits = nn.Parameter(torch.full((L,), math.log(a / (1 - a))))
+        self.reset_parameters()
+        self.last_token_mean = None  # mean alpha over the tokens of the last forward ('token' mode)
+
+    def reset_parameters(self):
+        if self.mode == "token":  # zero: every token starts uniform, exactly like 'layer'
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x0):
+        if self.mode == "scalar":
+            return torch.sigmoid(self.logits)
+        if self.mode == "layer":
+            return 1.0 - self.budget * torch.softmax(self.logits, dim=-1)
+        p = torch.softmax(self.proj(self.ln(x0)).float(), dim=-1)
+        alpha = 1.0 - self.budget * p
+        self.last_token_mean = alpha.detach().mean(dim=(0, 1))
+        return alpha
+
+    def alphas(self, x0):
+        alpha = self(x0)
+        if alpha.dim() == 1:
+            return list(alpha.unbind(0))
+        return list(alpha.to(x0.dtype).unsqueeze(-1).unbind(-2))  # L tensors of [B, T, 1]
+
+    def alpha_values(self):
+        L = self.config.n_layer
+        if self.mode == "token":
+            if self.last_token_mean is None:  # no forward yet: W = 0 means uniform for every token
+                return [1.0 - self.budget / L] * L
+            return self.last_token_mean.float().tolist()  # the ramp is linear, so it maps the mean too
+        alphas = self(None).float()
+        if hasattr(alphas, "full_tensor"):  # FSDP shards the gate's parameters: gather (a collective)
+            alphas = alphas.full_tensor()
+        return alphas.tolist()
+
+
+# ---- rotary position embeddings (llama), computed exactly as transformers does ----
 
 def rope_cos_sin(config, T, device=None):
     """(cos, sin), each [T, head_dim] float32, for positions 0..T-1 (transformers' LlamaRotaryEmbedding)."""
@@ -391,41 +658,6 @@ class Block(nn.Module):
         return (alpha * x + attn_out) + mlp_out, mid
 
 
-class ResidualGate(nn.Module):
-    """Learnable alphas for residual_mode='gate'. Returns alpha as [L] or, for 'token', [B, T, L]."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.mode = config.gate_mode
-        self.budget = 1.0 - config.gate_alpha_min  # total attenuation shared over the layers
-        L = config.n_layer
-        if self.mode == "layer":
-            self.logits = nn.Parameter(torch.zeros(L))
-        elif self.mode == "token":
-            self.ln = make_norm(config)  # LayerNorm (gpt2) or RMSNorm (llama) of x_0
-            self.proj = nn.Linear(config.n_embd, L)
-        else:  # scalar
-            a = SCALAR_GATE_INIT_ALPHA
-            self.logits = nn.Parameter(torch.full((L,), math.log(a / (1 - a))))
-        self.reset_parameters()
-        self.last_token_mean = None  # mean alpha over the tokens of the last forward ('token' mode)
-
-    def reset_parameters(self):
-        if self.mode == "token":  # zero: every token starts uniform, exactly like 'layer'
-            nn.init.zeros_(self.proj.weight)
-            nn.init.zeros_(self.proj.bias)
-
-    def forward(self, x0):
-        if self.mode == "scalar":
-            return torch.sigmoid(self.logits)
-        if self.mode == "layer":
-            return 1.0 - self.budget * torch.softmax(self.logits, dim=-1)
-        p = torch.softmax(self.proj(self.ln(x0)).float(), dim=-1)
-        alpha = 1.0 - self.budget * p
-        self.last_token_mean = alpha.detach().mean(dim=(0, 1))
-        return alpha
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -442,7 +674,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # tied input/output embeddings
-        self.gate = ResidualGate(config) if config.residual_mode == "gate" else None
+        # the residual variant, at model.<residual_mode> (model.gate: its parameters are 'gate.…' in checkpoints)
+        if hasattr(type(self), config.residual_mode) or config.residual_mode in self._modules:
+            raise ValueError(f"residual variant {config.residual_mode!r}: GPT already has an attribute of that "
+                             "name; rename the variant")
+        setattr(self, config.residual_mode, RESIDUALS[config.residual_mode](config))
         # the attenuation ramp (module docstring): the value, and whether it is exactly 1 (the mode as configured)
         self.register_buffer("attenuation", torch.ones(()), persistent=False)
         self._attenuation_full = True
@@ -451,8 +687,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual output projections
             if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if self.gate is not None:
-            self.gate.reset_parameters()
+        self.residual.reset_parameters()
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -483,47 +718,20 @@ class GPT(nn.Module):
         self.attenuation.fill_(value)
         self._attenuation_full = value == 1.0
 
-    def _layer_alphas(self, x0):
-        """Per-layer alpha for this forward: a list of None (standard residual), floats or tensors."""
-        cfg = self.config
-        if cfg.residual_mode == "none":
-            return [None] * cfg.n_layer
-        if cfg.residual_mode == "cut":
-            alphas = [cfg.cut_alpha if l in cfg.cut_layers else None for l in range(cfg.n_layer)]
-        else:
-            alpha = self.gate(x0)
-            if alpha.dim() == 1:
-                alphas = list(alpha.unbind(0))
-            else:
-                alphas = list(alpha.to(x0.dtype).unsqueeze(-1).unbind(-2))  # L tensors of [B, T, 1]
-        if self._attenuation_full:
-            return alphas
-        a = self.attenuation  # a tensor, so the ramp's changing value never recompiles a compiled model
-        return [None if alpha is None else 1 - a * (1 - alpha) for alpha in alphas]
+    @property
+    def residual(self):
+        """The residual variant: an instance of RESIDUALS[config.residual_mode], held at model.<residual_mode>."""
+        return getattr(self, self.config.residual_mode)
+
+    def residual_state_keys(self):
+        """The state_dict keys of the residual variant's own parameters and buffers (what a pretrained model lacks)."""
+        return {f"{self.config.residual_mode}.{key}" for key in self.residual.state_dict()}
 
     @torch.no_grad()
     def residual_alphas(self):
         """Current effective alpha per layer as a list of floats, the attenuation ramp included (token
         mode: mean over the last forward's tokens)."""
-        cfg = self.config
-        if cfg.residual_mode == "none":
-            return [1.0] * cfg.n_layer
-        if cfg.residual_mode == "cut":
-            alphas = [cfg.cut_alpha if l in cfg.cut_layers else 1.0 for l in range(cfg.n_layer)]
-        elif cfg.gate_mode == "token":
-            if self.gate.last_token_mean is None:  # no forward yet: W = 0 means uniform for every token
-                alphas = [1.0 - self.gate.budget / cfg.n_layer] * cfg.n_layer
-            else:  # the raw alphas' mean; the ramp below is linear, so it maps the mean too
-                alphas = self.gate.last_token_mean.float().tolist()
-        else:
-            alphas = self.gate(None).float()
-            if hasattr(alphas, "full_tensor"):  # FSDP shards the gate's parameters: gather (a collective)
-                alphas = alphas.full_tensor()
-            alphas = alphas.tolist()
-        if self._attenuation_full:
-            return alphas
-        a = float(self.attenuation)
-        return [1.0 - a * (1.0 - alpha) for alpha in alphas]
+        return self.residual.effective_alpha_values(None if self._attenuation_full else float(self.attenuation))
 
     def set_activation_checkpointing(self, on):
         """Keep only each block's input during the forward pass and recompute the rest in the backward pass:
@@ -550,16 +758,10 @@ class GPT(nn.Module):
             x = self.transformer.drop(self.transformer.wte(idx))
             # in the residual stream's dtype, as transformers does: float32 under autocast, bf16 in a bf16 model
             rope = tuple(t.to(x.dtype) for t in rope_cos_sin(self.config, T, idx.device))
-        alphas = self._layer_alphas(x)
         if resid is not None:
             resid.append(x)
-        for block, alpha in zip(self.transformer.h, alphas):
-            x, mid = block(x, alpha, rope)
-            if resid is not None:
-                resid.append(x)
-            if mids is not None:
-                mids.append(mid)
-        return x
+        attenuation = None if self._attenuation_full else self.attenuation  # a tensor: the ramp never recompiles
+        return self.residual.forward_blocks(self.transformer.h, x, rope, attenuation, resid, mids)
 
     def forward(self, idx, targets=None):
         """nanoGPT's contract: with targets, logits for every position and the mean loss
@@ -580,27 +782,28 @@ class GPT(nn.Module):
 
     # ---- training helpers ----
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, gate_lr_mult=1.0):
-        """AdamW: decay on >= 2-D weights only; gate parameters never decayed, lr x gate_lr_mult.
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, lr_mults=None):
+        """AdamW: decay on >= 2-D weights only; the residual variant's parameters in its own groups
+        (Residual.optimizer_groups: the gate's are never decayed, their lr is x gate_lr_mult).
 
-        Each group carries 'lr_mult'; a schedule sets group['lr'] = lr * group['lr_mult'].
+        lr_mults: {training setting: value} for the variants' lr multipliers, e.g. {"gate_lr_mult": 10.0}
+        (other variants' settings are ignored); a bare number is this model's variant's multiplier (the
+        older positional gate_lr_mult). Each group carries 'lr_mult'; a schedule sets
+        group['lr'] = lr * group['lr_mult'].
         """
-        decay, no_decay, gate = [], [], []
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
+        variant = self.residual
+        if isinstance(lr_mults, (int, float)):
+            lr_mults = {variant.lr_mult_setting: lr_mults}
+        own = {id(p) for p in variant.parameters()}
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if not p.requires_grad or id(p) in own:
                 continue
-            if name.startswith("gate."):
-                gate.append(p)
-            elif p.dim() >= 2:
-                decay.append(p)
-            else:
-                no_decay.append(p)
+            (decay if p.dim() >= 2 else no_decay).append(p)
         groups = [
             {"params": decay, "weight_decay": weight_decay, "lr_mult": 1.0},
             {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
-        ]
-        if gate:
-            groups.append({"params": gate, "weight_decay": 0.0, "lr_mult": gate_lr_mult})
+        ] + variant.optimizer_groups(weight_decay, lr_mults or {})
         for g in groups:
             g["lr"] = learning_rate * g["lr_mult"]
         fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
@@ -654,149 +857,3 @@ class GPT(nn.Module):
         warmup = (ckpt.get("config") or {}).get("attenuation_warmup_iters", 0)
         model.set_attenuation(attenuation_ramp(ckpt.get("iter_num", 0), warmup))  # the model as trained at that step
         return model
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, **overrides):
-        """GPT-2 or Llama weights through transformers (a hub name or a local save_pretrained dir).
-
-        Dispatches on the HF config's model_type: 'gpt2' (GPT2LMHeadModel) or 'llama' (LlamaForCausalLM:
-        SmolLM2, TinyLlama, Llama-3.x, ...). overrides set GPTConfig fields (residual_mode, dropout, ...);
-        residual parameters that the pretrained model lacks start as configured.
-        """
-        try:
-            from transformers import AutoConfig
-        except ImportError:
-            raise ImportError("GPT.from_pretrained needs the optional package transformers: "
-                              "pip install transformers") from None
-        model_type = getattr(AutoConfig.from_pretrained(name_or_dir), "model_type", None)
-        if model_type == "gpt2":
-            return cls._from_hf_gpt2(name_or_dir, overrides)
-        if model_type == "llama":
-            return cls._from_hf_llama(name_or_dir, overrides)
-        raise ValueError(f"{name_or_dir}: model_type={model_type!r} is not supported "
-                         f"(GPT.from_pretrained imports 'gpt2' and 'llama')")
-
-    @classmethod
-    def _from_hf_gpt2(cls, name_or_dir, overrides):
-        from transformers import GPT2LMHeadModel
-
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
-        hc = hf.config
-        if getattr(hc, "scale_attn_by_inverse_layer_idx", False) or getattr(hc, "reorder_and_upcast_attn", False):
-            raise ValueError(f"{name_or_dir}: GPT-2 variants with rescaled/reordered attention are not supported")
-        args = dict(n_layer=hc.n_layer, n_head=hc.n_head, n_embd=hc.n_embd, block_size=hc.n_positions,
-                    vocab_size=hc.vocab_size, bias=True, dropout=0.0, norm_eps=hc.layer_norm_epsilon,
-                    gelu_approx="tanh" if hc.activation_function in ("gelu_new", "gelu_pytorch_tanh") else "none")
-        args.update(overrides)
-        model = cls(GPTConfig(**args))
-        sd = model.state_dict()
-        hf_sd = hf.state_dict()
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        with torch.no_grad():
-            for k, v in hf_sd.items():
-                if k.endswith((".attn.bias", ".attn.masked_bias")) or k not in sd:
-                    continue
-                sd[k].copy_(v.t() if k.endswith(transposed) else v)  # HF's Conv1D stores W transposed
-        missing = [k for k in sd if k not in hf_sd and not k.startswith("gate.") and k != "lm_head.weight"]
-        if missing:
-            raise ValueError(f"{name_or_dir}: weights missing for {missing[:5]}")
-        return model
-
-    @classmethod
-    def _from_hf_llama(cls, name_or_dir, overrides):
-        from transformers import LlamaForCausalLM
-
-        hf = LlamaForCausalLM.from_pretrained(name_or_dir)
-        hc = hf.config
-
-        def unsupported(what):
-            raise ValueError(f"{name_or_dir}: {what} is not supported (arch='llama' has none)")
-
-        if getattr(hc, "attention_bias", False):
-            unsupported("attention_bias=True")
-        if getattr(hc, "mlp_bias", False):
-            unsupported("mlp_bias=True")
-        if getattr(hc, "hidden_act", "silu") != "silu":
-            raise ValueError(f"{name_or_dir}: hidden_act={hc.hidden_act!r} is not supported (arch='llama' is SwiGLU)")
-        head_dim = getattr(hc, "head_dim", None)
-        if head_dim is not None and head_dim != hc.hidden_size // hc.num_attention_heads:
-            raise ValueError(f"{name_or_dir}: head_dim={head_dim} is not hidden_size // num_attention_heads = "
-                             f"{hc.hidden_size // hc.num_attention_heads}, which arch='llama' needs")
-        rope_theta, rope_scaling = _hf_rope_settings(hc, name_or_dir)
-        tied = hf.get_input_embeddings().weight.data_ptr() == hf.get_output_embeddings().weight.data_ptr()
-        args = dict(arch="llama", n_layer=hc.num_hidden_layers, n_head=hc.num_attention_heads,
-                    n_kv_head=getattr(hc, "num_key_value_heads", None) or hc.num_attention_heads,
-                    n_embd=hc.hidden_size, intermediate_size=hc.intermediate_size,
-                    block_size=hc.max_position_embeddings, vocab_size=hc.vocab_size, rope_theta=rope_theta,
-                    rope_scaling=rope_scaling, norm_eps=hc.rms_norm_eps, tie_embeddings=tied,
-                    bias=False, dropout=0.0)
-        args.update(overrides)
-        try:
-            model = cls(GPTConfig(**args))
-        except ValueError as e:
-            raise ValueError(f"{name_or_dir}: {e}") from None
-        sd = model.state_dict()
-        done = set()
-        with torch.no_grad():
-            for k, v in hf.state_dict().items():
-                ours = _llama_key(k)
-                if ours not in sd:
-                    raise ValueError(f"{name_or_dir}: no place for the weight {k} (shape {tuple(v.shape)})")
-                if sd[ours].shape != v.shape:
-                    raise ValueError(f"{name_or_dir}: {k} has shape {tuple(v.shape)}, expected {tuple(sd[ours].shape)}")
-                sd[ours].copy_(v)
-                done.add(ours)
-        if tied and done & {"lm_head.weight", "transformer.wte.weight"}:  # one tensor under two names
-            done |= {"lm_head.weight", "transformer.wte.weight"}
-        missing = [k for k in sd if k not in done and not k.startswith("gate.")]
-        if missing:
-            raise ValueError(f"{name_or_dir}: weights missing for {missing[:5]}")
-        return model
-
-
-_LLAMA_KEYS = [  # transformers' LlamaForCausalLM names -> ours (the same Linear layouts: no transposes)
-    (r"^model\.embed_tokens\.", "transformer.wte."),
-    (r"^model\.norm\.", "transformer.ln_f."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"transformer.h.\1.attn."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"transformer.h.\1.mlp."),
-]
-
-
-def _llama_key(k):
-    for pattern, repl in _LLAMA_KEYS:
-        if re.match(pattern, k):
-            return re.sub(pattern, repl, k)
-    return k  # lm_head.weight is called the same
-
-
-def _hf_rope_settings(hc, name):
-    """(rope_theta, rope_scaling) from a transformers Llama config: transformers >= 5 keeps both in
-    config.rope_parameters; 4.x has config.rope_theta and config.rope_scaling (None when unscaled)."""
-    params = getattr(hc, "rope_parameters", None)
-    if params is None:
-        params = dict(getattr(hc, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(hc, "rope_theta", 10000.0))
-    params = dict(params)
-    theta = params.pop("rope_theta", 10000.0)
-    kind = params.get("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{name}: partial_rotary_factor={params['partial_rotary_factor']} is not supported "
-                         f"(arch='llama' rotates the whole head)")
-    if kind == "default":
-        return theta, None
-    if kind == "llama3":  # transformers falls back to max_position_embeddings too
-        params.setdefault("original_max_position_embeddings", hc.max_position_embeddings)
-    return theta, params
-
-
-def residual_settings():
-    """{GPTConfig field or training setting: the residual modes that read it} (bridge until the registry lands)."""
-    return {"cut_layer": ("cut",), "cut_alpha": ("cut",), "gate_mode": ("gate",), "gate_alpha_min": ("gate",),
-            "gate_lr_mult": ("gate",)}
-
-
-def residual_config_keys():
-    """The GPTConfig fields a fine-tune takes from the settings (its shape comes from the pretrained weights)."""
-    return ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode", "gate_alpha_min")

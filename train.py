@@ -68,8 +68,8 @@ from nanoshift.configurator import configure_or_exit
 from nanoshift.data import first_windows, read_manifest
 from nanoshift.run import RunFacts, RunFolder, model_args_of
 from nanoshift.training import (FSDP_FLOAT16, build_model, check_settings, check_tokenizer, evaluate, lr_at,
-                                model_tokenizer, open_data, measure_alignment, train_step,
-                                unused_setting_warnings)
+                                model_tokenizer, lr_mult_settings, open_data, measure_alignment, train_step,
+                                unused_setting_warnings, with_registry_settings)
 
 _names_before_settings = set(globals())
 # -----------------------------------------------------------------------------
@@ -115,7 +115,7 @@ rope_scaling = None  # llama: None or transformers' rope-scaling dict (rope_type
 norm_eps = 1e-5  # epsilon of the LayerNorms (gpt2) / RMSNorms (llama)
 tie_embeddings = True  # the output layer shares the token embedding (always for gpt2)
 # residual attenuation (model.py): x_{l+1} = alpha_l * x_l + F_l(x_l)
-residual_mode = "none"  # 'none' | 'cut' | 'gate'
+residual_mode = "none"  # a registered residual variant (model.py's RESIDUALS): 'none' | 'cut' | 'gate' | ...
 cut_layer = -1  # cut: block index or list of indices (negative counts from the end)
 cut_alpha = 0.5  # cut: alpha at the cut layer(s), in (0, 1]
 gate_mode = "layer"  # gate: 'layer' (the paper's) | 'token' | 'scalar'
@@ -177,7 +177,8 @@ class TrainState:
 
 
 def main(argv=None):
-    config = configure_or_exit(DEFAULTS, argv, extra_types=EXTRA_TYPES, help_from=__file__)
+    defaults = with_registry_settings(DEFAULTS)
+    config = configure_or_exit(defaults, argv, extra_types=EXTRA_TYPES, help_from=__file__)
     c = config  # read-only from here on: derived values get their own names
     try:
         check_settings(c)
@@ -186,7 +187,7 @@ def main(argv=None):
         exit_with(e)
     set_threads(c["threads"])
     if facts.master:
-        for line in unused_setting_warnings(c, DEFAULTS):
+        for line in unused_setting_warnings(c, defaults):
             print(line, file=sys.stderr)
     folder = RunFolder(c["out_dir"], facts, c["eval_only"])
 
@@ -258,7 +259,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     parallel.place(raw_model, facts, scratch=facts.init_from == "scratch")
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
-                                               facts.device_type, c["gate_lr_mult"])
+                                               facts.device_type, {k: c[k] for k in lr_mult_settings()})
     scaler = torch.amp.GradScaler(facts.device_type, enabled=facts.dtype == "float16")  # bf16/fp32: no loss scaling
     state = TrainState(raw_model, raw_model, optimizer, scaler, train_loader, facts, dict(
         model_args=model_args, config=config, weights_from=weights_from, tokenizer=tokenizer))

@@ -12,10 +12,12 @@ import math
 import os
 import re
 import sys
+from dataclasses import fields
 
 import torch
 
-from model import GPT, GPTConfig, dtype_from_name, residual_config_keys, residual_settings
+from model import RESIDUALS, GPT, GPTConfig, dtype_from_name, residual_config_keys, residual_settings
+from nanoshift.hf import from_pretrained
 from nanoshift import checkpoint, parallel
 from nanoshift.common import InputError, SettingError, check_out_dir
 from nanoshift.data import GPT2_NAME, MANIFEST_NAME, ShardLoader, get_tokenizer, manifest_tokenizer, read_manifest
@@ -26,6 +28,23 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # 'org/model' (a local path of that form is tried first)
 FSDP_FLOAT16 = ("parallelism='fsdp' does not support dtype='float16' (its loss scaling over sharded gradients is not "
                 "implemented here): use dtype='bfloat16' (or 'float32')")
+
+
+def lr_mult_settings():
+    """The training settings that multiply a residual variant's learning rate (the registry's, e.g. gate_lr_mult)."""
+    return tuple(dict.fromkeys(v.lr_mult_setting for v in RESIDUALS.values() if v.lr_mult_setting))
+
+
+def with_registry_settings(defaults):
+    """train.py's settings plus what a registered residual variant reads that the settings block lacks (a
+    variant added in model.py alone): the GPTConfig field's default, or 1.0 for a learning-rate multiplier."""
+    out = dict(defaults)
+    for f in fields(GPTConfig):
+        if f.init and f.name not in out:
+            out[f.name] = f.default
+    for key in lr_mult_settings():
+        out.setdefault(key, 1.0)
+    return out
 
 
 def check_settings(c):
@@ -44,9 +63,11 @@ def check_settings(c):
     if not c["learning_rate"] > 0 or not 0 <= c["min_lr"] <= c["learning_rate"]:
         raise SettingError(f"need learning_rate > 0 and 0 <= min_lr <= learning_rate, got learning_rate="
                            f"{c['learning_rate']}, min_lr={c['min_lr']}")
-    if not (0 <= c["beta1"] < 1 and 0 <= c["beta2"] < 1) or c["gate_lr_mult"] < 0:
-        raise SettingError(f"need betas in [0, 1) and gate_lr_mult >= 0, got beta1={c['beta1']}, "
-                           f"beta2={c['beta2']}, gate_lr_mult={c['gate_lr_mult']}")
+    if not (0 <= c["beta1"] < 1 and 0 <= c["beta2"] < 1):
+        raise SettingError(f"need betas in [0, 1), got beta1={c['beta1']}, beta2={c['beta2']}")
+    for key in lr_mult_settings():
+        if c[key] < 0:
+            raise SettingError(f"{key} must be >= 0, got {c[key]}")
     if c["lr_schedule"] not in ("cosine", "wsd"):
         raise SettingError(f"lr_schedule must be 'cosine' or 'wsd', got {c['lr_schedule']!r}")
     if not 0 < c["wsd_decay_frac"] <= 1:
@@ -161,7 +182,7 @@ def build_model(c, facts, model_args, resumed):
     if facts.init_from == "resume":
         return GPT.from_checkpoint(resumed)
     try:
-        return GPT.from_pretrained(facts.init_from, **{k: c[k] for k in residual_config_keys()})
+        return from_pretrained(facts.init_from, **{k: c[k] for k in residual_config_keys()})
     except (OSError, ValueError) as e:  # not on the hub / not in the local cache, or not a GPT-2 / Llama
         raise SettingError(f"init_from={facts.init_from!r}: {e}") from e
 

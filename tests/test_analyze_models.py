@@ -11,7 +11,7 @@ import analyze
 from conftest import write_checkpoint
 from nanoshift.lens import METRICS, LensOptions, analyze_model
 from nanoshift.lm import load_lm
-from model import GPT
+from nanoshift.hf import from_pretrained
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,7 +35,7 @@ def gpt2_pair(tmp_path_factory):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp / "hf-gpt2")
-    ours = GPT.from_pretrained(str(tmp / "hf-gpt2"))
+    ours = from_pretrained(str(tmp / "hf-gpt2"))
     write_checkpoint(ours, tmp / "ours")
     return tmp, write_texts(tmp / "texts")
 

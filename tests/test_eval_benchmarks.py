@@ -18,6 +18,7 @@ from nanoshift.common import InputError
 from conftest import write_checkpoint
 from nanoshift.lm import LanguageModel, OurGPT, load_models, model_specs
 from model import GPT, GPTConfig
+from nanoshift.hf import from_pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -432,7 +433,7 @@ def test_cli_ckpt_and_hf_model_of_the_same_weights_agree(tmp_path, val_shard):
     hf_dir = tmp_path / "hf-tiny"
     config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=32, n_layer=2, n_head=2)
     transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)  # no tokenizer files: lm.py uses GPT-2's
-    model = GPT.from_pretrained(str(hf_dir))
+    model = from_pretrained(str(hf_dir))
     write_checkpoint(model, tmp_path / "ours")
 
     lines = RHYME.splitlines()

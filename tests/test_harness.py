@@ -16,7 +16,7 @@ import harness
 from conftest import tiny_gpt, write_checkpoint
 from nanoshift.data import EOT_TOKEN, default_bpe_dir, get_tokenizer
 from nanoshift.lm import load_lm
-from model import GPT
+from nanoshift.hf import from_pretrained
 
 lm_eval = pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -244,7 +244,7 @@ def test_adapter_equals_the_harness_hf_model(task_dir, tmp_path):
     shutil.copy(os.path.join(bpe, "encoder.json"), vocab_dir / "vocab.json")
     shutil.copy(os.path.join(bpe, "vocab.bpe"), vocab_dir / "merges.txt")
     transformers.GPT2TokenizerFast.from_pretrained(vocab_dir).save_pretrained(hf_dir)
-    run = write_checkpoint(GPT.from_pretrained(str(hf_dir)), tmp_path / "run")
+    run = write_checkpoint(from_pretrained(str(hf_dir)), tmp_path / "run")
 
     ours = evaluate_tasks("nanoshift", ["tiny_mc", "tiny_rolling"], task_dir, model_args=f"ckpt={run}")
     theirs = evaluate_tasks("hf", ["tiny_mc", "tiny_rolling"], task_dir,

@@ -7,6 +7,7 @@ import torch
 
 from nanoshift.common import InputError
 from model import GPT, GPTConfig
+from nanoshift.hf import from_pretrained
 
 TINY = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=64, dropout=0.0)
 
@@ -33,7 +34,7 @@ def hf_gpt2_dir(tmp_path_factory):
 
 def test_from_pretrained_matches_transformers_logits_and_loss(hf_gpt2_dir):
     d, hf = hf_gpt2_dir
-    ours = GPT.from_pretrained(str(d)).eval()
+    ours = from_pretrained(str(d)).eval()
     idx = tokens(B=2, T=24, V=101)
     with torch.no_grad():
         ref = hf(idx, labels=idx)
@@ -44,9 +45,9 @@ def test_from_pretrained_matches_transformers_logits_and_loss(hf_gpt2_dir):
 
 def test_from_pretrained_with_gate_starts_uniform_and_the_gate_learns(hf_gpt2_dir):
     d, _ = hf_gpt2_dir
-    m = GPT.from_pretrained(str(d), residual_mode="gate", gate_mode="layer", gate_alpha_min=0.5)
+    m = from_pretrained(str(d), residual_mode="gate", gate_mode="layer", gate_alpha_min=0.5)
     assert m.residual_alphas() == pytest.approx([0.75, 0.75])  # the budget 0.5 spread evenly over 2 layers
-    plain = GPT.from_pretrained(str(d))
+    plain = from_pretrained(str(d))
     assert torch.equal(m.transformer.h[1].mlp.c_fc.weight, plain.transformer.h[1].mlp.c_fc.weight)
     idx = tokens(B=2, T=16, V=101)
     _, loss = m(idx[:, :-1], idx[:, 1:])
@@ -168,7 +169,7 @@ def test_scalar_gate_starts_near_one_and_is_independent_per_layer():
 
 def test_optimizer_groups_never_decay_gate_and_apply_lr_mult():
     m = tiny(residual_mode="gate", gate_mode="token")
-    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", gate_lr_mult=10.0)
+    opt = m.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", {"gate_lr_mult": 10.0})
     gate_ids = {id(p) for n, p in m.named_parameters() if n.startswith("gate.")}
     assert len(gate_ids) == 4  # ln weight/bias, proj weight/bias (the 2-D proj weight included)
     for g in opt.param_groups:
@@ -281,7 +282,7 @@ def test_from_pretrained_without_transformers_says_how_to_install(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_transformers)
     with pytest.raises(ImportError, match="pip install transformers"):
-        GPT.from_pretrained("gpt2")
+        from_pretrained("gpt2")
 
 
 def test_torch_compile_layer_gate_matches_eager():
