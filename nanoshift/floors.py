@@ -78,15 +78,12 @@ def nats_and_bytes(nll, targets, byte_lengths):
 
 
 def floor_label(bpb, floors):
-    """'above bigram floor' (or 'above unigram floor') when a model's bits/byte is worse than counting
-    (floors: data_floors' dict; None: no label), else ''."""
-    if floors is None or bpb is None:
+    """'above bigram floor' when a model's bits/byte is worse than counting token pairs ('above bigram floor
+    and unigram floor' when it is worse than counting single tokens too), else '' (floors: data_floors'
+    dict; None, or bpb None: '')."""
+    if floors is None or bpb is None or floors["bigram"]["bpb"] is None or bpb <= floors["bigram"]["bpb"]:
         return ""
-    if bpb > floors["unigram"]["bpb"]:
-        return "above unigram floor"
-    if bpb > floors["bigram"]["bpb"]:
-        return "above bigram floor"
-    return ""
+    return "above bigram floor" + (" and unigram floor" if bpb > floors["unigram"]["bpb"] else "")
 
 
 def reference_lines(floors, unit="bpb"):
