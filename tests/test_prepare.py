@@ -332,7 +332,7 @@ def test_two_prepare_processes_at_once_one_waits_its_turn_or_fails_cleanly(tmp_p
     pattern = write_inputs(tmp_path / "in", "jsonl", DOCUMENTS)
     out = tmp_path / "out"
     code = (f"import sys; sys.path.insert(0, {REPO!r})\n"
-            f"from nanoshift.data import iter_documents\nfrom prepare import first_tokens_split, prepare_shards\n"
+            f"from nanoshift.data import iter_documents\nfrom nanoshift.prepare import first_tokens_split, prepare_shards\n"
             f"prepare_shards(iter_documents(data_files={pattern!r}), {str(out)!r}, 'toy', first_tokens_split(60), "
             f"shard_tokens=97, progress=False, overwrite=True)")
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(2)]

@@ -134,3 +134,38 @@ def test_eval_on_prepared_shards_writes_floors_and_labels_an_untrained_model(tmp
     table = (out / "results.md").read_text()
     assert "(above bigram floor and unigram floor)" in table and "bigram floor of the val split" in table
     assert os.path.isfile(data / "floors.json")
+
+
+def save_sentencepiece_style_tokenizer(folder):
+    """A Llama-2-like HF tokenizer: '\u2581' for spaces and a dummy one before the text, <0xNN> byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import pydoc_documents
+    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    first = Tokenizer(models.BPE(unk_token="<unk>"))
+    first.normalizer = normalizer
+    first.train_from_iterator(pydoc_documents(), trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                                      special_tokens=["<unk>", "<s>", "</s>"]))
+    model = json.loads(first.to_str())["model"]
+    vocab = dict(model["vocab"])
+    for b in range(256):  # the byte-fallback pieces are ordinary vocabulary entries, as in Llama-2
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        str(folder))
+    return str(folder)
+
+
+def test_byte_table_of_a_sentencepiece_style_tokenizer_counts_its_dummy_space(tmp_path):
+    enc = get_tokenizer(save_sentencepiece_style_tokenizer(tmp_path / "sp"))
+    table = token_byte_lengths(enc)
+    assert table[enc.hf.convert_tokens_to_ids("<0x0A>")] == 1 and table[enc.doc_separator] == 0
+    for text in TEXTS:  # every byte of the text, plus the one dummy space before its first word
+        ids = enc.encode_ordinary(text)
+        assert enc.decode(ids) == text and int(table[ids].sum()) == len(text.encode("utf-8")) + 1
