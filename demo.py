@@ -29,10 +29,9 @@ import shutil
 import sys
 import time
 
-from nanoshift.common import (InputError, SettingError, cpu_threads, machine_line, markdown_table, read_jsonl, run_main,
-                              run_step, write_text)
+from nanoshift.common import SettingError, cpu_threads, machine_line, markdown_table, read_jsonl, run_main, run_step, write_text
 from nanoshift.configurator import configure
-from nanoshift.floors import FORMULA, data_floors, floor_label, format_floors
+from nanoshift.floors import FORMULA, floor_label, floors_or_none, format_floors
 from nanoshift.lens import summary_table  # the same table analyze.py prints
 
 RUNS = {"baseline": "config/demo.py", "cut": "config/demo_cut.py", "gate": "config/demo_gate.py"}
@@ -44,15 +43,6 @@ VAL_SHARDS = f"{DEMO_DATA}/*_val_*.bin"
 def run(cmd, log_name, out):
     """Run one command with its output shown live and kept in out/logs/; stop the demo if it fails."""
     return run_step(cmd, os.path.join(out, "logs", log_name + ".log"), "demo")
-
-
-def demo_floors(data_dir=DEMO_DATA):
-    """The demo data's floors (floors.data_floors, cached in data_dir), or None where it has no finished prepare."""
-    try:
-        return data_floors(data_dir)
-    except InputError as e:
-        print(f"note: no floors for {data_dir}: {e}", file=sys.stderr)
-        return None
 
 
 def eval_bits_per_byte(out):
@@ -182,7 +172,7 @@ def run_demo(argv):
                                "--demo_shards", VAL_SHARDS, "--context=128", "--max_tokens=40000",
                                f"--out_dir={os.path.join(out, 'eval')}", *common_args], "eval", out)
     timings["total"] = time.time() - t0
-    text = summarize(out, timings, threads, demo_floors())
+    text = summarize(out, timings, threads, floors_or_none(DEMO_DATA))
     write_text(os.path.join(out, "summary.md"), text)
     if settings["publish"]:
         publish(out, settings["publish"])

@@ -1,11 +1,13 @@
 """
 Bits per byte, and the n-gram floors a trained model must beat: the loss of plain counting.
 
-    from nanoshift.floors import bits_per_byte, data_floors, floor_label
+    from nanoshift.floors import bits_per_byte, data_floors, floor_label, reference_lines
     bpb = bits_per_byte(nats_sum, byte_count)          # the one definition (below)
     floors = data_floors("data/demo")                  # unigram / bigram of the val split, counted on train
     floors["bigram"]["bpb"], floors["bigram"]["nats"]  # cached in data/demo/floors.json after the first call
     floor_label(model_bpb, floors)                     # "above bigram floor" (worse than counting pairs), or ""
+    for value, label, style in reference_lines(floors, "nats"):   # a loss-curve plot's reference lines
+        ax.axhline(value, linestyle=style, color="grey", label=label)
 
     python -m nanoshift.floors data/demo               # prints the floors of a prepared folder
 
@@ -89,7 +91,9 @@ def floor_label(bpb, floors):
 def reference_lines(floors, unit="bpb"):
     """The floors as horizontal reference lines for a plot of loss against training steps: [(value, label,
     linestyle)], unit 'bpb' (bits/byte) or 'nats' (nats/token, for a curve of val loss). Draw each with
-    ax.axhline(value, linestyle=linestyle, color="grey", label=label)."""
+    ax.axhline(value, linestyle=linestyle, color="grey", label=label). floors None: no lines."""
+    if floors is None:
+        return []
     if unit not in ("bpb", "nats"):
         raise ValueError(f"unit must be 'bpb' or 'nats', got {unit!r}")
     what = "bits/byte" if unit == "bpb" else "nats/token"
@@ -198,6 +202,17 @@ def data_floors(data_dir, use_cache=True):
         print(f"note: could not cache the floors in {path} ({e.strerror}); they are recomputed next time",
               file=sys.stderr)
     return floors
+
+
+def floors_or_none(data_dir):
+    """data_floors(data_dir), or None (with a note on stderr) where the folder has no finished prepare with train
+    and val splits: for summaries and plots that show floors where there are some (e.g. a run's
+    config["data_dir"] from its log)."""
+    try:
+        return data_floors(data_dir)
+    except InputError as e:
+        print(f"note: no n-gram floors for {data_dir}: {e}", file=sys.stderr)
+        return None
 
 
 def shards_floors(paths):

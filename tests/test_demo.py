@@ -45,8 +45,9 @@ def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
     assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 | 2.8000 | - |" in without and "bigram floor:" not in without
 
 
-def test_demo_floors_are_none_without_prepared_data(tmp_path):
-    assert demo.demo_floors(str(tmp_path / "absent")) is None
+def test_no_floors_without_prepared_data(tmp_path, capsys):
+    assert demo.floors_or_none(str(tmp_path / "absent")) is None
+    assert "no n-gram floors for" in capsys.readouterr().err
 
 
 def test_failing_step_stops_the_demo_with_its_exit_code(tmp_path, capsys):

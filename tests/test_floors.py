@@ -118,3 +118,4 @@ def test_reference_lines_for_training_curve_plots():
     assert [v for v, _, _ in fl.reference_lines(floors, "nats")] == [6.5, 5.1]
     with pytest.raises(ValueError, match="unit"):
         fl.reference_lines(floors, "bits")
+    assert fl.reference_lines(None) == []
