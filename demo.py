@@ -15,8 +15,9 @@ that fails (non-zero exit):
     python analyze.py --ckpt out-demo/baseline out-demo/cut out-demo/gate --shards ... --space=raw|normed
     python eval_benchmarks.py --ckpt out-demo/baseline out-demo/cut out-demo/gate ...
 
-and ends with a summary (val loss, shift depth, where the gate put its attenuation, the machine and
-thread count), printed and saved as out-demo/summary.md; --publish=docs/demo also copies it and the
+and ends with a summary (val loss, bits per byte against the unigram and bigram floors of the demo data,
+shift depth, where the gate put its attenuation, the machine and thread count), printed and saved as
+out-demo/summary.md; --publish=docs/demo also copies it and the
 pictures there (what the README shows). A rerun does every step again (prepare finds data/demo finished
 and skips it; training starts from scratch, replacing the earlier runs). The runs keep ckpt.pt with
 weights only at the end (save_optimizer_at_end=False) and best.pt as a hard link to it: ~31 MB a run.
@@ -30,6 +31,7 @@ import time
 
 from nanoshift.common import SettingError, cpu_threads, machine_line, markdown_table, read_jsonl, run_main, run_step, write_text
 from nanoshift.configurator import configure
+from nanoshift.floors import FORMULA, floor_label, floors_or_none, format_floors
 from nanoshift.lens import summary_table  # the same table analyze.py prints
 
 RUNS = {"baseline": "config/demo.py", "cut": "config/demo_cut.py", "gate": "config/demo_gate.py"}
@@ -43,8 +45,26 @@ def run(cmd, log_name, out):
     return run_step(cmd, os.path.join(out, "logs", log_name + ".log"), "demo")
 
 
-def summarize(out, timings, threads):
-    """Val loss per model, shift depth per model, and the gate's alphas, as markdown."""
+def eval_bits_per_byte(out):
+    """{model: bits per byte on the demo val split} from the eval step's results.json ({} without it)."""
+    path = os.path.join(out, "eval", "results.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        models = json.load(f)["models"]
+    return {name: metrics["demo"]["bpb"] for name, metrics in models.items() if metrics.get("demo", {}).get("bpb")}
+
+
+def versus_floor(bpb, floors):
+    """The bits/byte cell's neighbour: 'above bigram floor' (floors.floor_label), else how far below it."""
+    if bpb is None or floors is None:
+        return "-"
+    return floor_label(bpb, floors) or f"{floors['bigram']['bpb'] - bpb:.3f} below bigram floor"
+
+
+def summarize(out, timings, threads, floors=None):
+    """Val loss and bits per byte per model against the floors (floors.data_floors of the demo data; None:
+    not stated), shift depth per model, and the gate's alphas, as markdown."""
     lines = ["#### nanoshift demo summary", "",
              f"Machine: {machine_line(threads)}.", "",
              "Tiny GPT-2 models (config/demo*.py: 6 layers, 128 wide, 300 steps of 512 tokens) trained on CPU on "
@@ -54,13 +74,21 @@ def summarize(out, timings, threads):
              "(README: what repeats); comparing modes needs several seeds.", "",
              ]
     rows = []
+    bpb = eval_bits_per_byte(out)
     for name in RUNS:
         evals = [r for r in read_jsonl(os.path.join(out, name, "log.jsonl")) if r["type"] == "eval"]
         scores = [r["misalignment"] for r in evals if r.get("misalignment") is not None]
         rows.append([name, f"{evals[-1]['val_loss']:.4f}", evals[-1]["iter"],
-                     f"{scores[0]:.3f} -> {scores[-1]:.3f}" if scores else "-"])
+                     f"{scores[0]:.3f} -> {scores[-1]:.3f}" if scores else "-",
+                     f"{bpb[name]:.4f}" if name in bpb else "-", versus_floor(bpb.get(name), floors)])
     lines.append(markdown_table(["model", "final val loss", "iterations",
-                                 "misalignment, first eval -> last (tracked in training)"], rows))
+                                 "misalignment, first eval -> last (tracked in training)",
+                                 "bits per byte (eval, demo val)", "against the floors"], rows))
+    if floors is not None:
+        lines += ["", f"Floors of the demo val split ({floors['val_targets']:,} {floors['tokenizer']} tokens, "
+                  f"{floors['val_bytes']:,} bytes), counted on its train split ({FORMULA}; floors.py): "
+                  + "; ".join(format_floors(floors)) + ". A model above the bigram floor predicts worse than a table "
+                  "of token pairs: its shift numbers describe a model that does not use context yet."]
     for folder, space in (("analysis", "raw residual state"), ("analysis-normed", "final-normed state")):
         metrics_path = os.path.join(out, folder, "metrics.json")
         if os.path.exists(metrics_path):
@@ -144,7 +172,7 @@ def run_demo(argv):
                                "--demo_shards", VAL_SHARDS, "--context=128", "--max_tokens=40000",
                                f"--out_dir={os.path.join(out, 'eval')}", *common_args], "eval", out)
     timings["total"] = time.time() - t0
-    text = summarize(out, timings, threads)
+    text = summarize(out, timings, threads, floors_or_none(DEMO_DATA))
     write_text(os.path.join(out, "summary.md"), text)
     if settings["publish"]:
         publish(out, settings["publish"])

@@ -76,6 +76,18 @@ scored exactly once and, after the first window, with at least context - stride 
 
 Metrics: token-weighted mean loss (nats), perplexity = exp(loss), top-1 next-token accuracy (%). The
 softmax runs over all of the model's output rows (for our models the padded 50304, as in training).
+Bits per byte (floors.bits_per_byte, nanochat's val_bpb; every model with a tokenizer): the summed loss of
+the targets that stand for text, over ln 2 times their UTF-8 bytes (data.token_byte_lengths: separators
+count 0 bytes and are left out of both sums), so models with different tokenizers compare; "bytes scored"
+is that byte count. For WikiText scored whole it equals the articles' own UTF-8 length ("text_bytes" in
+results.json; a note is printed where a tokenizer makes them differ).
+
+Floors (floors.py): for a shards benchmark whose val shards sit in a finished prepare with a train split,
+the unigram and bigram cross-entropy of that whole val split under counts of its train split are
+reference rows of the table (nats/token and bits/byte) and results.json's "floors"; a model whose bits
+per byte is above the bigram floor (worse than counting token pairs) has "above bigram floor" next to
+its number ("floor_label" in results.json). The floors cover the whole val split, the models the first
+--max_tokens targets of it.
 """
 
 import difflib
@@ -91,7 +103,9 @@ import torch
 from nanoshift.common import (InputError, SettingError, check_out_dir, expand_globs, markdown_table, run_main, set_threads, write_json,
                     write_text)
 from nanoshift.configurator import configure
-from nanoshift.data import GPT2_NAME, HubError, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
+from nanoshift.data import (GPT2_NAME, HubError, iter_documents, read_shard, read_shard_header, shards_tokenizer,
+                            token_byte_lengths, wikitext_articles)
+from nanoshift.floors import bits_per_byte, floor_label, nats_and_bytes, shards_floors
 from nanoshift.groups import baseline_of, differences, group_tables, lookup, model_groups
 from nanoshift.groups import summarize as summarize_runs
 from nanoshift.lens import analyze_model
@@ -313,11 +327,14 @@ def summarize(nll, hit, word_lens=None):
     return out
 
 
-def evaluate(lm, sequences, context=1024, stride=0, batch_size=8, word_lens=None, progress=False, desc=None):
+def evaluate(lm, sequences, context=1024, stride=0, batch_size=8, word_lens=None, progress=False, desc=None,
+             byte_lengths=None):
     """Loss, perplexity and top-1 accuracy of lm on token sequences (a list of int arrays, or one array).
 
     context is clipped to lm.block_size; stride 0 means half the context. word_lens (LAMBADA): the
     number of final tokens of each sequence that form its last word, for last-word accuracy/perplexity.
+    byte_lengths (data.token_byte_lengths of the tokens' tokenizer): also "bpb" (bits per byte) and "bytes"
+    (the bytes of text the scored targets stand for).
     """
     if isinstance(sequences, (np.ndarray, torch.Tensor)) and sequences.ndim == 1:
         sequences = [sequences]
@@ -332,7 +349,19 @@ def evaluate(lm, sequences, context=1024, stride=0, batch_size=8, word_lens=None
     if top >= lm.vocab_size:
         raise InputError(f"token id {top} is outside {lm.name}'s vocabulary of {lm.vocab_size}")
     nll, hit = score_tokens(lm, sequences, context, stride, batch_size, progress, desc)
-    return dict(summarize(nll, hit, word_lens), context=context, stride=stride)
+    out = dict(summarize(nll, hit, word_lens), context=context, stride=stride)
+    if byte_lengths is not None:
+        sums = [nats_and_bytes(n, s[1:], byte_lengths) for n, s in zip(nll, sequences)]
+        nats_sum, byte_count = sum(n for n, _ in sums), sum(b for _, b in sums)
+        out["bytes"] = byte_count
+        out["bpb"] = bits_per_byte(nats_sum, byte_count) if byte_count else None
+    return out
+
+
+def text_bytes(name, documents):
+    """The UTF-8 bytes of a text benchmark's documents (WikiText articles): what its bits per byte is over
+    when every article is scored."""
+    return sum(len(doc.encode("utf-8")) for doc in documents) if BENCHMARKS[name].kind == "wikitext" else None
 
 # -----------------------------------------------------------------------------
 # HellaSwag (multiple choice, scored as lm-evaluation-harness 0.4.13's task `hellaswag` does)
@@ -403,6 +432,8 @@ def hellaswag_metrics(examples, lls):
 
 METRIC_ROWS = [  # (key, label, cell); a row is shown for a benchmark if some model has its key
     ("loss", "loss", lambda m: f"{m['loss']:.4f}"),
+    ("bpb", "bits per byte", lambda m: "-" if m["bpb"] is None else
+     f"{m['bpb']:.4f}" + (f" ({m['floor_label']})" if m.get("floor_label") else "")),
     ("ppl", "perplexity", lambda m: f"{m['ppl']:.2f}"),
     ("acc", "top-1 acc (%)", lambda m: f"{m['acc']:.2f}"),
     ("last_word_acc", "last-word acc (%)", lambda m: f"{m['last_word_acc']:.2f}"),
@@ -412,14 +443,22 @@ METRIC_ROWS = [  # (key, label, cell); a row is shown for a benchmark if some mo
     ("examples", "examples", lambda m: f"{m['examples']:,}"),
     ("misalignment", "misalignment (lens.py)", lambda m: "-" if m["misalignment"] is None else f"{m['misalignment']:.3f}"),
     ("tokens", "tokens scored", lambda m: f"{m['tokens']:,}"),
+    ("bytes", "bytes scored", lambda m: f"{m['bytes']:,}"),
     ("context", "context / stride", lambda m: f"{m['context']} / {m['stride']}"),
 ]
 
 
-def format_table(results):
+def floor_rows(floors, n_models):
+    """The reference rows of a benchmark's floors (floors.data_floors): 'nats / bits per byte' in every column."""
+    return [["", f"{name} floor of the val split (nats / bits per byte)"]
+            + [f"{floors[name]['nats']:.4f} / {floors[name]['bpb']:.4f}"] * n_models for name in ("unigram", "bigram")]
+
+
+def format_table(results, floors=None):
     """Markdown table like the paper's Table II: rows = benchmark x metric, one column per model.
 
     results: {model name: {benchmark name: metrics dict}} (what run() returns as results["models"]).
+    floors: {benchmark name: floors.data_floors dict} (run()'s results["floors"]): reference rows.
     """
     models = list(results)
     rows = []
@@ -431,11 +470,13 @@ def format_table(results):
                 continue
             rows.append([BENCHMARKS[b].title if first else "", label] + [cell(m) if key in m else "-" for m in metrics])
             first = False
+        if floors and floors.get(b):
+            rows += floor_rows(floors[b], len(models))
     return markdown_table(["benchmark", "metric"] + models, rows, align=["left", "left"] + ["right"] * len(models))
 
 
 # digits of each metric in the tables of groups (the per-run table's precision)
-GROUP_DIGITS = {"loss": 4, "ppl": 2, "acc": 2, "last_word_acc": 2, "last_word_ppl": 2, "mc_acc_norm": 2, "mc_acc": 2,
+GROUP_DIGITS = {"loss": 4, "bpb": 4, "ppl": 2, "acc": 2, "last_word_acc": 2, "last_word_ppl": 2, "mc_acc_norm": 2, "mc_acc": 2,
                 "misalignment": 3}
 
 
@@ -450,8 +491,10 @@ def summarize_groups(groups, baseline, models):
     return summary, diffs
 
 
-def format_group_tables(groups, baseline, summary, diffs):
-    """Markdown: every group's metrics (mean ± 95% interval, sd) and the paired differences from the baseline."""
+def format_group_tables(groups, baseline, summary, diffs, floors=None):
+    """Markdown: every group's metrics (mean ± 95% interval, sd) and the paired differences from the baseline;
+    below them the floors (floors.data_floors per benchmark), if any, and the groups whose mean bits per byte
+    is above the bigram floor."""
     metrics = {label: s["metrics"] for label, s in summary.items()}
     rows = []
     for b in BENCHMARKS:
@@ -459,7 +502,16 @@ def format_group_tables(groups, baseline, summary, diffs):
                    and any(lookup(metrics[g.label], (b, key)) is not None for g in groups)]
         rows += [([BENCHMARKS[b].title if i == 0 else "", label], (b, key), GROUP_DIGITS[key])
                  for i, (key, label) in enumerate(present)]
-    return group_tables(rows, ["benchmark", "metric"], groups, metrics, diffs, baseline)
+    text = group_tables(rows, ["benchmark", "metric"], groups, metrics, diffs, baseline)
+    for b, floor in (floors or {}).items():
+        if not floor:
+            continue
+        above = [g.label for g in groups if floor_label((lookup(metrics[g.label], (b, "bpb")) or {}).get("mean"), floor)]
+        text += (f"\n\n{BENCHMARKS[b].title} floors (val split, counted on train): " + "; ".join(
+            f"{name} {floor[name]['nats']:.4f} nats/token, {floor[name]['bpb']:.4f} bits/byte" for name in ("unigram", "bigram"))
+            + (f". Mean bits per byte above the bigram floor: {', '.join(above)}." if above else
+               ". Every group's mean bits per byte is below the bigram floor."))
+    return text
 
 
 def _write_outputs(out_dir, results, table):
@@ -514,6 +566,11 @@ def run(settings, lms=None):
         ckpt = [run.path for g in groups for run in g.runs if not run.hf] if groups else settings["ckpt"]
         lms = load_models(ckpt, settings["hf"], settings["device"], settings["dtype"])
     results = {"settings": {k: settings[k] for k in DEFAULTS}, "models": {}, "sources": {}}
+    # the n-gram floors of shards benchmarks read from a prepared folder (cached there in floors.json)
+    floors = {name: shards_floors(data[name]) for name in names if BENCHMARKS[name].kind == "shards"}
+    floors = {name: f for name, f in floors.items() if f is not None}
+    if floors:
+        results["floors"] = floors
     token_cache = {}  # tokenizing is shared by models with the same tokenizer
     for lm in lms:  # a generator: one model in memory at a time
         metrics = {}
@@ -535,8 +592,17 @@ def run(settings, lms=None):
                 except ValueError as e:  # e.g. an HF model saved without its tokenizer
                     raise InputError(f"{lm.name}: {e}") from e
             sequences, word_lens = token_cache[key]
+            byte_lengths = token_byte_lengths(lm.text_tokenizer) if lm.text_tokenizer is not None else None
             metrics[name] = evaluate(lm, sequences, settings["context"], settings["stride"], settings["batch_size"],
-                                     word_lens, settings["progress"], desc=f"{lm.name} {name}")
+                                     word_lens, settings["progress"], desc=f"{lm.name} {name}", byte_lengths=byte_lengths)
+            if byte_lengths is not None and not settings["max_tokens"] and text_bytes(name, data[name]) is not None:
+                metrics[name]["text_bytes"] = text_bytes(name, data[name])
+                if metrics[name]["text_bytes"] != metrics[name]["bytes"]:
+                    print(f"note: {lm.name} {BENCHMARKS[name].title}: its tokens stand for {metrics[name]['bytes']:,} "
+                          f"bytes, the text has {metrics[name]['text_bytes']:,} (a tokenizer that adds a space before "
+                          "a text's first word, e.g. SentencePiece); bits per byte uses the tokens' count")
+            if name in floors and metrics[name].get("bpb") is not None:
+                metrics[name]["floor_label"] = floor_label(metrics[name]["bpb"], floors[name])
             if settings["misalignment_windows"]:
                 metrics[name]["misalignment"] = benchmark_misalignment(
                     lm, sequences, min(settings["context"], lm.block_size), settings["misalignment_windows"])
@@ -544,15 +610,15 @@ def run(settings, lms=None):
                 f"{k} {v:.4g}" for k, v in metrics[name].items() if isinstance(v, float)))
         results["models"][lm.name] = metrics
         results["sources"][lm.name] = lm.source
-        _write_outputs(settings["out_dir"], results, format_table(results["models"]))
+        _write_outputs(settings["out_dir"], results, format_table(results["models"], floors))
         del lm  # free one model before the next is loaded
-    table = format_table(results["models"])
+    table = format_table(results["models"], floors)
     if groups:
         summary, diffs = summarize_groups(groups, baseline, results["models"])
         results["groups"] = summary
         results["differences"] = {"baseline": baseline and baseline.label, "groups": diffs,
                                   "test": "two-sided paired t-test over seeds (stats.py)"}
-        table = format_group_tables(groups, baseline, summary, diffs) + "\n\nEvery run:\n\n" + table
+        table = format_group_tables(groups, baseline, summary, diffs, floors) + "\n\nEvery run:\n\n" + table
         _write_outputs(settings["out_dir"], results, table)
     print()
     print(table)

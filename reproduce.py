@@ -18,7 +18,8 @@ Each step is a real command line (its output also in out-repro/logs/); the first
     python analyze.py --ckpt (the same groups) --shards 'data/repro/*_val_*.bin' --log (their log.jsonl) ...
 
 and a report: results.md (the eval and shift-depth tables with intervals, paired differences from the
-baseline and what they mean, the wall time of every step) and results.json; the plots with bands are in
+baseline and what they mean, in nats and in bits per byte, the unigram and bigram floors of the val split
+with the groups above the bigram floor named, the wall time of every step) and results.json; the plots with bands are in
 out-repro/analysis/. Before the prepare, a 4,096-token byte-level BPE is fitted on the corpus
 (tokenizers, deterministic) into data/repro-tokenizer. A rerun skips what is done: a prepared data_dir, a
 fitted tokenizer, finished runs (seeds.py); an interrupted run resumes.
@@ -55,6 +56,7 @@ import time
 from nanoshift.common import SettingError, cpu_threads, machine_line, markdown_table, run_main, run_step, write_json, write_text
 from nanoshift.configurator import configure
 from nanoshift.data import MANIFEST_NAME, manifest_tokenizer, read_manifest
+from nanoshift.floors import floor_label, format_floors
 from nanoshift.prepare import demo_corpus
 
 MODES = {"baseline": "config/repro.py", "cut": "config/repro_cut.py", "gate": "config/repro_gate.py"}
@@ -130,6 +132,20 @@ def verdict(eval_results, metric="loss", unit="nats"):
     return lines
 
 
+def floor_lines(eval_results):
+    """The floors of the val split (eval_benchmarks' results["floors"]) and which groups' mean bits per byte is
+    above the bigram floor, as report lines ([] without floors)."""
+    floors = (eval_results.get("floors") or {}).get("demo")
+    if not floors:
+        return []
+    means = {label: ((g["metrics"].get("demo") or {}).get("bpb") or {}).get("mean")
+             for label, g in (eval_results.get("groups") or {}).items()}
+    above = [label for label, bpb in means.items() if floor_label(bpb, floors)]
+    return [f"- Floors of the val split (counted on its train split, floors.py): {'; '.join(format_floors(floors))}. "
+            + (f"Mean bits per byte above the bigram floor (worse than counting token pairs): {', '.join(above)}."
+               if above else "Every group's mean bits per byte is below the bigram floor.")]
+
+
 def report(out, settings, timings, threads):
     """results.md and results.json from the eval and analysis outputs; returns the markdown."""
     with open(os.path.join(out, "eval", "results.json")) as f:
@@ -149,8 +165,10 @@ def report(out, settings, timings, threads):
              "evaluated on the held-out val split of the corpus. Every difference is paired by seed (same data "
              "order and initial weights) and tested with a paired t-test; 'no significant difference' means the "
              "difference is inside the seed-to-seed noise at this scale.", "",
-             "## What it found", ""] + (verdict(evaluation) + verdict(evaluation, "acc", "points")
+             "## What it found", ""] + (verdict(evaluation) + verdict(evaluation, "bpb", "bits/byte")
+                                        + verdict(evaluation, "acc", "points")
                                         or ["- (no interval or test: a comparison needs 2 or more seeds)"])
+    lines += floor_lines(evaluation)
     lines += ["", "## Held-out loss and accuracy (eval_benchmarks.py)", "", eval_md, "",
               "## Shift depth (analyze.py, raw residual state)", "", shift_md, "",
               "## Plots", "", "Groups are drawn as mean lines with their 95% interval shaded, in "
@@ -162,7 +180,7 @@ def report(out, settings, timings, threads):
     write_text(os.path.join(out, "results.md"), text)
     write_json(os.path.join(out, "results.json"), {
         "settings": settings, "machine": machine_line(threads), "seconds": timings,
-        "eval": {k: evaluation.get(k) for k in ("groups", "differences")},
+        "eval": {k: evaluation.get(k) for k in ("groups", "differences", "floors")},
         "analysis": {k: analysis.get(k) for k in ("groups", "differences")}})
     return text
 

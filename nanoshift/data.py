@@ -1,14 +1,16 @@
 """
-What training, analysis and evaluation read: the tokenizers (the offline GPT-2 one, or a model's own
-HuggingFace tokenizer), the token-shard format (read, validate, and the one writer of a shard file),
+What training, analysis and evaluation read: the tokenizers (the offline GPT-2 one, raw UTF-8 bytes, or a
+model's own HuggingFace tokenizer) and the UTF-8 bytes each token id stands for, the token-shard format (read, validate, and the one writer of a shard file),
 the prepare manifest, the distributed, resumable batch loader, and documents from the hub or local
 files. The prepare pipeline that writes shards is prepare.py.
 
 Tokenizers (get_tokenizer): None / 'gpt2' is the exact GPT-2 BPE (tiktoken, from pinned local files);
-any other name is a HuggingFace tokenizer dir or hub name (transformers.AutoTokenizer, an optional
-dependency). Both have one small interface, the one the prepare pipeline and lm.py use:
-    name            what the user gave ('gpt2', a folder, a hub name)
-    tokenizer_id    identity: equal ids give equal tokens for equal text ('gpt2', or 'hf-sha256:...' from
+'bytes' is byte-level (ids 0..255 are the UTF-8 bytes of the text, 256 the end of text: 257 ids, so a
+scratch model with vocab_size >= 257 reads it; no files, no merges); any other name is a HuggingFace
+tokenizer dir or hub name (transformers.AutoTokenizer, an optional dependency). All have one small
+interface, the one the prepare pipeline and lm.py use:
+    name            what the user gave ('gpt2', 'bytes', a folder, a hub name)
+    tokenizer_id    identity: equal ids give equal tokens for equal text ('gpt2', 'bytes', or 'hf-sha256:...' from
                     the vocabulary, the encoding of a probe text and the separator; an HF tokenizer that
                     encodes exactly like GPT-2 is 'gpt2' too)
     n_vocab         every id is < n_vocab
@@ -19,6 +21,13 @@ dependency). Both have one small interface, the one the prepare pipeline and lm.
                     tokenizer its BOS if it has one (what Llama-family models see at a text's start),
                     else its EOS
     bos_prefix      ids the tokenizer puts before a text by default ([] for GPT-2; [BOS] for Llama)
+
+Bytes per token (token_byte_lengths(tokenizer), cached per tokenizer_id): an int array [n_vocab], the
+number of UTF-8 bytes of text each id stands for; special tokens (<|endoftext|>, BOS, ...) count 0. It is
+the denominator of bits per byte (floors.py), as in nanochat's val_bpb: the byte count of a stretch of
+tokens is the sum of their entries. For GPT-2, 'bytes' and byte-level BPEs (GPT-2's kind, Llama-3's) it
+equals the UTF-8 length of the text exactly; for SentencePiece tokenizers a word-initial '▁' counts as
+the space it stands for, so the dummy space such tokenizers put before a text's first word counts 1 byte.
 
 Shard format (version 1 is llm.c / modded-nanogpt compatible):
     256 x int32 little-endian header: [0] magic 20240520, [1] version, [2] number of tokens;
@@ -99,19 +108,25 @@ def _gpt2_byte_decoder():
 
 
 GPT2_NAME = "gpt2"
+BYTES_NAME = "bytes"
 # covers words, numbers, punctuation, unicode, runs of spaces and newlines: where tokenizers differ
 TOKENIZER_PROBE = "Hello world! It's 1999: naïve café, 3.14 + x**2 -- \"ok\"\n\n   indented\tend. 日本語"
 
 
 def get_tokenizer(name=None):
     """The tokenizer called name (module docstring): None or 'gpt2' is the offline GPT-2 BPE (a tiktoken
-    Encoding), anything else an HF tokenizer dir or hub name (HFTokenizer). Cached: one per name."""
+    Encoding), 'bytes' the byte-level ByteTokenizer, anything else an HF tokenizer dir or hub name
+    (HFTokenizer). Cached: one per name."""
     return _load_tokenizer(GPT2_NAME if name is None else str(name))
 
 
 @functools.lru_cache(maxsize=None)
 def _load_tokenizer(name):
-    return _gpt2_encoding() if name == GPT2_NAME else HFTokenizer.load(name)
+    if name == GPT2_NAME:
+        return _gpt2_encoding()
+    if name == BYTES_NAME:
+        return ByteTokenizer()
+    return HFTokenizer.load(name)
 
 
 get_tokenizer.cache_clear = _load_tokenizer.cache_clear
@@ -153,6 +168,27 @@ def _gpt2_encoding():
         explicit_n_vocab=GPT2_VOCAB_SIZE,
     )
 
+
+class ByteTokenizer:
+    """Text as its UTF-8 bytes: id b (0..255) is the byte b, id 256 (END_OF_TEXT) separates documents.
+
+    Needs no files and no fitting, so any text can be prepared (prepare_fineweb.py --tokenizer=bytes) and a
+    scratch model of vocab_size >= 257 trained on it: a small vocabulary whose unembedding costs nothing.
+    decode() drops the end-of-text id and shows bytes that are not valid UTF-8 (a window cut inside a
+    character) as U+FFFD, as tiktoken does.
+    """
+
+    END_OF_TEXT = 256
+    name = tokenizer_id = BYTES_NAME
+    n_vocab = 257
+    eot_token = doc_separator = END_OF_TEXT
+    bos_prefix = ()
+
+    def encode_ordinary(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
@@ -242,6 +278,61 @@ def shards_tokenizer(paths):
         raise InputError(f"the token shards come from prepares with different tokenizers ({listing})")
     (tokenizer_id, (name, _)), = found.items()
     return name, tokenizer_id
+
+# -----------------------------------------------------------------------------
+# Bytes per token: the denominator of bits per byte
+
+_BYTE_LENGTHS = {}  # tokenizer_id -> read-only int64 array
+
+
+def token_byte_lengths(tokenizer):
+    """int64 array [n_vocab]: the UTF-8 bytes of text each token id stands for; special tokens count 0
+    (module docstring). Cached per tokenizer_id; the array is read-only. tokenizer: a tokenizer object
+    (get_tokenizer's) or a name for get_tokenizer."""
+    enc = get_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+    key = enc.tokenizer_id
+    if key not in _BYTE_LENGTHS:
+        if isinstance(enc, ByteTokenizer):
+            lengths = np.ones(enc.n_vocab, dtype=np.int64)
+            lengths[enc.END_OF_TEXT] = 0
+        elif isinstance(enc, HFTokenizer):
+            lengths = _hf_byte_lengths(enc)
+        elif isinstance(enc, tiktoken.Encoding):
+            special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+            lengths = np.array([0 if i in special else len(enc.decode_single_token_bytes(i))
+                                for i in range(enc.n_vocab)], dtype=np.int64)
+        else:
+            raise TypeError(f"no byte lengths for a tokenizer of type {type(enc).__name__}")
+        lengths.flags.writeable = False
+        _BYTE_LENGTHS[key] = lengths
+    return _BYTE_LENGTHS[key]
+
+
+_SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a byte-fallback token
+
+
+def _hf_byte_lengths(enc):
+    """Byte lengths of an HF tokenizer's ids, from its token strings: a byte-level BPE (its decoder is
+    ByteLevel) writes each byte as one of GPT-2's printable stand-in characters, so a token's length is
+    its character count; a SentencePiece-style one writes a space as '▁' and a raw byte as '<0xNN>'.
+    Special tokens and ids without a token (padding rows) count 0."""
+    hf = enc.hf
+    special = set(hf.all_special_ids) | {i for i, t in getattr(hf, "added_tokens_decoder", {}).items() if t.special}
+    backend = getattr(hf, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") if backend is not None else None
+    byte_level = '"ByteLevel"' in json.dumps(decoder)
+    stand_ins = set(_gpt2_byte_decoder())
+    lengths = np.zeros(enc.n_vocab, dtype=np.int64)
+    for i, token in enumerate(hf.convert_ids_to_tokens(list(range(enc.n_vocab)))):
+        if token is None or i in special:
+            continue
+        if byte_level and set(token) <= stand_ins:
+            lengths[i] = len(token)
+        elif _SENTENCEPIECE_BYTE.fullmatch(token):
+            lengths[i] = 1
+        else:  # SentencePiece pieces, and added tokens (kept as their plain text)
+            lengths[i] = len(token.replace("▁", " ").encode("utf-8"))
+    return lengths
 
 # -----------------------------------------------------------------------------
 # Shard format

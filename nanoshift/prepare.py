@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from nanoshift.common import InputError, SettingError, write_json
 from nanoshift.data import (GPT2_NAME, MANIFEST_NAME, TEMP_SUFFIX, TOKEN_DTYPES, get_tokenizer, iter_documents, read_manifest,
-                  shard_name, token_bytes_for, write_shard)
+                  shard_name, token_byte_lengths, token_bytes_for, write_shard)
 
 # -----------------------------------------------------------------------------
 # Streaming shard writer: documents -> tokens (process pool) -> fixed-size shards
@@ -178,10 +178,12 @@ def prepare_shards(documents, out_dir, dataset, choose_split, shard_tokens=100_0
         document crossing the limit is cut, so the shards hold exactly the first
         max_tokens tokens of the full run's stream.
     chunk_chars: characters of text per tokenizer task (the unit of work of the pool).
-    tokenizer: 'gpt2' or an HF tokenizer dir / hub name (data.get_tokenizer). The manifest records it
+    tokenizer: 'gpt2', 'bytes' or an HF tokenizer dir / hub name (data.get_tokenizer). The manifest records it
         ("tokenizer": the name, "tokenizer_id", "vocab_size", "token_bytes"); a tokenizer other than
         'gpt2' also goes into the settings (so a rerun with another one is a rebuild, and manifests of
         GPT-2 runs stay as they were). A vocabulary above 65,536 gives 4-byte (version-2) shards.
+    The manifest's splits[s]["bytes"] is the split's size in UTF-8 bytes of text: the sum over its tokens
+        of data.token_byte_lengths (separators count 0), the denominator of its bits per byte (floors.py).
     settings: JSON-able dict describing the output (source, sizes, ...); stored in
         the manifest and compared on reruns. num_proc does not belong in it: the
         output is the same for any num_proc.
@@ -287,7 +289,9 @@ def _write_shards(documents, out_dir, dataset, choose_split, shard_tokens, num_p
 
     token_bytes = token_bytes_for(enc.n_vocab)
     writer = ShardWriter(out_dir, dataset, shard_tokens, token_bytes)
+    byte_lengths = token_byte_lengths(enc)
     tokens_per_split, docs_per_split = collections.Counter(), collections.Counter()
+    bytes_per_split = collections.Counter()
     doc_index, total, empty_docs = 0, 0, 0
     bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, desc=f"{dataset} -> {out_dir}", disable=not progress)
     chunks = iter_tokenized_chunks(documents, num_proc, chunk_chars, enc.name)
@@ -302,6 +306,7 @@ def _write_shards(documents, out_dir, dataset, choose_split, shard_tokens, num_p
                     if max_tokens is not None:
                         length = min(length, max_tokens - total)
                     writer.add(split, tokens[start:start + length])
+                    bytes_per_split[split] += int(byte_lengths[tokens[start:start + length]].sum())
                     tokens_per_split[split] += length
                     docs_per_split[split] += 1
                     total += length
@@ -333,7 +338,7 @@ def _write_shards(documents, out_dir, dataset, choose_split, shard_tokens, num_p
         "documents_read": doc_index,
         "documents_skipped_empty": empty_docs,
         "splits": {split: {"tokens": tokens_per_split[split], "documents": docs_per_split[split],
-                           "shards": shards[split]} for split in sorted(shards)},
+                           "bytes": bytes_per_split[split], "shards": shards[split]} for split in sorted(shards)},
     }
     write_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
     summary = ", ".join(f"{s}: {v['tokens']:,} tokens in {len(v['shards'])} shard(s)"
@@ -376,7 +381,7 @@ PREPARE_DEFAULTS = dict(
     data_files=[],  # local .parquet/.jsonl/.txt files or globs instead of the hub (txt: one document per file)
     text_column="text",  # column holding the document text
     out_dir="",  # folder for the shards and the manifest
-    tokenizer="gpt2",  # 'gpt2' (offline GPT-2 BPE) or an HF model/tokenizer dir or hub name: its own tokenizer
+    tokenizer="gpt2",  # 'gpt2' (offline GPT-2 BPE), 'bytes' (UTF-8 bytes, 257 ids) or an HF model/tokenizer dir or hub name
     num_proc=os.cpu_count() or 1,  # tokenizer processes
     shard_tokens=100_000_000,  # tokens per shard (2 bytes each in memory while a shard fills; 4 above 65,536 ids)
     max_tokens=None,  # stop after this many tokens (all splits): the exact prefix of the full run; None = all

@@ -25,13 +25,29 @@ def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
         ])
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "results.md").write_text("| benchmark | metric |\n| --- | --- |\n| Demo | loss |\n")
-    text = demo.summarize(str(tmp_path), {"train baseline": 12.0, "total": 30.0}, threads=1)
+    bpb = {"baseline": 2.8, "cut": 2.1, "gate": 2.25}
+    (tmp_path / "eval" / "results.json").write_text(json.dumps({"models": {n: {"demo": {"bpb": b}} for n, b in bpb.items()}}))
+    floors = {"unigram": {"nats": 6.48, "bpb": 2.93}, "bigram": {"nats": 5.08, "bpb": 2.3}, "val_targets": 128834,
+              "val_bytes": 410380, "tokenizer": "gpt2"}
+    text = demo.summarize(str(tmp_path), {"train baseline": 12.0, "total": 30.0}, threads=1, floors=floors)
     assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 |" in text and "| cut | 6.2500 | 300 | 0.625 -> 0.625 |" in text
+    # bits per byte from the eval, against the floors, which are stated
+    assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 | 2.8000 | above bigram floor |" in text
+    assert "| cut | 6.2500 | 300 | 0.625 -> 0.625 | 2.1000 | 0.200 below bigram floor |" in text
+    assert "unigram floor: 6.480 nats/token, 2.930 bits/byte; bigram floor: 5.080 nats/token, 2.300 bits/byte" in text
+    assert "410,380 bytes" in text
     assert "| iter 0 | 0.750 | 0.750 | 0.750 | 0.750 |" in text
     assert "| iter 300 | 0.900 | 0.800 | 0.700 | 0.600 |" in text
     assert "Most attenuation is on block 3 (alpha 0.600; uniform is 0.750)" in text
     assert "| Demo | loss |" in text and "| total | 30 |" in text
     assert "1 torch thread(s) per process" in text and "not which mode is better" in text  # says what it shows
+    without = demo.summarize(str(tmp_path), {"total": 30.0}, threads=1)  # no floors known: none stated, no label
+    assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 | 2.8000 | - |" in without and "bigram floor:" not in without
+
+
+def test_no_floors_without_prepared_data(tmp_path, capsys):
+    assert demo.floors_or_none(str(tmp_path / "absent")) is None
+    assert "no n-gram floors for" in capsys.readouterr().err
 
 
 def test_failing_step_stops_the_demo_with_its_exit_code(tmp_path, capsys):

@@ -153,6 +153,15 @@ def test_groups_evaluate_into_one_table_with_intervals_and_paired_differences(ru
     assert f"| Demo (Shakespeare val) | loss | {groups.format_stat(results['groups']['baseline']['metrics']['demo']['loss'], 4)} |" in table
     assert " ± " in table and "(sd " in table and "| gate − baseline |" in table and f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]" in table
     assert "Every run:\n\n| benchmark | metric | out-baseline-s1 |" in table  # the per-run table follows
+    # bits per byte is summarised and paired like the loss, a row of both tables
+    bpb = {m: [results["models"][f"out-{m}-s{s}"]["demo"]["bpb"] for s in SEEDS] for m in MODES}
+    got = results["groups"]["gate"]["metrics"]["demo"]["bpb"]
+    mean, std, lo, hi = scipy_summary(bpb["gate"])
+    assert (got["mean"], got["std"], got["ci95"]) == (pytest.approx(mean), pytest.approx(std), pytest.approx([lo, hi]))
+    d = results["differences"]["groups"]["gate"]["demo"]["bpb"]
+    mean, lo, hi, p = scipy_paired(bpb["gate"], bpb["baseline"])
+    assert (d["mean"], d["ci95"], d["p_value"]) == (pytest.approx(mean), pytest.approx([lo, hi]), pytest.approx(p))
+    assert f"|  | bits per byte | {groups.format_stat(results['groups']['baseline']['metrics']['demo']['bpb'], 4)} |" in table
 
 
 def test_groups_of_one_run_show_their_numbers_and_a_difference_without_interval(runs):

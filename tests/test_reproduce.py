@@ -31,6 +31,12 @@ def test_smoke_reproduction_runs_every_step_into_results(prose_shards, tmp_path,
     assert "the smoke version" in text and "- (no interval or test: a comparison needs 2 or more seeds)" in text
     assert "| benchmark | metric | baseline (n=1) | cut (n=1) | gate (n=1) |" in text
     assert "| number | baseline (n=1) | cut (n=1) | gate (n=1) |" in text and "(1 seed: no interval)" in text
+    # bits per byte next to the loss, and the floors of the val split with the groups above the bigram one named
+    assert "|  | bits per byte |" in text
+    floors = results["eval"]["floors"]["demo"]
+    assert floors["bigram"]["bpb"] < floors["unigram"]["bpb"]
+    assert "- Floors of the val split (counted on its train split, floors.py): unigram floor: " in text
+    assert "Mean bits per byte above the bigram floor (worse than counting token pairs): baseline, cut, gate." in text
     for name in ("topk", "cosine_projection", "lens", "shift_depth", "alphas", "shift_training", "target_match_by_step"):
         assert (out / "analysis" / f"{name}.png").stat().st_size > 0
     assert {f"train_{m}.log" for m in reproduce.MODES} | {"eval.log", "analyze.log"} <= set(os.listdir(out / "logs"))
@@ -47,6 +53,17 @@ def test_the_report_says_whether_a_difference_is_inside_the_noise():
         "difference from the baseline (the interval contains 0).",
         "- gate − baseline, val loss: -0.0210 nats (95% CI [-0.0300, -0.0120], p < 0.001, 5 seeds): lower than the "
         "baseline's (significant at 5%)."]
+
+
+def test_the_report_states_the_floors_and_names_groups_above_the_bigram_floor():
+    floors = {"unigram": {"nats": 6.48, "bpb": 2.93}, "bigram": {"nats": 5.08, "bpb": 2.30}}
+    groups = {"baseline": {"metrics": {"demo": {"bpb": {"mean": 2.41}}}},
+              "gate": {"metrics": {"demo": {"bpb": {"mean": 2.12}}}}}
+    assert reproduce.floor_lines({"groups": groups, "floors": {"demo": floors}}) == [
+        "- Floors of the val split (counted on its train split, floors.py): unigram floor: 6.480 nats/token, 2.930 "
+        "bits/byte; bigram floor: 5.080 nats/token, 2.300 bits/byte. Mean bits per byte above the bigram floor "
+        "(worse than counting token pairs): baseline."]
+    assert reproduce.floor_lines({"groups": groups}) == []
 
 
 def test_the_fitted_bpe_is_deterministic_and_reads_like_any_tokenizer(tmp_path):
