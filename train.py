@@ -66,10 +66,11 @@ from nanoshift import checkpoint, parallel
 from nanoshift.common import InputError, NanoshiftError, SettingError, exit_with, report_uncaught_errors, set_threads
 from nanoshift.configurator import configure_or_exit
 from nanoshift.data import first_windows, read_manifest
+from nanoshift.floors import floors_or_none
 from nanoshift.run import RunFacts, RunFolder, model_args_of
-from nanoshift.training import (FSDP_FLOAT16, build_model, check_settings, check_tokenizer, evaluate, lr_at,
-                                model_tokenizer, lr_mult_settings, open_data, measure_alignment, train_step,
-                                unused_setting_warnings, with_registry_settings)
+from nanoshift.training import (FSDP_FLOAT16, build_model, byte_length_table, check_settings, check_tokenizer,
+                                evaluate, lr_at, lr_mult_settings, measure_alignment, model_tokenizer, open_data,
+                                train_step, unused_setting_warnings, with_registry_settings)
 
 _names_before_settings = set(globals())
 # -----------------------------------------------------------------------------
@@ -282,6 +283,10 @@ def main(argv=None):
     model = state.model = parallel.wrap(raw_model, facts)
     peak_flops = c["peak_flops"] if c["peak_flops"] is not None else parallel.peak_flops_of(facts)
     flops_per_token = raw_model.flops_per_token(c["block_size"])
+    byte_lengths = byte_length_table(tokenizer, folder.tokenizer_to_save, c["out_dir"], raw_model.config.vocab_size,
+                                     facts.device)  # for val bits per byte
+    # the unigram/bigram floors of the data (nanoshift/floors.py), for the log's readers: counted once, then cached
+    floors = floors_or_none(c["data_dir"], max_train_tokens=10**8) if facts.master and c["require_manifest"] else None
 
     try:
         folder.open_log(start_iter, wandb, dict(project=c["wandb_project"], config=config, name=c["wandb_run_name"]
@@ -295,7 +300,8 @@ def main(argv=None):
                 "grad_accum_steps": facts.grad_accum_steps, "device": facts.device, "dtype": facts.dtype,
                 "compile": facts.use_compile, "threads": torch.get_num_threads(), "n_params": raw_model.num_params(),
                 "flops_per_token": flops_per_token, "peak_flops": peak_flops,
-                "eval_tokens": eval_steps * facts.micro_tokens, "model_args": model_args, "config": config})
+                "eval_tokens": eval_steps * facts.micro_tokens, "floors": floors, "model_args": model_args,
+                "config": config})
     if facts.master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {facts.world_size} rank(s) x {c['batch_size']} x "
               f"{c['block_size']} tokens x {facts.grad_accum_steps} accumulation step(s) = "
@@ -357,12 +363,13 @@ def main(argv=None):
 
         # (1) eval + checkpoint (the first boundary of a run only evaluates: there is nothing new to save)
         if iter_num % c["eval_interval"] == 0 or iter_num == max_iters or c["eval_only"]:
-            val_loss = evaluate(model, val_loader, eval_steps, facts)
+            val_loss, val_bpb = evaluate(model, val_loader, eval_steps, facts, byte_lengths)
             if not math.isfinite(val_loss):
                 stop_nonfinite("val loss", val_loss, lr)
             improved = val_loss < state.best_val_loss
             state.best_val_loss = min(state.best_val_loss, val_loss)
             row = {"type": "eval", "iter": iter_num, "tokens": iter_num * total_batch_tokens, "val_loss": val_loss,
+                   "val_bpb": val_bpb,
                    "best_val_loss": state.best_val_loss, "lr": lr, "attenuation": attenuation, "alphas": alphas()}
             if track_windows is not None:
                 row["alignment"] = measure_alignment(model, raw_model, track_windows, facts, run_name)
@@ -371,7 +378,9 @@ def main(argv=None):
             if facts.master:
                 shown = "" if c["residual_mode"] == "none" else " alphas " + " ".join(f"{a:.3f}" for a in row["alphas"])
                 tracked = f", misalignment {row['misalignment']:.3f}" if row.get("misalignment") is not None else ""
-                print(f"eval iter {iter_num}: val loss {val_loss:.4f} (best {state.best_val_loss:.4f}){tracked}{shown}")
+                bpb = "" if val_bpb is None else f", {val_bpb:.4f} bits/byte"
+                print(f"eval iter {iter_num}: val loss {val_loss:.4f}{bpb} (best {state.best_val_loss:.4f}){tracked}"
+                      f"{shown}")
             # a new run that ends here saves even if it took no step (max_iters=0: the initial or pretrained model)
             if (iter_num > start_iter or (iter_num >= max_iters and not folder.resuming)) and not c["eval_only"]:
                 if not parallel.weights_finite(raw_model, facts):

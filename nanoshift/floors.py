@@ -204,11 +204,21 @@ def data_floors(data_dir, use_cache=True):
     return floors
 
 
-def floors_or_none(data_dir):
+def floors_or_none(data_dir, max_train_tokens=None):
     """data_floors(data_dir), or None (with a note on stderr) where the folder has no finished prepare with train
     and val splits: for summaries and plots that show floors where there are some (e.g. a run's
-    config["data_dir"] from its log)."""
+    config["data_dir"] from its log). max_train_tokens: None as well (unless cached) when the train split is
+    longer, so a training run on billions of tokens does not count them in memory at start-up (count those once
+    with `python -m nanoshift.floors DIR`)."""
     try:
+        manifest = read_manifest(data_dir)
+        train_tokens = ((manifest or {}).get("splits", {}).get("train") or {}).get("tokens") or 0
+        cached = os.path.isfile(os.path.join(data_dir, FLOORS_NAME))
+        if max_train_tokens is not None and train_tokens > max_train_tokens and not cached:
+            print(f"note: no n-gram floors at start-up for {data_dir}: its train split has {train_tokens:,} tokens "
+                  f"(more than {max_train_tokens:,}); count them once with python -m nanoshift.floors {data_dir}",
+                  file=sys.stderr)
+            return None
         return data_floors(data_dir)
     except InputError as e:
         print(f"note: no n-gram floors for {data_dir}: {e}", file=sys.stderr)

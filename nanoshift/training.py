@@ -15,12 +15,15 @@ import sys
 from dataclasses import fields
 
 import torch
+import torch.nn.functional as F
 
 from model import RESIDUALS, GPT, GPTConfig, dtype_from_name, residual_config_keys, residual_settings
 from nanoshift.hf import from_pretrained
 from nanoshift import checkpoint, parallel
 from nanoshift.common import InputError, SettingError, check_out_dir
-from nanoshift.data import GPT2_NAME, MANIFEST_NAME, ShardLoader, get_tokenizer, manifest_tokenizer, read_manifest
+from nanoshift.data import (GPT2_NAME, MANIFEST_NAME, HFTokenizer, ShardLoader, get_tokenizer, manifest_tokenizer,
+                            read_manifest, token_byte_lengths)
+from nanoshift.floors import bits_per_byte
 from nanoshift.lens import LensOptions, lens_sums, summarise
 from nanoshift.lm import OurGPT
 
@@ -220,7 +223,26 @@ def model_tokenizer(c, facts, model, resumed):
         enc = get_tokenizer(name)
     except (InputError, ImportError) as e:
         raise SettingError(f"tokenizer={name!r}: {e}") from e
-    return {"name": name, "id": enc.tokenizer_id, "vocab_size": enc.n_vocab}, enc
+    # only an HF tokenizer has files to copy next to the checkpoints (GPT-2's and the byte tokenizer are built in)
+    return {"name": name, "id": enc.tokenizer_id, "vocab_size": enc.n_vocab}, (enc if isinstance(enc, HFTokenizer)
+                                                                               else None)
+
+
+def byte_length_table(tokenizer, hf_tokenizer, out_dir, vocab_size, device):
+    """[vocab_size] int64 tensor: the UTF-8 bytes of text each token id stands for (data.token_byte_lengths), so
+    evaluate can report bits per byte; None (with a note) where the run's tokenizer cannot be loaded. A resumed
+    run with an HF tokenizer reads the copy in out_dir/tokenizer."""
+    copy = os.path.join(out_dir, "tokenizer")
+    try:
+        enc = hf_tokenizer or get_tokenizer(copy if os.path.isdir(copy) and tokenizer["name"] != GPT2_NAME
+                                            else tokenizer["name"])
+        table = torch.from_numpy(token_byte_lengths(enc).copy())
+    except (InputError, ImportError, OSError, ValueError) as e:
+        print(f"note: no val_bpb: the tokenizer {tokenizer['name']!r} cannot be loaded ({e})", file=sys.stderr)
+        return None
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    lengths[:min(len(table), vocab_size)] = table[:vocab_size]
+    return lengths.to(device)
 
 
 def check_tokenizer(tokenizer, model, data_dir, manifest):
@@ -242,21 +264,35 @@ def check_tokenizer(tokenizer, model, data_dir, manifest):
 
 
 @torch.no_grad()
-def evaluate(model, val_loader, eval_steps, facts):
-    """Mean val loss over the fixed budget (the loader restarts every time), averaged over ranks."""
+def evaluate(model, val_loader, eval_steps, facts, byte_lengths=None):
+    """(mean val loss, val bits per byte or None) over the fixed budget (the loader restarts every time), over
+    all ranks. The loss is the mean of the batches' mean losses, as always; bits per byte sums every target's
+    loss in nats over the UTF-8 bytes of the targets (floors.bits_per_byte: targets of 0 bytes, the document
+    separators, are left out of both sums)."""
     model.eval()
     val_loader.reset()
-    total = torch.zeros((), device=facts.device)
+    total = torch.zeros((), device=facts.device)  # the batches' mean losses (float32, as always)
+    text = torch.zeros(2, dtype=torch.float64, device=facts.device)  # nats and bytes of the targets
     for _ in range(eval_steps):
         x, y = val_loader.next_batch()
+        x, y = x.to(facts.device), y.to(facts.device)
         with facts.autocast():
-            _, loss = model(x.to(facts.device), y.to(facts.device))
+            logits, loss = model(x, y)
         total += loss.float()
+        if byte_lengths is not None:
+            nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+            nbytes = byte_lengths[y.reshape(-1)]
+            text[0] += (nll * (nbytes > 0)).sum()
+            text[1] += nbytes.sum()
     parallel.sum_over_ranks(total, facts)
+    if byte_lengths is not None:
+        parallel.sum_over_ranks(text, facts)
     model.train()
     if facts.fsdp:
         parallel.reshard_all(model)
-    return total.item() / (eval_steps * facts.world_size)
+    nats, nbytes = text.tolist()
+    bpb = bits_per_byte(nats, nbytes) if nbytes > 0 else None
+    return total.item() / (eval_steps * facts.world_size), bpb
 
 
 TRACKED_CURVES = ("topk_input", "topk_target", "cos_input", "cos_target", "projection")

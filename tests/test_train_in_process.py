@@ -3,6 +3,7 @@ facts are derived without rebinding a setting, a pretrained model with max_iters
 and a tokenizer override on resume is refused."""
 
 import json
+import math
 import os
 
 import pytest
@@ -98,3 +99,43 @@ def test_a_tokenizer_override_on_resume_is_refused(llama, prose_shards, tmp_path
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"tokenizer={hf_dir!r}" in err and "'gpt2'" in err and "keeps its tokenizer" in err
+
+
+def test_the_logged_val_bpb_equals_a_hand_count_of_the_targets_bytes(prose_shards, tmp_path):
+    import glob
+
+    import torch.nn.functional as F
+
+    from nanoshift.data import ShardLoader
+
+    out = tmp_path / "run"
+    train.main([f"--data_dir={prose_shards}", f"--out_dir={out}", *TINY, "--max_iters=2"])
+    logged = rows(out, "eval")[-1]
+    model = GPT.from_checkpoint(str(out / "ckpt.pt")).eval()
+    enc = get_tokenizer("gpt2")  # tiktoken's GPT-2 BPE, built from the project's offline files
+    loader = ShardLoader(glob.glob(os.path.join(prose_shards, "*_val_*.bin"))[0], 4, 32, 0, 1, 0, shuffle=False)
+    nats = nbytes = 0.0
+    with torch.no_grad():
+        for _ in range(256 // 128):  # eval_tokens / tokens per batch
+            x, y = loader.next_batch()
+            logits, _ = model(x, y)
+            nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
+            for loss, target in zip(nll.tolist(), y.view(-1).tolist()):
+                size = 0 if target == 50256 else len(enc.decode_single_token_bytes(target))  # <|endoftext|>: no text
+                nats += loss if size else 0.0
+                nbytes += size
+    assert logged["val_bpb"] == pytest.approx(nats / (nbytes * math.log(2)), rel=1e-5)
+    assert rows(out, "run")[0]["floors"]["bigram"]["bpb"] > 0  # the data's floors, for the log's readers
+
+
+def test_a_byte_level_model_trains_checkpoints_and_reports_bits_per_byte(tmp_path):
+    data = tmp_path / "bytes"
+    prepare_shards(pydoc_documents()[:20], str(data), "pydoc", first_tokens_split(4000), shard_tokens=100_000,
+                   progress=False, tokenizer="bytes")
+    out = tmp_path / "run"
+    train.main([f"--data_dir={data}", f"--out_dir={out}", *TINY, "--max_iters=2", "--tokenizer=bytes",
+                "--vocab_size=320"])
+    assert load_checkpoint(str(out / "ckpt.pt"))["tokenizer"]["name"] == "bytes"
+    # one byte per target (no separators inside these windows' targets but the documents' ends): bpb ~ nats / ln 2
+    last = rows(out, "eval")[-1]
+    assert 0 < last["val_bpb"] and last["val_bpb"] == pytest.approx(last["val_loss"] / math.log(2), rel=0.05)
