@@ -8,7 +8,9 @@ lm.load_lm, like analyze.py and eval_benchmarks.py.
 
 `python harness.py ...` is lm_eval's own command line (every lm_eval option works) with `nanoshift`
 registered first: a plain `lm_eval --model nanoshift` cannot find it, because lm_eval's CLI only knows
-its built-in models. From Python, importing this module registers the model:
+its built-in models. Exit status: 0 done; 1 a missing or unreadable checkpoint; 2 bad model_args (both
+one line, no traceback); lm_eval's own errors as lm_eval reports them. From Python, importing this module
+registers the model:
 
     import harness, lm_eval
     results = lm_eval.simple_evaluate(model="nanoshift", model_args="ckpt=out-gate,dtype=bfloat16",
@@ -49,11 +51,13 @@ says `pip install lm_eval`.
 """
 
 import importlib
+import os
 import sys
 
 import numpy as np
 import torch
 
+from nanoshift.common import NanoshiftError, SettingError, exit_with
 from nanoshift.lm import load_lm
 from nanoshift.scoring import continuation_scores
 
@@ -81,9 +85,9 @@ class NanoshiftLM(TemplateLM or object):
         require_lm_eval()
         super().__init__()
         if ckpt is None:
-            raise ValueError(f"model_args must give ckpt=<checkpoint file or run dir> for --model {MODEL_NAME}")
+            raise SettingError(f"model_args must give ckpt=<checkpoint file or run dir> for --model {MODEL_NAME}")
         if unused:  # e.g. pretrained=...: an hf argument given to the wrong model
-            raise ValueError(f"unknown model_args for {MODEL_NAME}: {sorted(unused)}; "
+            raise SettingError(f"unknown model_args for {MODEL_NAME}: {sorted(unused)}; "
                              "known: ckpt, device, dtype, batch_size, max_gen_toks")
         if batch_size in (None, "auto") or str(batch_size).startswith("auto"):
             print(f"{MODEL_NAME}: batch_size={batch_size!r} is not supported (no automatic batch search); using 8",
@@ -92,7 +96,7 @@ class NanoshiftLM(TemplateLM or object):
         self.batch_size = int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
         if self.batch_size < 1 or self.max_gen_toks < 1:
-            raise ValueError(f"batch_size and max_gen_toks must be >= 1, got {batch_size} and {max_gen_toks}")
+            raise SettingError(f"batch_size and max_gen_toks must be >= 1, got {batch_size} and {max_gen_toks}")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.lm = load_lm(ckpt=ckpt, device=device, dtype=dtype)
         self._device = self.lm.device
@@ -178,7 +182,7 @@ class NanoshiftLM(TemplateLM or object):
         max_gen_toks = int(kwargs.pop("max_gen_toks", None) or kwargs.pop("max_new_tokens", None)
                            or self.max_gen_toks)
         if kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0:
-            raise ValueError(f"{MODEL_NAME} generates greedily only; this task asks for sampling ({gen_kwargs})")
+            raise SettingError(f"{MODEL_NAME} generates greedily only; this task asks for sampling ({gen_kwargs})")
         return until, max_gen_toks
 
     @torch.inference_mode()
@@ -237,17 +241,25 @@ if TemplateLM is not None:
 
 
 def main(argv=None):
-    """lm_eval's command line with `nanoshift` registered: `python harness.py --model nanoshift ...`."""
+    """lm_eval's command line with `nanoshift` registered: `python harness.py --model nanoshift ...`.
+
+    The adapter's own errors (a missing or unreadable checkpoint, bad model_args) end the run as one line and
+    common.exit_with's status (1 for data, 2 for a setting), like every nanoshift entry point; lm_eval's own
+    errors keep lm_eval's reporting. NANOSHIFT_TRACEBACK=1 shows the traceback."""
     try:
         require_lm_eval()
     except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(e)
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0]] + list(argv)
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except NanoshiftError as e:
+        if os.environ.get("NANOSHIFT_TRACEBACK") == "1":
+            raise
+        exit_with(e)
 
 
 if __name__ == "__main__":

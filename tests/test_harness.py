@@ -215,6 +215,20 @@ def test_the_command_line_runs_lm_eval_with_nanoshift_registered(task_dir, tmp_p
     assert saved["config"]["model"] == "nanoshift"
 
 
+def test_the_command_line_reports_a_missing_checkpoint_in_one_line(task_dir, tmp_path):
+    """No lm_eval traceback: one line naming the checkpoint, exit 1 (common.exit_with); bad model_args exit 2."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("NANOSHIFT_TRACEBACK", None)
+    for model_args, status, message in ((f"ckpt={tmp_path / 'missing'}", 1, "error: checkpoint not found: "),
+                                        ("pretrained=gpt2", 2, "config error: model_args must give ckpt=")):
+        out = subprocess.run([sys.executable, os.path.join(root, "harness.py"), "--model", "nanoshift", "--model_args",
+                              model_args, "--tasks", "tiny_mc", "--include_path", task_dir, "--device", "cpu"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == status, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-500:]
+
 def test_without_lm_eval_the_adapter_says_what_to_install(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys; sys.modules['lm_eval'] = None\n"  # lm_eval made unimportable
