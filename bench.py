@@ -325,6 +325,7 @@ def _bench_train_models(models, title, steps, repeats, warmup, baseline="none", 
 
     def train_steps(name, n):
         model, forward, optimizer = runs[name]
+        loss = None  # n = 0 (warmup=0): no step, nothing to wait for
         for _ in range(n):
             with ctx:
                 _, loss = forward(x, y)
@@ -332,7 +333,8 @@ def _bench_train_models(models, title, steps, repeats, warmup, baseline="none", 
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss.item()  # wait for the device
+        if loss is not None:
+            loss.item()  # wait for the device
 
     for name in models:
         train_steps(name, warmup)  # compile, allocator, thread pool
