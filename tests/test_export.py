@@ -9,13 +9,15 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
 import export_checkpoint
 from conftest import save_tiny_tokenizer, tiny_gpt, write_checkpoint
-from nanoshift.common import InputError, SettingError
+from nanoshift.checkpoint import SHARDED_POINTER, TRAIN_STATE, save_checkpoint
+from nanoshift.common import InputError, SettingError, write_json
 from nanoshift.data import get_tokenizer
 from model import GPT
 
@@ -78,6 +80,15 @@ def test_gpt2_exports_to_gpt2lmheadmodel_with_equal_logits(config, tmp_path):
     assert tok(TEXT)["input_ids"] == get_tokenizer().encode_ordinary(TEXT)
     assert tok.eos_token_id == 50256 == transformers.GenerationConfig.from_pretrained(out).eos_token_id
     assert sorted(os.listdir(tmp_path)) == ["hf", "run"]  # no temporary folder left behind
+    assert_same_import(model, out)
+
+
+def assert_same_import(model, hf_dir):
+    """The export comes back in through our own HF import (GPT.from_pretrained, train.py --init_from) unchanged."""
+    back = GPT.from_pretrained(hf_dir)
+    idx = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx, idx)[0], model(idx, idx)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("config", [
@@ -102,11 +113,34 @@ def test_llama_exports_to_llamaforcausallm_with_equal_logits(config, hf_tokenize
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok(TEXT, add_special_tokens=False)["input_ids"] == ours.encode_ordinary(TEXT)
     assert (c.bos_token_id, c.eos_token_id) == (tok.bos_token_id, tok.eos_token_id) != (None, None)
-    # and it comes back in through our own HF import, the same model
-    back = GPT.from_pretrained(out)
-    idx = torch.randint(0, model.config.vocab_size, (1, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(back(idx, idx)[0], model(idx, idx)[0], rtol=0, atol=0)
+    assert_same_import(model, out)
+
+
+def write_sharded(run, model, iter_num, tokenizer=None):
+    """A sharded (DCP) checkpoint of model in run, as an FSDP run leaves it (the weights, train_state.pt, the
+    pointer), written in this one process: what export_checkpoint.py reads."""
+    import torch.distributed.checkpoint as dcp
+
+    name = f"ckpt-{iter_num:08d}.dcp"
+    folder = os.path.join(run, name)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model.state_dict()}, storage_writer=dcp.FileSystemWriter(folder), no_dist=True)
+    save_checkpoint({"model_args": model.config.to_dict(), "iter_num": iter_num, "best_val_loss": 9.0, "config": {},
+                     "weights_from": "scratch", "tokenizer": tokenizer}, os.path.join(folder, TRAIN_STATE))
+    write_json(os.path.join(run, SHARDED_POINTER), {"dir": name, "iter_num": iter_num, "world_size": 2})
+    return folder
+
+
+def test_a_sharded_checkpoint_exports_from_its_run_or_its_folder(tmp_path):
+    """An FSDP run: its newest sharded checkpoint when that is further on than its ckpt.pt, else the ckpt.pt."""
+    old, new = tiny_gpt(seed=1), tiny_gpt(seed=2)
+    run = write_checkpoint(old, tmp_path / "run", iter_num=100)
+    folder = write_sharded(run, new, iter_num=250)
+    assert_same_logits(new, export_checkpoint.run([run, f"--hf={tmp_path / 'a'}"]), new.config.vocab_size)
+    assert_same_logits(new, export_checkpoint.run([folder, f"--hf={tmp_path / 'b'}"]), new.config.vocab_size)
+    write_checkpoint(old, run, iter_num=250)  # the run ended: its final ckpt.pt is as far on as the pointer
+    assert_same_logits(old, export_checkpoint.run([run, f"--hf={tmp_path / 'c'}"]), old.config.vocab_size)
 
 
 @pytest.mark.parametrize("residual", [
