@@ -13,10 +13,12 @@ that AutoModelForCausalLM.from_pretrained(DIR) loads with no custom code: gpt2 -
 LlamaForCausalLM, same logits (nanoshift/hf_export.py; docs/export.md). The source may be a ckpt.pt or
 best.pt file, a run's out_dir (its ckpt.pt, or its newest sharded checkpoint if that is newer) or a
 ckpt-*.dcp directory. Attenuated models (residual_mode cut / gate) are refused: transformers' blocks have no
-residual scale, so the weights alone would be another model.
+residual scale, so the weights alone would be another model; --remote_code writes them (cut, gate layer /
+scalar) with a small model class of their own, loaded with trust_remote_code=True.
 
     python export_checkpoint.py out-base --hf=out-base/hf             # then: AutoModelForCausalLM.from_pretrained
     python export_checkpoint.py out-base/best.pt --hf=base-best --overwrite
+    python export_checkpoint.py out-gate --hf=out-gate/hf --remote_code     # then: ..., trust_remote_code=True
 
 train.py writes out_dir/ckpt.pt itself at the end of a run (max_iters); this is for the state of a run that is
 still going or was stopped (SIGTERM). One process, no GPU, no process group: Distributed Checkpoint reads every
@@ -40,6 +42,7 @@ DEFAULTS = dict(
     out="",  # the file to write; '' = ckpt.pt in the run's out_dir
     hf="",  # a folder: write a transformers directory there instead of a consolidated ckpt.pt
     overwrite=False,  # with hf: replace an earlier export in that folder
+    remote_code=False,  # with hf: an attenuated model (cut, gate layer/scalar) as remote code (trust_remote_code=True)
 )
 
 
@@ -98,12 +101,15 @@ def run(argv):
         if settings["out"]:
             raise SettingError("give --out (a consolidated ckpt.pt) or --hf (a transformers directory), not both")
         ckpt, ckpt_path, what = hf_source(settings["path"])
-        out, hf_class = export_hf(ckpt, ckpt_path, settings["hf"], overwrite=settings["overwrite"])
+        out, hf_class, remote = export_hf(ckpt, ckpt_path, settings["hf"], overwrite=settings["overwrite"],
+                                          remote_code=settings["remote_code"])
+        trust = ", trust_remote_code=True" if remote else ""
         print(f"wrote {out}: {what} (iter {ckpt.get('iter_num', 0)}) as a transformers {hf_class}; load it with "
-              f"AutoModelForCausalLM.from_pretrained({out!r})")
+              f"AutoModelForCausalLM.from_pretrained({out!r}{trust})")
         return out
-    if settings["overwrite"]:
-        raise SettingError("--overwrite goes with --hf (the consolidated ckpt.pt is always replaced atomically)")
+    if settings["overwrite"] or settings["remote_code"]:
+        raise SettingError("--overwrite and --remote_code go with --hf (the consolidated ckpt.pt is always replaced "
+                           "atomically, and is our own format)")
     folder = sharded_checkpoint(settings["path"])
     out = settings["out"] or os.path.join(os.path.dirname(folder), "ckpt.pt")
     state, model = consolidated(folder)

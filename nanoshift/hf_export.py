@@ -13,10 +13,13 @@ What loads where (docs/export.md):
                    it); a bias=False model gets zero biases (GPT-2 always has them: the same function).
     arch llama  -> LlamaForCausalLM: the same Linear layouts under transformers' names; rope_theta and
                    rope_scaling, tie_word_embeddings, n_kv_head, intermediate_size and rms_norm_eps carried over.
-    Only models whose residual is plain are exported: residual_mode 'none', or an attenuated model whose
+    Plain classes only for models whose residual is plain: residual_mode 'none', or an attenuated model whose
     attenuation ramp is still at 0 (the step-0 model of a retrofit: every alpha is exactly 1, so the gate or
     cut does nothing). transformers' GPT2/Llama blocks have no residual scale alpha, so the weights of a
-    cut or gated model alone would be another model; that is refused with an InputError saying so.
+    cut or gated model alone would be another model; that is refused with an InputError saying so, unless
+    remote_code=True: then the directory also holds modeling_nanoshift.py (nanoshift/hf_remote.py: the
+    transformers class plus a hook per layer for alpha_l, the per-layer alphas in config.json), loaded with
+    trust_remote_code=True. Per-token gates (gate_mode 'token') are refused either way.
 
 The weights are written in float32, as train.py keeps them (from_pretrained(dir, dtype=torch.bfloat16) casts on
 load). A tied embedding is stored once (transformers ties lm_head to it on load), as save_pretrained does.
@@ -53,18 +56,27 @@ def residual_attenuation(ckpt):
     return attenuation_ramp(ckpt.get("iter_num", 0), warmup)
 
 
-def check_exportable(model_args, attenuation, source):
-    """InputError unless the model's residual is plain (module docstring): residual_mode 'none', or a ramp at 0."""
+def needs_remote_code(model_args, attenuation, source, remote_code=False):
+    """False if the model's residual is plain (module docstring: residual_mode 'none', or a ramp at 0); True if it
+    is attenuated and remote_code allows the remote-code export; else an InputError saying why not."""
     mode = model_args.get("residual_mode", "none")
     if mode == "none" or attenuation == 0.0:
-        return
+        return False
     what = (f"cut_alpha={model_args.get('cut_alpha')} at cut_layer={model_args.get('cut_layer')}" if mode == "cut"
             else f"gate_mode={model_args.get('gate_mode')!r}")
+    if mode == "gate" and model_args.get("gate_mode") == "token":
+        raise InputError(f"{source} has residual_mode='gate' with gate_mode='token' (attenuation {attenuation:g}): "
+                         f"its alphas are computed per token from the embeddings by the gate network, which neither "
+                         f"transformers' GPT2/Llama blocks (they have no residual scale) nor the remote-code export "
+                         f"(per-layer constant alphas) reproduce, so it cannot be exported")
+    if remote_code:
+        return True
     raise InputError(f"{source} has residual_mode={mode!r} ({what}, attenuation {attenuation:g}): it cannot be "
                      f"exported as a plain transformers model. Its blocks compute alpha_l * x + F_l(x) with "
                      f"alpha_l < 1, and transformers' GPT2/Llama blocks have no residual scale, so the weights "
                      f"alone would load as a different model with different outputs. Only residual_mode='none' "
-                     f"(or the step-0 model of a retrofit, whose attenuation ramp is still 0) can be exported.")
+                     f"(or the step-0 model of a retrofit, whose attenuation ramp is still 0) exports as a plain "
+                     f"model; --remote_code writes a directory that loads with trust_remote_code=True instead.")
 
 
 def hf_config(config, bos_token_id=None, eos_token_id=None):
@@ -86,8 +98,24 @@ def hf_config(config, bos_token_id=None, eos_token_id=None):
         hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=config.dropout, **common)
 
 
-def _hf_class(config):
+def _hf_class(config, remote=False):
+    if remote:
+        return "AttenuatedGPT2LMHeadModel" if config.arch == "gpt2" else "AttenuatedLlamaForCausalLM"
     return "GPT2LMHeadModel" if config.arch == "gpt2" else "LlamaForCausalLM"
+
+
+REMOTE_CODE_FILE = "modeling_nanoshift.py"  # nanoshift/hf_remote.py, copied
+
+
+def remote_code_config(config, alphas):
+    """What config.json needs for the remote-code classes (nanoshift/hf_remote.py): their model_type, auto_map
+    and the per-layer alphas."""
+    module = REMOTE_CODE_FILE.removesuffix(".py")
+    config_class = "AttenuatedGPT2Config" if config.arch == "gpt2" else "AttenuatedLlamaConfig"
+    return {"model_type": "nanoshift_gpt2" if config.arch == "gpt2" else "nanoshift_llama",
+            "architectures": [_hf_class(config, remote=True)], "residual_alphas": [float(a) for a in alphas],
+            "auto_map": {"AutoConfig": f"{module}.{config_class}",
+                         "AutoModelForCausalLM": f"{module}.{_hf_class(config, remote=True)}"}}
 
 
 def _rope_scaling(config):
@@ -103,12 +131,12 @@ def _rope_scaling(config):
 
 
 def hf_state_dict(model):
-    """{transformers name: contiguous tensor} of our (plain-residual) model; a tied embedding once."""
+    """{transformers name: contiguous tensor} of our model's weights (not the gate's); a tied embedding once."""
     config = model.config
     state = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("gate.") or (name == "lm_head.weight" and config.tie_embeddings):
-            continue  # the gate does nothing at attenuation 0; the tied head is the embedding
+            continue  # the gate's alphas are in config.json (or it does nothing, at attenuation 0); tied: the embedding
         if config.arch == "gpt2":
             if name.endswith(GPT2_CONV1D):
                 tensor = tensor.t()
@@ -158,10 +186,11 @@ def check_output_dir(out, overwrite):
                            f"--overwrite does not delete it; choose another folder")
 
 
-def export_hf(ckpt, ckpt_path, out, overwrite=False):
+def export_hf(ckpt, ckpt_path, out, overwrite=False, remote_code=False):
     """Write the checkpoint dict ckpt (read from ckpt_path, whose folder may hold the run's tokenizer/) as a
-    transformers directory `out`. All or nothing: the files go into a temporary folder next to out, which then
-    replaces it. Returns (out, the transformers class name)."""
+    transformers directory `out`; remote_code: an attenuated model as remote code (module docstring). All or
+    nothing: the files go into a temporary folder next to out, which then replaces it. Returns (out, the
+    transformers class name, whether loading it needs trust_remote_code=True)."""
     try:
         import transformers
         from safetensors.torch import save_file
@@ -169,9 +198,9 @@ def export_hf(ckpt, ckpt_path, out, overwrite=False):
         raise ImportError("exporting to transformers needs the optional packages transformers and safetensors: "
                           "pip install transformers safetensors") from None
     check_output_dir(out, overwrite)
-    check_exportable(ckpt["model_args"], residual_attenuation(ckpt), ckpt_path)
+    remote = needs_remote_code(ckpt["model_args"], residual_attenuation(ckpt), ckpt_path, remote_code)
     tokenizer = checkpoint_tokenizer(ckpt, ckpt_path)
-    model = GPT.from_checkpoint(ckpt)
+    model = GPT.from_checkpoint(ckpt)  # at the checkpoint's attenuation, so residual_alphas are as trained
     bos = getattr(getattr(tokenizer, "hf", None), "bos_token_id", None)
     eos = tokenizer.eot_token
     if tokenizer.tokenizer_id == GPT2_NAME and bos is None:
@@ -191,6 +220,10 @@ def export_hf(ckpt, ckpt_path, out, overwrite=False):
         if model.config.arch == "llama":  # transformers 4.x (and tools pinned to it) read these keys
             config_dict["rope_theta"] = model.config.rope_theta
             config_dict["rope_scaling"] = _rope_scaling(model.config)
+        if remote:
+            config_dict.update(remote_code_config(model.config, model.residual_alphas()))
+            shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote.py"),
+                        os.path.join(tmp, REMOTE_CODE_FILE))
         write_json(os.path.join(tmp, "config.json"), config_dict, indent=2)
         transformers.GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
         if tokenizer.tokenizer_id == GPT2_NAME:
@@ -205,4 +238,4 @@ def export_hf(ckpt, ckpt_path, out, overwrite=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out, _hf_class(model.config)
+    return out, _hf_class(model.config, remote), remote

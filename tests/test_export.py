@@ -156,6 +156,52 @@ def test_attenuated_models_are_refused_with_the_reason(residual, tmp_path):
     assert not os.path.exists(tmp_path / "hf")
 
 
+@pytest.mark.parametrize("arch, residual, iter_num", [
+    ("gpt2", dict(residual_mode="cut", cut_layer=[0, 1], cut_alpha=0.3), 5),
+    ("llama", dict(residual_mode="gate", gate_mode="layer", n_head=4, n_kv_head=2, tie_embeddings=False), 5),
+    ("gpt2", dict(residual_mode="gate", gate_mode="scalar"), 3),  # the ramp at 3 / 10: alpha = 1 - 0.3 (1 - a)
+], ids=["gpt2-cut", "llama-gate-layer", "gpt2-gate-scalar-ramp"])
+def test_remote_code_reproduces_an_attenuated_model(arch, residual, iter_num, hf_tokenizer_dir, tmp_path):
+    if arch == "llama":
+        model, run = llama_run(tmp_path / "run", hf_tokenizer_dir, seed=3, **residual)
+        record = {"name": hf_tokenizer_dir, "id": get_tokenizer(hf_tokenizer_dir).tokenizer_id}
+    else:
+        model, record = tiny_gpt(seed=3, **residual), None
+        run = str(tmp_path / "run")
+    if model.gate is not None:  # away from the uniform init, so a wrong layer order shows
+        with torch.no_grad():
+            model.gate.logits.copy_(torch.randn(model.config.n_layer))
+    write_checkpoint(model, run, iter_num=iter_num, config={"attenuation_warmup_iters": 10}, tokenizer=record)
+    ours = GPT.from_checkpoint(os.path.join(run, "ckpt.pt"))  # at the checkpoint's attenuation
+    alphas = ours.residual_alphas()
+    assert min(alphas) < 0.95  # attenuated: a plain export would differ
+    out = export_checkpoint.run([run, f"--hf={tmp_path / 'hf'}", "--remote_code"])
+    assert "modeling_nanoshift.py" in os.listdir(out)
+    with pytest.raises(Exception):  # without trust_remote_code, transformers refuses it: never a plain model
+        transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert hf.config.residual_alphas == pytest.approx(alphas, abs=0)
+    idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs = hf(input_ids=idx).logits
+        mine = ours(idx, torch.zeros_like(idx))[0]
+        torch.testing.assert_close(theirs, mine, rtol=1e-5, atol=1e-5)
+        assert (hf(input_ids=idx, use_cache=True).logits - theirs).abs().max() == 0
+        ours.set_attenuation(0.0)  # and the alphas matter: the same weights with a plain residual differ
+        assert (ours(idx, torch.zeros_like(idx))[0] - mine).abs().max() > 1e-3
+
+
+def test_remote_code_refuses_a_per_token_gate_and_leaves_a_plain_model_plain(tmp_path):
+    run = write_checkpoint(tiny_gpt(residual_mode="gate", gate_mode="token"), tmp_path / "token", iter_num=5)
+    with pytest.raises(InputError, match="gate_mode='token'.*per token"):
+        export_checkpoint.run([run, f"--hf={tmp_path / 'hf'}", "--remote_code"])
+    plain = tiny_gpt(seed=2)
+    out = export_checkpoint.run([write_checkpoint(plain, tmp_path / "plain"), f"--hf={tmp_path / 'plain_hf'}",
+                                 "--remote_code"])
+    assert "modeling_nanoshift.py" not in os.listdir(out)
+    assert type(assert_same_logits(plain, out, plain.config.vocab_size)).__name__ == "GPT2LMHeadModel"
+
+
 def test_a_retrofit_at_step_0_is_the_plain_model_and_exports(hf_tokenizer_dir, tmp_path):
     """A gate whose attenuation ramp is still 0 (iter 0 of attenuation_warmup_iters) does nothing: exportable."""
     model, run = llama_run(tmp_path / "run", hf_tokenizer_dir, residual_mode="gate", gate_mode="token")
