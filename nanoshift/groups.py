@@ -208,10 +208,13 @@ def baseline_of(groups, label=""):
             continue
         only_g = sorted(set(g.seeds) - set(baseline.seeds))
         only_b = sorted(set(baseline.seeds) - set(g.seeds))
-        if only_g or only_b:
-            raise InputError(f"cannot pair group {g.label!r} with the baseline {baseline.label!r} by seed: seeds "
-                             f"{only_g} have no {baseline.label!r} run, seeds {only_b} no {g.label!r} run. Give both the "
-                             "same seeds (narrow a pattern, e.g. 'out-gate-s[123]', or finish the missing runs)")
+        if only_g or only_b:  # name only the side(s) that lack something: "seed 3 has no 'gate' run"
+            lacking = "; ".join(f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} "
+                                f"{'have' if len(seeds) > 1 else 'has'} no {name!r} run"
+                                for seeds, name in ((only_g, baseline.label), (only_b, g.label)) if seeds)
+            raise InputError(f"cannot pair group {g.label!r} with the baseline {baseline.label!r} by seed: {lacking}. "
+                             "Give both the same seeds (narrow a pattern, e.g. 'out-gate-s[123]', or finish the "
+                             "missing runs)")
     return baseline
 
 # -----------------------------------------------------------------------------

@@ -110,6 +110,29 @@ class LanguageModel:
 
     text_tokenizer = None  # the model's tokenizer in data.py's interface, where it has one
 
+    @property
+    def prefix_token(self):
+        """The token a text is conditioned on when nothing comes before it (an empty context, the first
+        window of a document): the tokenizer's BOS if it has one, else its end-of-text token. lm_eval's `hf`
+        model's rule (prefix_token_id); for GPT-2 both are <|endoftext|>."""
+        hf = getattr(self.text_tokenizer, "hf", None)  # an HFTokenizer: transformers' own BOS
+        bos = None if hf is None else hf.bos_token_id
+        return self.eot if bos is None else bos
+
+    def decode_text(self, ids):
+        """Generated ids as text, the way lm_eval's `hf` model decodes them (skip_special_tokens=True):
+        special tokens (BOS, EOS, padding, ...) and ids the tokenizer does not have (the rows that pad the
+        vocabulary to a multiple of 64) are left out."""
+        tok = self.text_tokenizer
+        if tok is None:
+            raise ValueError(f"{self.name}: no tokenizer to decode with")
+        hf = getattr(tok, "hf", None)
+        ids = [int(i) for i in ids if 0 <= int(i) < tok.n_vocab]
+        if hf is not None:
+            return hf.decode(ids, skip_special_tokens=True)
+        special = {tok.encode_single_token(t) for t in tok.special_tokens_set}  # tiktoken: <|endoftext|>
+        return tok.decode([i for i in ids if i not in special])
+
     def logits(self, idx):
         raise NotImplementedError
 

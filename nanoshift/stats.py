@@ -18,6 +18,12 @@ permutation test cannot reach p < 0.05 below 6 seeds (its smallest two-sided p-v
 3 seeds, 0.0625 at 5); the t-test can, at the price of assuming roughly normal differences (reasonable
 for averages over many tokens, and the t interval widens honestly with few seeds). An interval that
 contains 0, or p >= 0.05, is reported as "no significant difference", not as a win.
+
+Every difference equal (zero spread): the t statistic is mean / 0. With a nonzero mean, p = 0.0 and
+significant, as scipy.stats.ttest_rel gives (t = +-inf). With every difference exactly 0 (e.g. two groups of
+the same checkpoints), scipy's t is 0 / 0 and its p nan; here p = 1.0, not significant: no difference at all
+is the weakest evidence of one, and a number keeps the JSON outputs valid and every reader of p_value working
+(tests/test_stats.py checks both against scipy).
 """
 
 import functools
@@ -95,14 +101,17 @@ def paired_difference(group, baseline):
     two-sided paired t-test's p-value and whether it is significant at 5%. Seeds present in one group but
     not the other are an InputError (a paired comparison needs every seed in both)."""
     only_group, only_baseline = sorted(set(group) - set(baseline)), sorted(set(baseline) - set(group))
-    if only_group or only_baseline:
-        raise InputError(f"a paired comparison needs the same seeds in both groups: seeds {only_group} have no "
-                         f"baseline run, seeds {only_baseline} no run in the group")
+    if only_group or only_baseline:  # name only the side(s) that lack something
+        lacking = "; ".join(f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} "
+                            f"{'have' if len(seeds) > 1 else 'has'} no {what}"
+                            for seeds, what in ((only_group, "baseline run"), (only_baseline, "run in the group"))
+                            if seeds)
+        raise InputError(f"a paired comparison needs the same seeds in both groups: {lacking}")
     diffs = [group[seed] - baseline[seed] for seed in sorted(group)]
     out = describe(diffs)
     if out["n"] < 2:
         return dict(out, p_value=None, significant=False)
-    if out["std"] == 0:
+    if out["std"] == 0:  # every difference equal (module docstring): scipy's p for a nonzero mean, 1.0 for none
         p = 1.0 if out["mean"] == 0 else 0.0
     else:
         t = out["mean"] / (out["std"] / math.sqrt(out["n"]))

@@ -100,13 +100,25 @@ def test_unmatched_seeds_are_a_clear_error_before_anything_is_evaluated(runs, ca
         eval_benchmarks.main(["--ckpt", f"{runs}/out-baseline-s*", f"gate={runs}/out-gate-s[12]", "--benchmarks", "demo",
                               "--demo_shards", str(runs / "*.bin"), "--out_dir", str(out)])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and "cannot pair group 'gate' with the baseline 'baseline' by seed: seeds [] have no " \
-        "'baseline' run, seeds [3] no 'gate' run" in err
+    assert e.value.code == 1 and "cannot pair group 'gate' with the baseline 'baseline' by seed: seed 3 has no " \
+        "'gate' run. Give both" in err and "[]" not in err
     assert not out.exists()  # refused before any model was loaded
     gate = groups.make_group("gate", [groups.Run("a", "a", 1), groups.Run("b", "b", 4)])
     base = groups.make_group("baseline", [groups.Run("c", "c", 1), groups.Run("d", "d", 2)])
-    with pytest.raises(InputError, match=r"seeds \[4\] have no 'baseline' run, seeds \[2\] no 'gate' run"):
+    with pytest.raises(InputError, match=r"seed 4 has no 'baseline' run; seed 2 has no 'gate' run\."):
         groups.baseline_of([base, gate])
+
+
+def test_the_unmatched_seeds_message_names_only_what_is_missing():
+    """Never "seeds [] have no ... run": each side is named only when it lacks seeds, in the right number."""
+    base = groups.make_group("base", [groups.Run(f"b{s}", f"b{s}", s) for s in (1, 2, 3)])
+    for seeds, message in (((1, 2, 3, 4, 5), "by seed: seeds 4, 5 have no 'base' run. Give"),
+                           ((1,), "by seed: seeds 2, 3 have no 'gate' run. Give"),
+                           ((1, 2, 7), "by seed: seed 7 has no 'base' run; seed 3 has no 'gate' run. Give")):
+        gate = groups.make_group("gate", [groups.Run(f"g{s}", f"g{s}", s) for s in seeds])
+        with pytest.raises(InputError) as e:
+            groups.baseline_of([base, gate])
+        assert message in str(e.value) and "[]" not in str(e.value)
 
 
 def test_group_rules_labels_patterns_seeds_and_mixed_configurations(runs):

@@ -13,7 +13,7 @@ import torch
 
 import eval_benchmarks as eb
 import harness
-from conftest import tiny_gpt, write_checkpoint
+from conftest import save_tiny_llama, save_tiny_tokenizer, tiny_gpt, write_checkpoint
 from nanoshift.data import EOT_TOKEN, default_bpe_dir, get_tokenizer
 from nanoshift.lm import load_lm
 from nanoshift.hf import from_pretrained
@@ -215,6 +215,20 @@ def test_the_command_line_runs_lm_eval_with_nanoshift_registered(task_dir, tmp_p
     assert saved["config"]["model"] == "nanoshift"
 
 
+def test_the_command_line_reports_a_missing_checkpoint_in_one_line(task_dir, tmp_path):
+    """No lm_eval traceback: one line naming the checkpoint, exit 1 (common.exit_with); bad model_args exit 2."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("NANOSHIFT_TRACEBACK", None)
+    for model_args, status, message in ((f"ckpt={tmp_path / 'missing'}", 1, "error: checkpoint not found: "),
+                                        ("pretrained=gpt2", 2, "config error: model_args must give ckpt=")):
+        out = subprocess.run([sys.executable, os.path.join(root, "harness.py"), "--model", "nanoshift", "--model_args",
+                              model_args, "--tasks", "tiny_mc", "--include_path", task_dir, "--device", "cpu"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == status, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines()[-1].startswith(message), out.stderr[-500:]
+
 def test_without_lm_eval_the_adapter_says_what_to_install(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     code = ("import sys; sys.modules['lm_eval'] = None\n"  # lm_eval made unimportable
@@ -262,6 +276,75 @@ def test_adapter_equals_the_harness_hf_model(task_dir, tmp_path):
     n_bytes = sum(len(r["text"].encode()) for r in ROLLING_ROWS)
     assert ours["results"]["tiny_rolling"]["bits_per_byte,none"] == pytest.approx(np.log2(50257) * tokens / n_bytes,
                                                                                  rel=0.02)
+
+
+@pytest.fixture(scope="module")
+def llama_with_own_tokenizer(tmp_path_factory):
+    """(HF dir, our run dir) of one tiny Llama with its own Llama-style tokenizer (BOS <s> put before every text,
+    EOS </s>; not GPT-2's): the HF model saved with save_pretrained, and the same weights imported the way a
+    retrofit's are (nanoshift.hf.from_pretrained; the checkpoint records the tokenizer, out_dir/tokenizer holds a copy)."""
+    pytest.importorskip("transformers")
+    hf_dir = save_tiny_tokenizer(tmp_path_factory.mktemp("hf_llama"))
+    save_tiny_llama(hf_dir, get_tokenizer(hf_dir).n_vocab, seed=5)
+    enc = get_tokenizer(hf_dir)
+    assert enc.tokenizer_id != "gpt2" and enc.bos_prefix and enc.hf.bos_token_id != enc.eot_token
+    run = tmp_path_factory.mktemp("llama_run")
+    enc.hf.save_pretrained(str(run / "tokenizer"))
+    write_checkpoint(from_pretrained(hf_dir), run, iter_num=0, weights_from=hf_dir,
+                     tokenizer={"name": hf_dir, "id": enc.tokenizer_id, "vocab_size": enc.n_vocab})
+    return hf_dir, str(run)
+
+
+def test_adapter_equals_hf_with_a_tokenizer_that_is_not_gpt2(llama_with_own_tokenizer):
+    """loglikelihood (with and without a context), loglikelihood_rolling (several windows) and generate_until
+    (decoding and stop strings) of our adapter and lm_eval's `hf` model on the same Llama weights, whose
+    tokenizer has a BOS: `hf` conditions empty contexts and documents on BOS, not on EOS."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf_dir, run = llama_with_own_tokenizer
+    ours = harness.NanoshiftLM(ckpt=run, device="cpu", batch_size=3)
+    theirs = HFLM(pretrained=hf_dir, dtype="float32", device="cpu", batch_size=1)
+    assert ours.prefix_token_id == theirs.prefix_token_id == theirs.tokenizer.bos_token_id != ours.eot_token_id
+    assert ours.max_length == theirs.max_length == 64
+
+    def requests(kind, args):
+        return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+    pairs = [("", " Photosynthesis converts light"), ("", "Short."), ("The cat sat on the", " mat"),
+             ("Question: what is 2 + 2?\nAnswer: ", "4"), ("Once upon a time, in a land far away, " * 6, " a king")]
+    assert len(ours.tok_encode(pairs[-1][0])) > ours.max_length  # left truncation is exercised
+    ll_ours, ll_theirs = ours.loglikelihood(requests("loglikelihood", pairs)), \
+        theirs.loglikelihood(requests("loglikelihood", pairs))
+    assert [g for _, g in ll_ours] == [g for _, g in ll_theirs]
+    assert [v for v, _ in ll_ours] == pytest.approx([v for v, _ in ll_theirs], rel=1e-5, abs=1e-5)
+
+    docs = [(row["text"],) for row in ROLLING_ROWS] + [("Short.",)]
+    assert len(ours.tok_encode(docs[1][0])) > 2 * ours.max_length  # three windows or more
+    rolling_ours = ours.loglikelihood_rolling(requests("loglikelihood_rolling", docs))
+    assert rolling_ours == pytest.approx(theirs.loglikelihood_rolling(requests("loglikelihood_rolling", docs)),
+                                         rel=1e-5)
+
+    contexts = ["The cat sat on the mat and", "In 1905, Einstein published", ""]
+    settings = {"until": ["<never>"], "max_gen_toks": 12, "do_sample": False}
+    gen = [(c, dict(settings)) for c in contexts]
+    expected = theirs.generate_until(requests("generate_until", gen))
+    assert ours.generate_until(requests("generate_until", gen)) == expected
+    assert all(expected) and not any("<s>" in text or "</s>" in text for text in expected)
+    stop = expected[0][len(expected[0]) // 2:][:2]  # a stop string from the middle of the first output
+    cut = [(contexts[0], dict(settings, until=[stop]))]
+    assert ours.generate_until(requests("generate_until", cut)) == theirs.generate_until(requests("generate_until", cut))
+    assert len(ours.generate_until(requests("generate_until", cut))[0]) < len(expected[0])
+
+
+def test_generated_text_leaves_out_special_and_padding_tokens(llama_with_own_tokenizer):
+    """decode_text (what generate_until returns) drops BOS/EOS and ids beyond the tokenizer (vocabulary padding)."""
+    _, run = llama_with_own_tokenizer
+    lm = load_lm(ckpt=run)
+    ids = lm.encode(" the cat")
+    assert lm.decode_text([lm.prefix_token, *ids, lm.eot, lm.text_tokenizer.n_vocab + 3]) == lm.text_tokenizer.decode(ids)
+    gpt2 = load_lm(ckpt=write_checkpoint(tiny_gpt(), os.path.join(os.path.dirname(run), "gpt2_run")))
+    assert gpt2.prefix_token == gpt2.eot == EOT_TOKEN
+    assert gpt2.decode_text([EOT_TOKEN, *TOK.encode_ordinary(" the cat"), 50300]) == " the cat"
 
 # -----------------------------------------------------------------------------
 # 3. eval_benchmarks' HellaSwag equals the harness's hellaswag task

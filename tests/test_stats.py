@@ -1,4 +1,6 @@
 """stats.py against scipy on synthetic numbers: group summaries, t quantiles, paired differences."""
+import warnings
+
 import numpy as np
 import pytest
 import scipy.stats
@@ -39,5 +41,31 @@ def test_paired_difference_equals_scipy_ttest_rel():
 
 
 def test_unmatched_seeds_are_a_clear_error():
-    with pytest.raises(InputError, match=r"seeds \[4\] have no baseline run, seeds \[2\] no run in the group"):
+    with pytest.raises(InputError, match=r"seed 4 has no baseline run; seed 2 has no run in the group$"):
         paired_difference({1: 3.0, 3: 3.1, 4: 3.2}, {1: 3.0, 2: 3.1, 3: 3.2})
+    with pytest.raises(InputError, match=r"groups: seeds 2, 3 have no run in the group$"):  # never "seeds []"
+        paired_difference({1: 3.0}, {1: 3.0, 2: 3.1, 3: 3.2})
+
+
+def test_equal_differences_p_value_against_scipy():
+    """Zero spread: a nonzero mean gives scipy's p = 0.0; all-zero differences, where scipy's p is nan (0 / 0),
+    give p = 1.0 (documented in stats.py); differences equal only up to rounding follow scipy's huge t."""
+    seeds = [1, 2, 3]
+    base = np.array([3.25, 3.5, 3.75])  # binary fractions: base + 0.25 - base is exactly 0.25 for every seed
+    for shift in (0.25, -0.5):
+        got = paired_difference(dict(zip(seeds, base + shift)), dict(zip(seeds, base)))
+        assert got["std"] == 0 and got["p_value"] == scipy_p(base + shift, base) == 0.0 and got["significant"]
+    same = paired_difference(dict(zip(seeds, base)), dict(zip(seeds, base)))
+    assert np.isnan(scipy_p(base, base))
+    assert same["p_value"] == 1.0 and not same["significant"] and same["mean"] == 0.0
+    noisy = np.array([0.1, 0.2, 0.7])  # + 0.01 - x is 0.01 only up to the last bits: a tiny, nonzero spread
+    got = paired_difference(dict(zip(seeds, noisy + 0.01)), dict(zip(seeds, noisy)))
+    assert got["std"] > 0 and got["p_value"] == pytest.approx(scipy_p(noisy + 0.01, noisy), abs=1e-12)
+    assert got["significant"]
+
+
+def scipy_p(a, b):
+    """scipy's paired t-test p-value, its warnings about (nearly) identical data silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return scipy.stats.ttest_rel(a, b).pvalue
