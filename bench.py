@@ -233,7 +233,7 @@ def _matmul_peak(device, dtype, n, clock, repeats=5):
     return 2 * n ** 3 / best
 
 
-def bench_train(steps=1, repeats=13, warmup=2):
+def bench_train(steps=1, repeats=13, warmup=2, tiny=False):
     """Training tokens/s and MFU for every residual mode on the same model, batch and seed.
 
     A training step is train.py's: forward under autocast (bf16 on GPU, fp32 on CPU), backward, clip,
@@ -249,7 +249,7 @@ def bench_train(steps=1, repeats=13, warmup=2):
     machines are shared, and wall time there swings by 2x with other tenants' load (and two threads
     spin against each other), while a thread's CPU time does not; on an idle core the two are equal.
     """
-    shape = _train_shape()
+    shape = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=256) if tiny else _train_shape()  # tiny: a quick check
     _bench_train_models({name: {**shape, **residual} for name, residual in residual_examples().items()},
                         "tokens/s per residual mode (every registered variant)", steps, repeats, warmup)
 
@@ -719,6 +719,8 @@ SECTIONS = {
 DEFAULTS = dict(
     section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory
     table_out="",  # fsdp: also write its table (markdown) to this file
+    repeats=0,  # train: rounds per residual variant; 0 = the section's default (13)
+    tiny=False,  # train: a 2-layer x 32 model instead of the GPT-2-like shape (checks every variant runs, in seconds)
 )
 
 
@@ -731,7 +733,10 @@ def run(argv):
         raise SettingError("table_out is written by --section=fsdp only")
     print(f"machine: {machine_description()}\n")
     for name in (SECTIONS if section == "all" else [section]):
-        SECTIONS[name](**({"table_out": settings["table_out"]} if name == "fsdp" else {}))
+        kwargs = {"table_out": settings["table_out"]} if name == "fsdp" else {}
+        if name == "train":
+            kwargs = dict(tiny=settings["tiny"], **({"repeats": settings["repeats"]} if settings["repeats"] else {}))
+        SECTIONS[name](**kwargs)
         print()
 
 

@@ -9,14 +9,19 @@ groups and old checkpoints.
     python -m pytest -q -p no:xdist tests/test_residual_registry.py
 """
 
+import glob
 import importlib.util
+import json
 import os
 import subprocess
 
 import pytest
 import torch
 
+import analyze
+import bench
 import model as model_now
+import train
 from model import (GPT, RESIDUALS, GPTConfig, Residual, initial_alphas, register_residual, residual_config_keys,
                    residual_examples, residual_label, residual_settings)
 
@@ -374,3 +379,35 @@ def test_every_mode_is_bit_for_bit_what_it_was_before_the_registry(before, arch,
 def test_the_pinned_modes_cover_every_registered_example():
     covered = {(kw["residual_mode"], kw.get("gate_mode")) for kw in MODES.values()}
     assert {(kw["residual_mode"], kw.get("gate_mode")) for kw in residual_examples().values()} <= covered
+
+
+# ---- a new variant needs only its registry entry: train.py, analyze.py and bench.py take it as it is ----
+
+def test_a_toy_variant_trains_analyses_and_benchmarks_through_the_entry_points(floor_variant, prose_shards, tmp_path,
+                                                                               capsys):
+    out = tmp_path / "floor"
+    train.main([f"--data_dir={prose_shards}", f"--out_dir={out}", "--device=cpu", "--n_layer=2", "--n_head=2",
+                "--n_embd=32", "--block_size=32", "--batch_size=4", "--total_batch_tokens=128", "--warmup_iters=0",
+                "--learning_rate=1e-2", "--min_lr=1e-3", "--eval_interval=3", "--eval_tokens=256", "--max_iters=3",
+                "--threads=1", "--track_sequences=2", "--residual_mode=floor", "--cut_alpha=0.6",
+                "--floor_lr_mult=50"])
+    with open(out / "log.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if r["type"] == "eval"]
+    assert evals[0]["alphas"] == pytest.approx([0.8, 0.8])  # halfway between cut_alpha and 1
+    assert evals[-1]["alphas"] != pytest.approx([0.8, 0.8], abs=1e-4)  # learned (its lr x 50)
+    assert evals[-1]["alignment"]["misalignment"] is not None  # tracked
+    assert evals[0]["val_bpb"] > 0
+    captured = capsys.readouterr()
+    assert "has no effect" not in captured.err  # floor_lr_mult acts in this mode
+
+    val = glob.glob(f"{prose_shards}/*_val_*.bin")[0]
+    analyze.main(["--ckpt", str(out), "--shards", val, "--num_sequences=2", "--seq_len=32", "--batch_size=2",
+                  f"--out_dir={tmp_path / 'analysis'}", "--progress=False", "--log", str(out / "log.jsonl")])
+    with open(tmp_path / "analysis" / "metrics.json") as f:
+        metrics = json.load(f)
+    assert "floor" in json.dumps(metrics)  # the run and its mode are in the analysis
+    assert os.path.exists(tmp_path / "analysis" / "alphas.png")
+
+    bench.run(["--section=train", "--repeats=1", "--tiny=True"])
+    table = capsys.readouterr().out
+    assert "| floor 0.5 |" in table and "| no attenuation |" in table
