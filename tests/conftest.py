@@ -123,3 +123,17 @@ def prose_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("pydoc_shards")
     prepare_shards(pydoc_documents(), str(out), "pydoc", first_tokens_split(8000), shard_tokens=40_000, progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(HF dir with a tiny random LlamaForCausalLM + its own 400-token BPE tokenizer, the HF model, prose shards
+    tokenized with that tokenizer): what a retrofit starts from."""
+    from nanoshift.data import get_tokenizer
+
+    hf_dir = save_tiny_tokenizer(tmp_path_factory.mktemp("hf_llama"))
+    hf = save_tiny_llama(hf_dir, get_tokenizer(hf_dir).n_vocab)
+    data = str(tmp_path_factory.mktemp("llama_shards"))
+    prepare_shards(pydoc_documents(), data, "pydoc", first_tokens_split(8000), shard_tokens=40_000, progress=False,
+                   tokenizer=hf_dir)
+    return hf_dir, hf, data

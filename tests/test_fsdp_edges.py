@@ -13,10 +13,7 @@ import pytest
 import torch
 
 import train
-from conftest import pydoc_documents, save_tiny_llama, save_tiny_tokenizer
 from nanoshift.checkpoint import SHARDED_POINTER, load_checkpoint
-from nanoshift.data import get_tokenizer
-from nanoshift.prepare import first_tokens_split, prepare_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -27,14 +24,10 @@ TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_siz
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tiny_llama):
     """A tiny Llama with its own 400-token BPE, and prose shards in that BPE."""
-    folder = tmp_path_factory.mktemp("edges")
-    hf_dir = save_tiny_tokenizer(folder / "hf")
-    hf = save_tiny_llama(hf_dir, get_tokenizer(hf_dir).n_vocab)
-    prepare_shards(pydoc_documents(), str(folder / "shards"), "pydoc", first_tokens_split(8000), shard_tokens=40_000,
-                   progress=False, tokenizer=hf_dir)
-    return {"shards": str(folder / "shards"), "hf_dir": hf_dir, "hf": hf}
+    hf_dir, hf, shards = tiny_llama
+    return {"shards": shards, "hf_dir": hf_dir, "hf": hf}
 
 
 def args(data, out_dir, *more):

@@ -15,11 +15,10 @@ import torch.nn.functional as F
 
 import eval_benchmarks
 from nanoshift.common import InputError
-from conftest import pydoc_documents, save_tiny_llama, save_tiny_tokenizer
+from conftest import pydoc_documents
 from nanoshift.data import ShardLoader, get_tokenizer, read_shard
 from nanoshift.lm import OurGPT, load_lm
 from model import GPT, GPTConfig, rope_cos_sin
-from nanoshift.prepare import first_tokens_split, prepare_shards
 
 pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,14 +30,8 @@ TINY = ["--device=cpu", "--block_size=32", "--batch_size=8", "--total_batch_toke
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """(HF dir with model + tokenizer, the HF model, shards tokenized with its tokenizer)."""
-    hf_dir = save_tiny_tokenizer(tmp_path_factory.mktemp("hf_llama"))
-    hf = save_tiny_llama(hf_dir, get_tokenizer(hf_dir).n_vocab)
-    data = str(tmp_path_factory.mktemp("llama_shards"))
-    prepare_shards(pydoc_documents(), data, "pydoc", first_tokens_split(8000), shard_tokens=40_000, progress=False,
-                   tokenizer=hf_dir)
-    return hf_dir, hf, data
+def llama(tiny_llama):
+    return tiny_llama
 
 
 def train(out_dir, data, *args, expect=0):

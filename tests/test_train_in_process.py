@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from conftest import pydoc_documents, save_tiny_llama, save_tiny_tokenizer
+from conftest import pydoc_documents
 from model import GPT
 from nanoshift.checkpoint import load_checkpoint
 from nanoshift.data import get_tokenizer
@@ -61,13 +61,8 @@ def test_the_schedule_warms_up_then_reaches_min_lr():
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    hf_dir = save_tiny_tokenizer(tmp_path_factory.mktemp("hf_llama"))
-    hf = save_tiny_llama(hf_dir, get_tokenizer(hf_dir).n_vocab)
-    data = str(tmp_path_factory.mktemp("llama_shards"))
-    prepare_shards(pydoc_documents(), data, "pydoc", first_tokens_split(8000), shard_tokens=40_000, progress=False,
-                   tokenizer=hf_dir)
-    return hf_dir, hf, data
+def llama(tiny_llama):
+    return tiny_llama
 
 
 def test_a_pretrained_model_with_max_iters_0_becomes_a_step_0_checkpoint(llama, tmp_path):
