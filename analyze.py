@@ -242,7 +242,7 @@ def batched(windows, batch_size):
 # Outputs: JSON, CSV
 
 
-CSV_FIELDS = ["model", "source", "kind", "layer", "lens", "space", "lens_norm", "k"] + [name for name, _ in METRICS]
+CSV_FIELDS = ["model", "source", "kind", "layer", "space", "lens_norm", "k"] + [name for name, _ in METRICS] + ["lens"]
 
 
 def write_metrics(results, out_dir, settings=None, groups=None):
