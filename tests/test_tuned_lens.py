@@ -256,7 +256,8 @@ def _hf_gpt2(n_layer=3, hidden=32, seed=0):
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=hidden, n_layer=n_layer, n_head=2)
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=T, n_embd=hidden, n_layer=n_layer, n_head=2, bos_token_id=0,
+                                  eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
