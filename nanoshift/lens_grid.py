@@ -118,7 +118,7 @@ def plot_grid(grid):
     rows, cols = len(grid["rows"]), len(grid["tokens"])
     image = np.array([[_cell_rgb(c, p[0]) for c, p in zip(classes, probs)]
                       for classes, probs in zip(grid["classes"], grid["top_probs"])])
-    fig = Figure(figsize=(2.2 + 0.8 * cols, 1.8 + 0.32 * rows), layout="constrained")
+    fig = Figure(figsize=(3.5 + 0.8 * cols, 2.4 + 0.32 * rows), layout="constrained")
     ax = fig.subplots()
     ax.imshow(image, origin="lower", aspect="auto", interpolation="nearest")
     for r in range(rows):
@@ -127,13 +127,13 @@ def plot_grid(grid):
     ax.set_xticks(range(cols), [_shorten(t) for t in grid["token_text"]], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(rows), [row_label(row) for row in grid["rows"]], fontsize=8)
     ax.set_xlabel("position: input token t_i")
-    ax.set_ylabel("layer (0 = embeddings; top = the model's output)")
+    ax.set_ylabel("layer (0 = embeddings)")
     ax.set_xticks(np.arange(-0.5, cols), minor=True)
     ax.set_yticks(np.arange(-0.5, rows), minor=True)
     ax.grid(which="minor", color="white", linewidth=0.8)
     ax.tick_params(which="minor", length=0)
-    ax.set_title(f"{grid['model']}: {grid['lens']} lens, top-1 token per layer and position (shade: probability)",
-                 fontsize=10)
+    ax.set_title(f"{grid['model']}: {grid['lens']} lens, top-1 token per layer and position\n(top row: the model's "
+                 "output; shade: probability)", fontsize=10)
     ax.legend(handles=[Patch(color=CLASS_COLORS[c], label=CLASS_TEXT[c]) for c in CLASSES], fontsize=7,
               loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
@@ -142,9 +142,9 @@ def plot_grid(grid):
 _HTML_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 16px; color: #222; }
 h1 { font-size: 17px; } p { font-size: 13px; max-width: 60em; }
-table.grid { border-collapse: collapse; font-size: 11px; }
-table.grid td, table.grid th { border: 1px solid #fff; padding: 3px 4px; text-align: center; white-space: pre;
-  max-width: 7em; overflow: hidden; text-overflow: ellipsis; }
+table.grid { border-collapse: collapse; font-size: 13px; }
+table.grid td, table.grid th { border: 1px solid #fff; padding: 4px 6px; text-align: center; white-space: pre;
+  min-width: 2.5em; max-width: 7em; overflow: hidden; text-overflow: ellipsis; }
 table.grid th { background: #eee; font-weight: normal; }
 table.grid td.cell { cursor: default; }
 table.grid td.cell:hover { outline: 2px solid #000; }

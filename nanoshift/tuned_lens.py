@@ -53,7 +53,7 @@ from nanoshift.lens import LENS_CHUNK_BYTES, LensOptions, analyze_model, lens_st
 # the tuned-lens package's defaults (its scripts/ingredients.py Optimizer and train_loop.py Train)
 REFERENCE_STEPS = 250
 REFERENCE_TOKENS_PER_STEP = 2 ** 18
-CPU_TOKENS_PER_STEP = 2 ** 13  # the CPU scale (module docstring)
+CPU_TOKENS_PER_STEP = 2 ** 10  # the CPU scale (module docstring)
 LEARNING_RATE = 1.0  # times (1 - momentum): the SGD lr is 0.1
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-3
@@ -184,7 +184,7 @@ def load_translators(path, lm):
 
 
 def default_tokens_per_step(device):
-    """2^18 tokens per step on an accelerator (the package's default), 2^13 on a CPU (module docstring)."""
+    """2^18 tokens per step on an accelerator (the package's default), 2^10 on a CPU (module docstring)."""
     return CPU_TOKENS_PER_STEP if str(device).startswith("cpu") else REFERENCE_TOKENS_PER_STEP
 
 
