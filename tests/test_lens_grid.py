@@ -1,12 +1,20 @@
 """lens_grid.py: the per-prompt layer x position grid equals the lens's top tokens (a hand-built model whose
 answers are known, and a random one against a plain decode), its HTML page is self-contained and carries the
-data, its PNG is written; analyze.py --prompt and --lens=both end to end."""
+data, hovering a cell in a real headless Chromium shows its top-5 (skipped where chromium is not installed),
+its PNG is written; analyze.py --prompt and --lens=both end to end."""
 
+import base64
 import glob
 import json
 import math
 import os
 import re
+import shutil
+import socket
+import struct
+import subprocess
+import time
+import urllib.request
 from html.parser import HTMLParser
 
 import pytest
@@ -185,3 +193,88 @@ def test_analyze_prompt_and_both_lenses_end_to_end(tmp_path, prose_shards, capsy
     with pytest.raises(SystemExit) as e:
         analyze.main(common + ["--lens=tuned-ish"])
     assert e.value.code == 2 and "lens must be 'logit', 'tuned' or 'both'" in capsys.readouterr().err
+
+
+class _DevTools:
+    """The smallest client of Chromium's DevTools protocol: one page's websocket (RFC 6455, text frames), stdlib only."""
+
+    def __init__(self, ws_url):
+        host, path = ws_url[len("ws://"):].split("/", 1)
+        name, port = host.rsplit(":", 1)
+        self.sock = socket.create_connection((name, int(port)), timeout=20)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(f"GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(4096)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert b" 101 " in head.split(b"\r\n")[0], head
+        self.next_id = 0
+
+    def _read(self, n):
+        while len(self.buf) < n:
+            self.buf += self.sock.recv(65536)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def call(self, method, **params):
+        self.next_id += 1
+        data = json.dumps({"id": self.next_id, "method": method, "params": params}).encode()
+        mask = os.urandom(4)
+        size = bytes([0x80 | len(data)]) if len(data) < 126 else bytes([0x80 | 126]) + struct.pack(">H", len(data))
+        self.sock.sendall(b"\x81" + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+        while True:
+            n = self._read(2)[1] & 0x7F
+            n = struct.unpack(">H", self._read(2))[0] if n == 126 else struct.unpack(">Q", self._read(8))[0] if n == 127 else n
+            message = json.loads(self._read(n))
+            if message.get("id") == self.next_id:
+                return message.get("result")
+
+    def evaluate(self, expression):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium to check the page in (apt-get install chromium)")
+def test_hovering_a_cell_in_a_real_browser_shows_its_top_tokens(tmp_path):
+    """Headless Chromium loads the page from disk (it could not fetch anything anyway: no network); a mouse
+    moved over a cell through the DevTools protocol's input events shows that cell's top-5, and moving away
+    hides them."""
+    lm = one_hot_model()
+    grid = lens_grid(lm, [27, 5, 29, 1], shift_translators(lm))
+    path = write_grid_html(grid, str(tmp_path / "grid.html"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    browser = subprocess.Popen(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+                                f"--user-data-dir={tmp_path / 'profile'}", "--window-size=900,600", f"file://{path}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                pages = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=2))
+                ws_url = next(p["webSocketDebuggerUrl"] for p in pages if p["type"] == "page")
+                break
+            except (OSError, StopIteration):
+                assert time.time() < deadline, "chromium did not start"
+                time.sleep(0.2)
+        page = _DevTools(ws_url)
+        while page.evaluate("!!document.getElementById('lens-data') && document.readyState") != "complete":
+            assert time.time() < deadline, "the page did not load"  # (the target starts as about:blank)
+            time.sleep(0.1)
+        tip = "getComputedStyle(document.getElementById('tip')).display"
+        assert page.evaluate(tip) == "none"
+        x, y = page.evaluate("(function () { var b = document.querySelector('td.cell[data-row=\"0\"][data-col=\"0\"]')"
+                             ".getBoundingClientRect(); return [b.left + b.width / 2, b.top + b.height / 2]; })()")
+        page.call("Input.dispatchMouseEvent", type="mouseMoved", x=x, y=y)
+        assert page.evaluate(tip) == "block"
+        text = page.evaluate("document.getElementById('tip').innerText").splitlines()
+        # row 0 (the embeddings, translated by the shift): input "<" (27), target "&" (5), top-1 "=" (28)
+        assert text[:3] == ["layer 0, position 0", 'input "<", target "&"', '1.\t"="\t100.0%']
+        assert len(text) == 2 + 5
+        page.call("Input.dispatchMouseEvent", type="mouseMoved", x=2, y=2)
+        assert page.evaluate(tip) == "none"
+    finally:
+        browser.terminate()
+        browser.wait(timeout=20)
