@@ -98,7 +98,7 @@ DEFAULTS = dict(
     mid=False,  # also the mid-block states (after attention)
     lens="logit",  # 'logit' | 'tuned' (trained affine translators, tuned_lens.py) | 'both' (each model under both lenses, overlaid)
     lens_steps=REFERENCE_STEPS,  # tuned lens: translator training steps, when none are saved (next to the checkpoint)
-    lens_tokens_per_step=0,  # tuned lens: tokens per training step; 0 = 2^18 on a GPU (tuned-lens's default), 2^10 on a CPU
+    lens_tokens_per_step=0,  # tuned lens: tokens per training step; 0 = 2^18 on a GPU (tuned-lens's default), 2^8 on a CPU
     lens_retrain=False,  # tuned lens: train new translators even where saved ones exist (and overwrite them)
     prompt="",  # text: write its layer x position grid of top tokens (grid_*.png/html, per model and lens) instead of corpus metrics
     # running

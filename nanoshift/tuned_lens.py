@@ -21,10 +21,12 @@ Nesterov momentum 0.9, learning rate 1.0 x (1 - momentum) (PyTorch's momentum sc
 1 / (1 - momentum); tuned-lens undoes that so the working rate is "1"), weight decay 1e-3, gradient norm
 clipped to 1, learning rate decaying linearly to 0 over the steps, no warm-up. Full scale is 250 steps of
 2^18 tokens (65.5M tokens). CPU scale (analyze.py's default on --device=cpu): the same 250 steps and
-schedule with 2^13 tokens per step (2.0M tokens, 32x fewer per step): the number of steps and the schedule
-decide where SGD ends up, the tokens per step only how noisy each step's gradient is, and a model small enough
-to analyse on a CPU has translators of L x (C^2 + C) parameters that 8k tokens per step already pin down
-(docs/tuned-lens.md has the measured effect). The package trains under bfloat16 autocast; here the lens runs
+schedule with 2^8 tokens per step (64k tokens, 1/1024 of the full run; in practice at least one analysis
+window per step): the number of steps and the schedule decide where SGD ends up, the tokens per step only
+how noisy each step's gradient is. Measured on a tiny trained model (docs/tuned-lens.md): 250 steps of 2^8,
+2^10 or 2^12 tokens end at the same held-out KL (to 3 digits), 50 steps of 2^10 at twice the KL. On a CPU
+the lens costs ~3 unembedding matmuls per state and token to train, so the full recipe would take days there
+(bench.py --section=tuned_lens). The package trains under bfloat16 autocast; here the lens runs
 in the model's dtype (float32 on CPU).
 
 Saved next to the checkpoint (ckpt.pt -> ckpt.tuned_lens.pt), weights-only (read with checkpoint.load_checkpoint,
@@ -53,7 +55,7 @@ from nanoshift.lens import LENS_CHUNK_BYTES, LensOptions, analyze_model, lens_st
 # the tuned-lens package's defaults (its scripts/ingredients.py Optimizer and train_loop.py Train)
 REFERENCE_STEPS = 250
 REFERENCE_TOKENS_PER_STEP = 2 ** 18
-CPU_TOKENS_PER_STEP = 2 ** 10  # the CPU scale (module docstring)
+CPU_TOKENS_PER_STEP = 2 ** 8  # the CPU scale (module docstring)
 LEARNING_RATE = 1.0  # times (1 - momentum): the SGD lr is 0.1
 MOMENTUM = 0.9
 WEIGHT_DECAY = 1e-3
@@ -184,7 +186,7 @@ def load_translators(path, lm):
 
 
 def default_tokens_per_step(device):
-    """2^18 tokens per step on an accelerator (the package's default), 2^10 on a CPU (module docstring)."""
+    """2^18 tokens per step on an accelerator (the package's default), 2^8 on a CPU (module docstring)."""
     return CPU_TOKENS_PER_STEP if str(device).startswith("cpu") else REFERENCE_TOKENS_PER_STEP
 
 
