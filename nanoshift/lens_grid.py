@@ -241,6 +241,7 @@ def plot_lens_overlay(logit, tuned):
     """Both lenses' metrics of one model (analyze_model results under lens='logit' and lens='tuned') in one
     figure: top-k input/target match, KL to the final layer, and the per-token first-win layer."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(16, 4.4), layout="constrained")
     ax_topk, ax_kl, ax_win = fig.subplots(1, 3)
@@ -268,6 +269,8 @@ def plot_lens_overlay(logit, tuned):
     ax_kl.set_title("KL(model's output || lens) (nats)")
     ax_win.set_title("per-token first-win layer")
     ax_win.set_xticks(list(range(n + 1)) + [n + 1], [str(l) for l in range(n + 1)] + ["never"])
+    for ax in (ax_topk, ax_kl):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, xlabel in ((ax_topk, "layer (0 = embeddings)"), (ax_kl, "layer (0 = embeddings)"),
                        (ax_win, "first layer from which the target's logit stays above the input's")):
         ax.set_xlabel(xlabel)
