@@ -3,6 +3,7 @@ on KL to the final layer at every intermediate layer of a tiny trained model; tr
 weights they were trained for; the forward and the training agree with the tuned-lens package (PyPI
 tuned-lens 0.2.0), skipped with a reason where it is not installed."""
 
+import json
 import os
 
 import pytest
@@ -330,3 +331,37 @@ def test_training_reaches_the_kl_of_the_tuned_lens_recipe_run_on_the_package_len
             our_kl, their_kl = kl(lm.decode(ours(resid[layer], layer))), kl(reference(resid[layer], idx=layer).float())
             assert their_kl < logit_kl and our_kl < logit_kl
             assert our_kl == pytest.approx(their_kl, rel=0.05), (layer, our_kl, their_kl, logit_kl)
+
+
+def test_analyze_tuned_lens_of_an_hf_llama_on_text(tmp_path, capsys):
+    """analyze.py --hf (a tiny Llama with its own tokenizer, BOS first) --data_files --lens=both: translators
+    trained on the text, saved in out_dir under the model's name, reused by a --prompt run."""
+    import analyze
+    from conftest import save_tiny_tokenizer
+
+    words = "the of and to in a is was for on that with as by it at from his an were".split()
+    path = tmp_path / "llama"
+    save_tiny_tokenizer(path, words=words)
+    save_tiny_llama(path, vocab_size=len(words) + 3, n_layer=2)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        picks = torch.randint(0, len(words), (300,), generator=g).tolist()
+        (texts / f"doc{i}.txt").write_text(" ".join(words[j] for j in picks) + "\n")
+    out = tmp_path / "out"
+    common = ["--hf", str(path), "--data_files", str(texts / "*.txt"), "--seq_len=16", "--lens_steps=3",
+              "--lens_tokens_per_step=32", "--progress=False", "--out_dir", str(out)]
+    analyze.main(common + ["--lens=both", "--num_sequences=3"])
+    assert "tuned lens of llama: trained" in capsys.readouterr().out
+    assert os.path.isfile(out / "llama.tuned_lens.pt")
+    models = json.loads((out / "metrics.json").read_text())["models"]
+    assert [m["lens"] for m in models] == ["logit", "tuned"]
+    assert models[0]["layers"][-1] == models[1]["layers"][-1]  # the output: no translator
+    assert models[0]["layers"][0]["kl_final"] != models[1]["layers"][0]["kl_final"]
+    analyze.main(common + ["--lens=tuned", "--prompt", "the of and to in"])
+    assert "tuned lens of llama: loaded" in capsys.readouterr().out
+    html = (out / "grid_llama_tuned.html").read_text()
+    data = json.loads(html.split('id="lens-data">', 1)[1].split("</script>", 1)[0])
+    assert data["token_text"] == ["<s>", "the", "of", "and", "to", "in"]  # the model's BOS, then the words
+    assert data["lens"] == "tuned" and len(data["rows"]) == 3
