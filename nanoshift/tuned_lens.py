@@ -245,7 +245,7 @@ def train_translators(lm, step_batches, mid=False, lr=LEARNING_RATE, momentum=MO
     with _FrozenModel(lm.model):
         for batches in tqdm(step_batches, desc=f"tuned lens {lm.name}", unit="step", disable=not progress):
             positions = sum(b.size(0) * (b.size(1) - 1) for b in batches)
-            kl_sums = torch.zeros(len(trained), dtype=torch.float64)
+            kl_sums = torch.zeros(len(trained), device=lm.device)  # on the device: read once per step
             for batch in batches:
                 x = batch[:, :-1].to(lm.device)
                 with torch.no_grad():
@@ -259,13 +259,13 @@ def train_translators(lm, step_batches, mid=False, lr=LEARNING_RATE, momentum=MO
                         logp = torch.log_softmax(lm.decode(translators(states[s][rows], s)), dim=-1)
                         kl = F.kl_div(logp, final, log_target=True, reduction="sum")
                         (kl / positions).backward()  # one state at a time: one [chunk, V] graph alive
-                        kl_sums[i] += kl.item()
+                        kl_sums[i] += kl.detach()
                 del resid, mids, states
             torch.nn.utils.clip_grad_norm_(translators.parameters(), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
-            history.append((kl_sums / positions).tolist())
+            history.append((kl_sums / positions).cpu().tolist())
             tokens += positions
     translators.eval()
     seconds = time.perf_counter() - start
