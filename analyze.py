@@ -9,6 +9,9 @@ state through the embeddings and watch it move from the input token t_i to the t
     python analyze.py --ckpt out/ckpt.pt --data_files 'texts/*.txt'    # local txt / jsonl / parquet
     python analyze.py --ckpt out/ckpt.pt --shards 'data/demo/*_val_*.bin' --seq_len=256
     python analyze.py --ckpt out/ckpt.pt --space=normed --k=1 --lens_norm=False --mid
+    python analyze.py --ckpt out/ckpt.pt --lens=tuned                  # the tuned lens (docs/tuned-lens.md)
+    python analyze.py --ckpt out/ckpt.pt --lens=both --shards 'data/demo/*_val_*.bin'   # both lenses, overlaid
+    python analyze.py --ckpt out/ckpt.pt --prompt "The capital of France is" --lens=both  # the lens grid
     python analyze.py --log out-gate/log.jsonl                         # residual alphas over training
     python analyze.py --cut_sweep 'out-cut*/log.jsonl' --baseline out-baseline/log.jsonl
     python analyze.py --ckpt 'out-baseline-s*' 'out-gate-s*' --shards 'data/demo/*_val_*.bin'   # groups of seeds
@@ -50,6 +53,7 @@ matmuls in bf16 (~2.5x faster on CPUs with bf16 units, logits to ~3 digits).
 """
 
 import csv
+import dataclasses
 import os
 import re
 import sys
@@ -63,6 +67,8 @@ from nanoshift.configurator import configure
 from nanoshift.data import GPT2_NAME, first_windows, iter_documents, read_shard, read_shard_header, shards_tokenizer, wikitext_articles
 from nanoshift.groups import Run, baseline_of, band, differences, expand, group_tables, make_group, mean, model_groups, summarize
 from nanoshift.lens import METRICS, LensOptions, analyze_models, summary_table
+from nanoshift.lens_grid import lens_grid, plot_grid, plot_lens_overlay, write_grid_html
+from nanoshift.tuned_lens import REFERENCE_STEPS, file_stem, translators_for
 from nanoshift.lm import load_models
 from nanoshift.plots import (PLOTS, group_result, plot_alphas, plot_cut_sweep, plot_shift_over_training,
                              plot_target_match_by_step, save_figure, write_plots)
@@ -91,6 +97,11 @@ DEFAULTS = dict(
     space="raw",  # 'raw' | 'normed': the state the cosine and projection are computed on
     lens_norm=True,  # decode with the final norm recomputed per layer (False: decode h itself)
     mid=False,  # also the mid-block states (after attention)
+    lens="logit",  # 'logit' | 'tuned' (trained affine translators, tuned_lens.py) | 'both' (each model under both lenses, overlaid)
+    lens_steps=REFERENCE_STEPS,  # tuned lens: translator training steps, when none are saved (next to the checkpoint)
+    lens_tokens_per_step=0,  # tuned lens: tokens per training step; 0 = 2^18 on a GPU (tuned-lens's default), 2^8 on a CPU
+    lens_retrain=False,  # tuned lens: train new translators even where saved ones exist (and overwrite them)
+    prompt="",  # text: write its layer x position grid of top tokens (grid_*.png/html, per model and lens) instead of corpus metrics
     # running
     device="cpu",  # 'cpu' | 'cuda' | 'mps'
     dtype="float32",  # the models' weights: 'float32' | 'bfloat16' | 'float16'
@@ -232,7 +243,7 @@ def batched(windows, batch_size):
 # Outputs: JSON, CSV
 
 
-CSV_FIELDS = ["model", "source", "kind", "layer", "space", "lens_norm", "k"] + [name for name, _ in METRICS]
+CSV_FIELDS = ["model", "source", "kind", "layer", "space", "lens_norm", "k"] + [name for name, _ in METRICS] + ["lens"]
 
 
 def write_metrics(results, out_dir, settings=None, groups=None):
@@ -246,7 +257,7 @@ def write_metrics(results, out_dir, settings=None, groups=None):
         writer.writeheader()
         for r in results:
             for row in r["layers"]:
-                writer.writerow({"model": r["label"], "source": r["source"], "space": r["space"],
+                writer.writerow({"model": r["label"], "source": r["source"], "lens": r.get("lens", "logit"), "space": r["space"],
                                  "lens_norm": r["lens_norm"], "k": r["k"], **row})
     return [json_path, csv_path]
 
@@ -417,8 +428,12 @@ def check_settings(settings):
     unknown = [p for p in settings["plots"] if p not in PLOTS]
     if unknown:
         raise SettingError(f"plots: unknown {unknown}; choose from {list(PLOTS)}")
+    if settings["lens"] not in ("logit", "tuned", "both"):
+        raise SettingError(f"lens must be 'logit', 'tuned' or 'both', got {settings['lens']!r}")
+    if settings["lens_steps"] < 1 or settings["lens_tokens_per_step"] < 0:
+        raise SettingError("lens_steps must be >= 1 and lens_tokens_per_step >= 0 (0 = the default)")
     set_threads(settings["threads"])
-    return LensOptions.from_settings(settings)
+    return LensOptions.from_settings(dict(settings, lens="logit" if settings["lens"] == "logit" else "tuned"))
 
 
 # the numbers of a group's table: (row label, path in a result, digits)
@@ -458,6 +473,8 @@ def run(settings):
         baseline = ([read_log(p) for p in expand_globs(settings["baseline"], "training logs")]
                     if expand([settings["baseline"]]) else read_log(settings["baseline"]))
     groups = model_groups(settings["ckpt"], settings["hf"])
+    if groups and settings["lens"] == "both":
+        raise SettingError("lens='both' compares the lenses of single models: give groups of seeds one lens at a time")
     if settings["baseline_group"] and not groups:
         raise SettingError("baseline_group names a group of seeds: give --ckpt groups (quoted patterns or label=pattern)")
     compare_to = baseline_of(groups, settings["baseline_group"]) if groups else None  # seeds pair up, or an error now
@@ -471,13 +488,25 @@ def run(settings):
             if settings["seq_len"] > lm.block_size:
                 raise SettingError(f"seq_len={settings['seq_len']} is longer than {lm.name}'s block size "
                                    f"{lm.block_size}")
+        translators = None if settings["lens"] == "logit" else translators_for(
+            lms, lambda lm, n: token_windows([lm], dict(settings, num_sequences=n, seed=settings["seed"] + 1,
+                                                        windows="random"))[0],
+            settings["seq_len"], settings["lens_steps"], settings["lens_tokens_per_step"], settings["batch_size"],
+            options.mid, settings["lens_retrain"], out_dir, settings["progress"])
+        if settings["prompt"]:
+            return write_grids(lms, translators, settings)
         windows = token_windows(lms, settings)
         batches = [batched(w, settings["batch_size"]) for w in windows]
-        results = analyze_models(lms, batches, options, settings["progress"])
+        results = analyze_models(lms, batches, options, settings["progress"], translators)
+        if settings["lens"] == "both":  # each model under both lenses, as "name (logit lens)" / "name (tuned lens)"
+            logit = analyze_models(lms, batches, dataclasses.replace(options, lens="logit"), settings["progress"])
+            results = [dict(r, label=f"{r['label']} ({r['lens']} lens)") for pair in zip(logit, results) for r in pair]
+            for lm, (a, b) in zip(lms, zip(logit, results[1::2])):
+                print(f"wrote {save_figure(plot_lens_overlay(a, b), os.path.join(out_dir, f'lens_overlay_{file_stem(lm.name)}.png'))}")
         shown, saved, text = analyze_groups(groups, compare_to, results) if groups else (results, None, None)
         for path in write_metrics(results, out_dir, settings, saved) + write_plots(shown, out_dir, settings["plots"]):
             print(f"wrote {path}")
-        print(f"\nshift depth ({settings['num_sequences']} x {settings['seq_len']} tokens, {options.space} "
+        print(f"\nshift depth ({settings['num_sequences']} x {settings['seq_len']} tokens, {settings['lens']} lens, {options.space} "
               f"state, lens {'with' if options.lens_norm else 'without'} final norm, top-{options.k}):\n")
         print(summary_table(results))
         if groups:
@@ -495,6 +524,22 @@ def run(settings):
         os.makedirs(out_dir, exist_ok=True)
         print(f"wrote {save_figure(cut_sweep_figure(sweep, baseline), os.path.join(out_dir, 'cut_sweep.png'))}")
     return results
+
+
+def write_grids(lms, translators, settings):
+    """--prompt: each model's lens grid of the prompt (lens_grid.py) under the chosen lens(es), as
+    grid_<model>_<lens>.png and .html in out_dir; returns the grids."""
+    os.makedirs(settings["out_dir"], exist_ok=True)
+    lenses = {"logit": ["logit"], "tuned": ["tuned"], "both": ["logit", "tuned"]}[settings["lens"]]
+    grids = []
+    for i, lm in enumerate(lms):
+        tokens = list(lm.bos_prefix) + list(lm.encode(settings["prompt"]))
+        for lens in lenses:
+            grid = lens_grid(lm, tokens, translators[i] if lens == "tuned" else None, settings["mid"])
+            path = os.path.join(settings["out_dir"], f"grid_{file_stem(lm.name)}_{lens}")
+            print(f"wrote {save_figure(plot_grid(grid), path + '.png')}\nwrote {write_grid_html(grid, path + '.html')}")
+            grids.append(grid)
+    return grids
 
 
 def main(argv=None):

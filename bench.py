@@ -35,6 +35,7 @@ from model import GPT, GPTConfig, residual_examples, residual_label
 from nanoshift.prepare import demo_corpus, first_tokens_split, prepare_shards
 from nanoshift.run import RunFacts
 from nanoshift.training import train_step
+from nanoshift.tuned_lens import CPU_TOKENS_PER_STEP, REFERENCE_STEPS, REFERENCE_TOKENS_PER_STEP, bench_tuned_lens
 
 
 def machine_description():
@@ -704,6 +705,27 @@ def bench_fsdp_memory():
                          align=["left"] * 3 + ["right"] * 7))
 
 
+def bench_tuned_lens_costs(B=4, T=128, steps=2, repeats=2):
+    """The tuned lens's costs (tuned_lens.bench_tuned_lens, one run): translator training tokens/s with the
+    tuned-lens recipe, and analyze_model under the tuned lens against the logit lens, on config/demo.py's model
+    shape (random weights, GPT-2 vocabulary), float32, `steps` training steps of B x T tokens."""
+    torch.manual_seed(0)
+    lm = OurGPT(GPT(GPTConfig(n_layer=6, n_head=4, n_embd=128, block_size=T, vocab_size=50304)), "demo-shape")
+    windows = torch.randint(0, 50257, (B * steps, T + 1), generator=torch.Generator().manual_seed(0))
+    n = bench_tuned_lens(lm, windows, steps=steps, batch_size=B, repeats=repeats)
+    full = REFERENCE_STEPS * REFERENCE_TOKENS_PER_STEP
+    print(f"### tuned_lens: translator training and the tuned analysis vs the logit lens, config/demo.py's shape, "
+          f"float32, {B * steps} x {T} tokens, {torch.get_num_threads()} torch threads\n")
+    print(markdown_table(["path", "tokens/s", "time per token vs the logit-lens analysis"], [
+        ["analyze_model, logit lens", f"{n['logit_analysis_tokens_per_s']:,.0f}", "1.00x"],
+        ["analyze_model, tuned lens", f"{n['tuned_analysis_tokens_per_s']:,.0f}", f"{n['tuned_vs_logit_analysis']:.2f}x"],
+        ["translator training (SGD-Nesterov, KL to the final layer)", f"{n['train_tokens_per_s']:,.0f}",
+         f"{n['train_vs_logit_analysis']:.2f}x"]]))
+    print(f"\nThe package's full recipe ({REFERENCE_STEPS} steps of {REFERENCE_TOKENS_PER_STEP:,} tokens) would take "
+          f"{full / n['train_tokens_per_s'] / 3600:,.1f} h at this speed; analyze.py's CPU default ({REFERENCE_STEPS} steps "
+          f"of {CPU_TOKENS_PER_STEP} tokens) {REFERENCE_STEPS * CPU_TOKENS_PER_STEP / n['train_tokens_per_s'] / 60:,.1f} min.")
+
+
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
@@ -714,10 +736,11 @@ SECTIONS = {
     "tracking": bench_tracking,
     "fsdp": bench_fsdp,
     "fsdp_memory": bench_fsdp_memory,
+    "tuned_lens": bench_tuned_lens_costs,
 }
 
 DEFAULTS = dict(
-    section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory
+    section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory | tuned_lens
     table_out="",  # fsdp: also write its table (markdown) to this file
     repeats=0,  # train: rounds per residual variant; 0 = the section's default (13)
     tiny=False,  # train: a 2-layer x 32 model instead of the GPT-2-like shape (checks every variant runs, in seconds)

@@ -15,6 +15,10 @@ state after attention of block l, plotted at l - 1/2), input t = t_i, target u =
 - decoding (logit lens): z = LN_f(h) E_out^T with the final norm recomputed on h (--lens_norm=False:
   z = h E_out^T), soft-capped like the model (Gemma-2). Over every row of the unembedding (padding rows
   included), so the lens at the last layer is exactly the model's own prediction.
+- lens: "logit" (the decoding above) or "tuned" (tuned_lens.py): each state h is first mapped by its
+  layer's trained affine translator, h + A h + b, then decoded the same way; every metric below is then
+  that of the translated state (the cosine and projection too: the state as the tuned lens reads it).
+  Untrained translators are zero, so the tuned lens then equals the logit lens bit for bit.
 - top-k match: t (input) or u (target) counts as in the top k if z[t] >= the k-th largest logit.
   Ties at the k-th place therefore all count (torch.topk would pick among them arbitrarily): the rule
   is "fewer than k tokens have a strictly larger logit".
@@ -76,6 +80,7 @@ LENS_CHUNK_BYTES = 128 << 20  # float32 logits of one token chunk (~4 such buffe
 METRICS = [("topk_input", "all"), ("topk_target", "all"), ("cos_input", "all"), ("cos_target", "all"),
            ("projection", "proj"), ("target_wins", "diff"), ("lens_ce", "all"), ("entropy", "all"),
            ("kl_final", "all")]
+LENSES = ("logit", "tuned")
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,8 @@ class LensOptions:
 
     k: top-k of the match metrics; space: "raw" | "normed", the state cosine and projection compare;
     lens_norm: decode with the final norm recomputed per state; mid: also the mid-block states;
-    lens_dtype: "auto" (the model's dtype) or a DTYPES name for the lens matmul.
+    lens_dtype: "auto" (the model's dtype) or a DTYPES name for the lens matmul; lens: "logit" | "tuned"
+    (the tuned lens: lens_sums needs the model's translators, tuned_lens.py).
     """
 
     k: int = 5
@@ -92,6 +98,7 @@ class LensOptions:
     lens_norm: bool = True
     mid: bool = False
     lens_dtype: str = "auto"
+    lens: str = "logit"
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
@@ -100,6 +107,11 @@ class LensOptions:
             raise SettingError(f"space must be 'raw' or 'normed', got {self.space!r}")
         if self.lens_dtype != "auto":
             dtype_from_name(self.lens_dtype, "lens_dtype", also=["auto"])
+        if self.lens not in LENSES:
+            raise SettingError(f"lens must be one of {list(LENSES)}, got {self.lens!r}")
+        if self.lens == "tuned" and not self.lens_norm:
+            raise SettingError("lens='tuned' decodes through the final norm (its translators were trained so): "
+                               "lens_norm=False is for the logit lens only")
 
     @classmethod
     def from_settings(cls, settings):
@@ -205,17 +217,32 @@ def lens_states(n_layer, mid):
     return [("resid", float(l)) for l in range(n_layer + 1)] + ([("mid", l + 0.5) for l in range(n_layer)] if mid else [])
 
 
+def check_translators(lm, options, translators):
+    """SettingError unless translators fit options.lens: given for the tuned lens (and fitting lm), not for
+    the logit lens."""
+    if options.lens == "tuned":
+        if translators is None:
+            raise SettingError(f"lens='tuned' needs {lm.name}'s translators (tuned_lens.load_or_train)")
+        translators.check_fits(lm, options.mid)
+    elif translators is not None:
+        raise SettingError("translators were given, but lens='logit': set lens='tuned' to use them")
+
+
 @torch.inference_mode()
-def lens_sums(lm, token_batches, options=LensOptions(), progress=False, spaces=None):
+def lens_sums(lm, token_batches, options=LensOptions(), progress=False, spaces=None, translators=None):
     """Stream token batches ([B, T+1] int64: inputs then one target) through lm; the LensSums.
 
     spaces: a tuple of spaces ("raw", "normed") to measure in one pass instead of options.space; then the
     result is {space: LensSums}, each equal to a pass of its own (the lens is shared, only the cosine
-    and projection differ). A problem with the model or the tokens is an InputError.
+    and projection differ). translators (options.lens == "tuned"): tuned_lens.Translators; each state is
+    translated first, and every metric, the cosine and projection included, is that of the translated
+    state (the state as the tuned lens reads it; untrained translators give the logit lens exactly). A
+    problem with the model or the tokens is an InputError.
     """
     k, lens_norm, mid, lens_dtype = options.k, options.lens_norm, options.mid, options.lens_dtype
     if k > lm.vocab_size:
         raise SettingError(f"k={k} must be at most the vocabulary size {lm.vocab_size} of {lm.name}")
+    check_translators(lm, options, translators)
     measured = spaces or (options.space,)
     any_normed = "normed" in measured
     weight = None if lens_dtype == "auto" else lm.out_embedding.detach().to(DTYPES[lens_dtype])
@@ -251,7 +278,7 @@ def lens_sums(lm, token_batches, options=LensOptions(), progress=False, spaces=N
             final = LensStats(lm.decode(flat[L][sl], True, weight), x, y, k)
             never_won_after = torch.full_like(x, -1)  # the last layer at which the target did not win
             for s in [L] + [s for s in range(len(states)) if s != L]:
-                h = flat[s][sl]
+                h = flat[s][sl] if translators is None else translators(flat[s][sl], s)
                 normed = lm.final_norm(h) if (lens_norm or any_normed) else None
                 if s == L and lens_norm:
                     lens = final
@@ -278,13 +305,14 @@ def lens_sums(lm, token_batches, options=LensOptions(), progress=False, spaces=N
     return accs if spaces else accs[options.space]
 
 
-def analyze_model(lm, token_batches, options=LensOptions(), progress=True):
-    """The per-layer metrics of lm on the token batches ([B, T+1] int64: inputs then one target).
+def analyze_model(lm, token_batches, options=LensOptions(), progress=True, translators=None):
+    """The per-layer metrics of lm on the token batches ([B, T+1] int64: inputs then one target), under
+    options.lens (the tuned lens: give lm's translators, tuned_lens.py).
 
-    Returns {"label", "source", "n_layer", ..., "layers": [row per state], "shift_depth": {...},
+    Returns {"label", "source", "n_layer", ..., "lens", "layers": [row per state], "shift_depth": {...},
     "misalignment": score}. A problem with the model or the tokens is an InputError.
     """
-    return summarise(lm, lens_sums(lm, token_batches, options, progress), options)
+    return summarise(lm, lens_sums(lm, token_batches, options, progress, translators=translators), options)
 
 
 def misalignment_score(first_win_hist, never, n_layer):
@@ -343,14 +371,16 @@ def summarise(lm, acc, options):
     }
 
 
-def analyze_models(lms, token_batches, options=LensOptions(), progress=True):
+def analyze_models(lms, token_batches, options=LensOptions(), progress=True, translators=None):
     """analyze_model for each model. token_batches: one iterable of [B, T+1] token tensors shared by all
-    models, or a list with one such iterable per model (models with different tokenizers)."""
+    models, or a list with one such iterable per model (models with different tokenizers); translators
+    (the tuned lens): one per model."""
     per_model = (isinstance(token_batches, (list, tuple)) and len(token_batches) == len(lms)
                  and all(isinstance(b, (list, tuple)) for b in token_batches))
     if not per_model:
         token_batches = [token_batches] * len(lms)
-    return [analyze_model(lm, batches, options, progress) for lm, batches in zip(lms, token_batches)]
+    translators = translators or [None] * len(lms)
+    return [analyze_model(lm, batches, options, progress, t) for lm, batches, t in zip(lms, token_batches, translators)]
 
 
 def _fmt(value, digits=2):

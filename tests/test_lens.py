@@ -13,6 +13,7 @@ from nanoshift import lens
 from nanoshift.common import SettingError
 from nanoshift.lens import LensOptions, LensStats, analyze_model, crossing_layer
 from nanoshift.lm import OurGPT
+from nanoshift.tuned_lens import Translators
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +42,9 @@ def tokens(n_seq, T, vocab, seed=1):
     return torch.randint(0, vocab, (n_seq, T + 1), generator=torch.Generator().manual_seed(seed))
 
 
-def reference(model, toks, k, space, lens_norm, mid):
-    """Every metric, computed in float64 numpy with the textbook definitions, position by position."""
+def reference(model, toks, k, space, lens_norm, mid, translators=None):
+    """Every metric, computed in float64 numpy with the textbook definitions, position by position; with
+    translators (the tuned lens), each state h first becomes h + A h + b (float64), the last state unchanged."""
     x, y = toks[:, :-1].reshape(-1).numpy(), toks[:, 1:].reshape(-1).numpy()
     with torch.no_grad():
         resid, mids = model.hidden_states(toks[:, :-1], mid=True)
@@ -71,8 +73,12 @@ def reference(model, toks, k, space, lens_norm, mid):
                                                               if mid else [])
     rows, wins = [], []
     n = len(x)
-    for kind, layer, state in states:
+    L = len(resid) - 1
+    for index, (kind, layer, state) in enumerate(states):
         h = as_np(state)
+        if translators is not None and index != L:
+            t = translators.translator(index)
+            h = h + h @ t.weight.detach().double().numpy().T + t.bias.detach().double().numpy()
         z = (layer_norm(h) if lens_norm else h) @ E.T
         # in the top k <=> fewer than k tokens have a strictly larger logit
         in_topk = lambda t: np.array([(z[i] > z[i, t[i]]).sum() < k for i in range(n)])
@@ -92,7 +98,6 @@ def reference(model, toks, k, space, lens_norm, mid):
             "lens_ce": -logp[np.arange(n), y].mean(), "entropy": -(p * logp).sum(-1).mean(),
             "kl_final": (np.exp(logp_final) * (logp_final - logp)).sum(-1).mean(),
         })
-    L = len(resid) - 1
     hist = [0] * (L + 2)  # first layer from which the target wins at every later layer; last bin: never
     for i in np.flatnonzero(x != y):
         first = L + 1
@@ -132,6 +137,36 @@ def test_every_metric_equals_the_plain_computation(space, lens_norm, monkeypatch
     assert got["positions_projection"] == sum(a // 2 != b // 2 for a, b in pairs) < got["positions_diff"]
     if lens_norm:  # the last layer's lens is the model's own output distribution
         assert got["layers"][model.config.n_layer]["kl_final"] == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("space", ["raw", "normed"])
+def test_every_metric_under_the_tuned_lens_equals_the_plain_computation(space):
+    """The tuned lens through the same engine: random translators (the mid-block ones too), every metric of the
+    translated states against the float64 reference."""
+    model, k = tie_model(), 5
+    toks = tokens(4, 16, V, seed=5)
+    lm = OurGPT(model, "tiny")
+    torch.manual_seed(1)
+    translators = Translators.for_model(lm, mid=True)
+    with torch.no_grad():
+        for p in translators.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    got = analyze_model(lm, batched(toks, 3), LensOptions(k=k, space=space, mid=True, lens="tuned"), progress=False,
+                        translators=translators)
+    want, hist = reference(model, toks, k, space, True, mid=True, translators=translators)
+    logit = analyze_model(lm, batched(toks, 3), LensOptions(k=k, space=space, mid=True), progress=False)
+    assert got["lens"] == "tuned"
+    for g, w, plain in zip(got["layers"], want, logit["layers"]):
+        assert (g["kind"], g["layer"]) == (w["kind"], w["layer"])
+        for name in ("topk_input", "topk_target", "target_wins"):
+            assert g[name] == pytest.approx(w[name], abs=1e-12), (name, g["layer"])
+        for name in ("cos_input", "cos_target", "projection"):
+            assert g[name] == pytest.approx(w[name], abs=2e-5), (name, g["layer"])
+        for name in ("lens_ce", "entropy", "kl_final"):
+            assert g[name] == pytest.approx(w[name], abs=2e-4), (name, g["layer"])
+        if g["layer"] != model.config.n_layer:  # translated: not the logit lens's numbers
+            assert g["kl_final"] != pytest.approx(plain["kl_final"], rel=0.1)
+    assert got["shift_depth"]["first_win_hist"] + [got["shift_depth"]["first_win_never"]] == hist
 
 
 def test_test_model_really_has_ties_at_the_kth_place():
@@ -199,6 +234,8 @@ def test_sequences_without_a_shift_give_no_projection_instead_of_nan():
 @pytest.mark.parametrize("options, named", [
     (dict(k=0), "k must be an int >= 1"), (dict(k=2.5), "k must be an int"), (dict(space="sideways"), "space must be"),
     (dict(lens_dtype="float8"), "lens_dtype must be one of ['auto', 'float32'"),
+    (dict(lens="tuned-ish"), "lens must be one of ['logit', 'tuned']"),
+    (dict(lens="tuned", lens_norm=False), "lens_norm=False is for the logit lens only"),
 ])
 def test_lens_options_are_checked_once_naming_the_setting(options, named):
     with pytest.raises(SettingError) as error:
