@@ -169,7 +169,7 @@ def test_remote_code_reproduces_an_attenuated_model(arch, residual, iter_num, hf
     else:
         model, record = tiny_gpt(seed=3, **residual), None
         run = str(tmp_path / "run")
-    if model.gate is not None:  # away from the uniform init, so a wrong layer order shows
+    if model.config.residual_mode == "gate":  # away from the uniform init, so a wrong layer order shows
         with torch.no_grad():
             model.gate.logits.copy_(torch.randn(model.config.n_layer))
     write_checkpoint(model, run, iter_num=iter_num, config={"attenuation_warmup_iters": 10}, tokenizer=record)
