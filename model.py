@@ -291,15 +291,15 @@ class Residual(nn.Module):
     (deepnorm's post-LN) refuses a < 1 with a clear error.
 
     How the variants of issue #23 map onto this interface (not implemented here):
-        lambdas      x = resid_λ_l x + x0_λ_l x0 before each block (nanochat, modded-nanogpt): parameters
-                     resid_λ [L] (init 1) and x0_λ [L] (init 0); forward_blocks keeps x0 and mixes before
-                     calling block(x, None, rope); the ramp scales (λ - identity) by a; alpha_values logs resid_λ
-        rezero       x + α_l F(x), α = 0 at init (Bachlechner et al. 2020): forward_blocks computes
-                     F = block(x, None, rope)[0] - x and adds α_l F; the ramp moves α from 1 towards α_l
-        layerscale   x + diag(λ_l) F(x), small init (CaiT, Touvron et al. 2021): as rezero with a vector λ_l
-        deepnorm     post-LN, x = LN(α x + F(x)), α and the init scale set by depth (DeepNet, Wang et al.
-                     2022): forward_blocks calls the block's sublayers itself (block.attn, block.mlp, with
-                     block.ln_1 / ln_2 as the post-norms); reset_parameters rescales the projections by β
+        lambdas      (class Lambdas below) x = resid_λ_l x + x0_λ_l x0 before each block (nanochat): forward_blocks
+                     keeps x0 and mixes before calling block(x, None, rope); the ramp scales (λ - identity)
+                     by a; alpha_values logs resid_λ; two optimizer groups (x0_λ, resid_λ at 0.01x its lr)
+        rezero       (class ReZero) x + α_l F(x) per sublayer, α = 0 at init (Bachlechner et al. 2020): a
+                     wiring run inside Block.forward scales each sublayer's update; the ramp moves α towards 1
+        layerscale   (class LayerScale) x + diag(λ_l) F(x) per sublayer, small init (CaiT): as rezero with vectors
+        deepnorm     (class DeepNorm) post-LN, x = LN(α x + F(x)), α and the init scale set by depth (DeepNet):
+                     a wiring uses block.ln_1 / ln_2 as the post-norms; init_blocks sets the β init; the
+                     ramp is refused (check_ramp)
         value resid  each layer's attention values mixed with the first layer's (ResFormer, Zhou et al.
                      2024): forward_blocks captures layer 0's values and hands them to the later blocks;
                      this needs the attention to accept the values to mix (an optional argument of
