@@ -455,3 +455,18 @@ def test_fsdp_one_rank_trains_each_wiring(variant, arch, prose_shards, tmp_path)
     loaded = GPT.from_checkpoint(str(out / "ckpt.pt"))  # the consolidated weights load as the plain class does
     assert loaded.config.residual_mode == VARIANTS[variant]["residual_mode"]
     assert loaded.residual_alphas() == pytest.approx(evals[-1]["alphas"], abs=1e-6)
+
+
+def test_a_lambdas_run_resumes_exactly_with_its_two_lr_groups(prose_shards, tmp_path):
+    """lambdas is the one variant with two optimizer groups of its own: a resume must put each one's AdamW
+    moments and lr back (the same weights as a run never stopped)."""
+    common = ["--eval_interval=2", "--lr_decay_iters=4", "--lambdas_lr_mult=100", "--dropout=0.1"]
+    straight = train.main([*train_args(prose_shards, tmp_path / "straight", "lambdas", *common), "--max_iters=4"])
+    train.main([*train_args(prose_shards, tmp_path / "stopped", "lambdas", *common), "--max_iters=2"])
+    resumed = train.main([*train_args(prose_shards, tmp_path / "stopped", "lambdas", *common), "--max_iters=4",
+                          "--init_from=resume"])
+    a, b = straight.raw_model.state_dict(), resumed.raw_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["lambdas.resid"], torch.tensor(Lambdas.init_schedule(2)[0]))  # it trained
+    groups = resumed.optimizer.param_groups
+    assert [g["lr_mult"] for g in groups[2:]] == [100.0, pytest.approx(1.0)]
