@@ -550,7 +550,7 @@ class Lambdas(Residual):
     nanochat (scalar_lr for x0_λ, scalar_lr * 0.01 for resid_λ: "multiplying the residual compounds through
     layers"). One multiplier and a fixed ratio rather than two settings: the ratio is nanochat's finding, the
     multiplier is what a comparison tunes. No weight decay (decay pulls resid_λ towards 0, an attenuation of
-    its own; nanochat's current code decays resid_λ by 0.05, its first version did not: here neither is decayed).
+    its own; nanochat's current code decays resid_λ by 0.05 and x0_λ not at all: here neither is decayed).
 
     Against the paper's attenuation (x_{l+1} = α_l x_l + F_l(x_l)): resid_λ < 1 attenuates the residual path
     as α < 1 does, but before the block, so F_l reads the scaled state too: x_{l+1} = r x_l + c x0 +
