@@ -94,6 +94,9 @@ class GPTConfig:
     norm_eps: float = 1e-5  # LayerNorm (gpt2) / RMSNorm (llama) epsilon
     tie_embeddings: bool = True  # lm_head shares the token embedding (always for gpt2)
     cut_layers: tuple = field(init=False, repr=False)  # cut_layer normalised to indices >= 0 (Cut sets it)
+    # issue #23's scalar variants (an old checkpoint without these fields loads with the defaults)
+    rezero_norm: bool = True  # rezero: keep the pre-norms ln_1 / ln_2 inside F (False: F reads the raw x, the paper's)
+    layerscale_init: Optional[float] = None  # layerscale: initial lambda; None = CaiT's rule by depth (0.1 up to 18 layers)
 
     def __post_init__(self):
         def fail(msg):
@@ -278,6 +281,9 @@ class Residual(nn.Module):
                                   wiring is not x_{l+1} = alpha_l x_l + F_l(x_l)
         optimizer_groups(...)     AdamW groups for its parameters (default: one group, per decays and
                                   lr_mult_setting)
+        init_blocks(blocks)       adjust the blocks' own weights after GPT's init (deepnorm's beta scaling)
+        check_ramp(settings)      SettingError if the variant cannot take the attenuation ramp (a < 1);
+                                  GPT.set_attenuation calls it
 
     The attenuation ramp: with attenuation a in [0, 1] (None: a = 1), a variant must be the configured
     variant at a = 1 and the plain model, bit for bit, at a = 0 (retrofits start from pretrained weights).
@@ -285,15 +291,15 @@ class Residual(nn.Module):
     (deepnorm's post-LN) refuses a < 1 with a clear error.
 
     How the variants of issue #23 map onto this interface (not implemented here):
-        lambdas      x = resid_λ_l x + x0_λ_l x0 before each block (nanochat, modded-nanogpt): parameters
-                     resid_λ [L] (init 1) and x0_λ [L] (init 0); forward_blocks keeps x0 and mixes before
-                     calling block(x, None, rope); the ramp scales (λ - identity) by a; alpha_values logs resid_λ
-        rezero       x + α_l F(x), α = 0 at init (Bachlechner et al. 2020): forward_blocks computes
-                     F = block(x, None, rope)[0] - x and adds α_l F; the ramp moves α from 1 towards α_l
-        layerscale   x + diag(λ_l) F(x), small init (CaiT, Touvron et al. 2021): as rezero with a vector λ_l
-        deepnorm     post-LN, x = LN(α x + F(x)), α and the init scale set by depth (DeepNet, Wang et al.
-                     2022): forward_blocks calls the block's sublayers itself (block.attn, block.mlp, with
-                     block.ln_1 / ln_2 as the post-norms); reset_parameters rescales the projections by β
+        lambdas      (class Lambdas below) x = resid_λ_l x + x0_λ_l x0 before each block (nanochat): forward_blocks
+                     keeps x0 and mixes before calling block(x, None, rope); the ramp scales (λ - identity)
+                     by a; alpha_values logs resid_λ; two optimizer groups (x0_λ, resid_λ at 0.01x its lr)
+        rezero       (class ReZero) x + α_l F(x) per sublayer, α = 0 at init (Bachlechner et al. 2020): a
+                     wiring run inside Block.forward scales each sublayer's update; the ramp moves α towards 1
+        layerscale   (class LayerScale) x + diag(λ_l) F(x) per sublayer, small init (CaiT): as rezero with vectors
+        deepnorm     (class DeepNorm) post-LN, x = LN(α x + F(x)), α and the init scale set by depth (DeepNet):
+                     a wiring uses block.ln_1 / ln_2 as the post-norms; init_blocks sets the β init; the
+                     ramp is refused (check_ramp)
         value resid  each layer's attention values mixed with the first layer's (ResFormer, Zhou et al.
                      2024): forward_blocks captures layer 0's values and hands them to the later blocks;
                      this needs the attention to accept the values to mix (an optional argument of
@@ -333,6 +339,13 @@ class Residual(nn.Module):
         return None
 
     def reset_parameters(self):
+        pass
+
+    def init_blocks(self, blocks):
+        pass
+
+    @classmethod
+    def check_ramp(cls, settings):
         pass
 
     def alphas(self, x0):
@@ -511,6 +524,307 @@ class Gate(Residual):
         return alphas.tolist()
 
 
+# ---- issue #23's scalar variants: lambdas, rezero, layerscale, deepnorm ----
+
+def _whole(t):
+    """A variant's parameter as a whole tensor: between steps FSDP holds only this rank's shard (a DTensor;
+    gathering it is a collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _ramped(scale, attenuation):
+    """The attenuation ramp applied to a residual scale: 1 - a (1 - scale), exactly 1.0 at a = 0 (then 1.0 * t
+    == t, bit for bit); the scale itself when attenuation is None (a = 1)."""
+    return scale if attenuation is None else 1 - attenuation * (1 - scale)
+
+
+@register_residual
+class Lambdas(Residual):
+    """lambdas: before block l, x = resid_λ_l · x + x0_λ_l · x0, then x = block_l(x); x0 = the embeddings as the
+    trunk gets them (after dropout); resid_λ and x0_λ learned per layer. Source: nanochat's nanochat/gpt.py
+    (GPT.forward, GPT.init_weights, setup_optimizer; dev/LOG.md 2026-01-11, -0.0077 bpb at d12), itself from
+    modded-nanogpt's train_gpt.py. Init as nanochat's code: resid_λ_l = 1.15 - 0.10 l / (L - 1) (1.15 at the
+    first layer, 1.05 at the last) and x0_λ_l = 0.20 - 0.15 l / (L - 1) (0.20 to 0.05).
+
+    Learning rate: x0_λ at learning_rate * lambdas_lr_mult, resid_λ at RESID_LR_RATIO (0.01) times that, as
+    nanochat (scalar_lr for x0_λ, scalar_lr * 0.01 for resid_λ: "multiplying the residual compounds through
+    layers"). One multiplier and a fixed ratio rather than two settings: the ratio is nanochat's finding, the
+    multiplier is what a comparison tunes. No weight decay (decay pulls resid_λ towards 0, an attenuation of
+    its own; nanochat's current code decays resid_λ by 0.05 and x0_λ not at all: here neither is decayed).
+
+    Against the paper's attenuation (x_{l+1} = α_l x_l + F_l(x_l)): resid_λ < 1 attenuates the residual path
+    as α < 1 does, but before the block, so F_l reads the scaled state too: x_{l+1} = r x_l + c x0 +
+    F_l(r x_l + c x0). A pre-norm F is blind to the scale (LN(r x) = LN(x) for r > 0, up to eps), so with
+    x0_λ = 0 this is the paper's learned α family with α_l = resid_λ_l; x0_λ adds a learned shortcut from the
+    embeddings, and nanochat starts resid_λ above 1 (amplifying, not attenuating). The lens reads the block
+    outputs x_{l+1} (before the next layer's mixing), the last of which is what ln_f reads; alphas logs resid_λ.
+
+    The ramp: resid_λ -> 1 - a (1 - resid_λ), x0_λ -> a x0_λ, so a = 0 is the plain model bit for bit."""
+
+    name = "lambdas"
+    lr_mult_setting = "lambdas_lr_mult"
+    RESID_LR_RATIO = 0.01  # nanochat: resid_λ's lr is scalar_lr * 0.01
+
+    @classmethod
+    def label(cls, settings):
+        return "lambdas (nanochat)"
+
+    @staticmethod
+    def init_schedule(n_layer):
+        """(resid_λ, x0_λ) at init, lists over the layers: nanochat's linear ramps over depth."""
+        span = max(n_layer - 1, 1)
+        return ([1.15 - 0.10 * l / span for l in range(n_layer)], [0.20 - 0.15 * l / span for l in range(n_layer)])
+
+    @classmethod
+    def initial_alphas(cls, settings):
+        return cls.init_schedule(_setting(settings, "n_layer"))[0]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.resid = nn.Parameter(torch.ones(config.n_layer))
+        self.x0 = nn.Parameter(torch.zeros(config.n_layer))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        resid, x0 = self.init_schedule(self.config.n_layer)
+        with torch.no_grad():
+            self.resid.copy_(torch.tensor(resid))
+            self.x0.copy_(torch.tensor(x0))
+
+    def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
+        x0 = x
+        resid_scales = _ramped(self.resid, attenuation)
+        x0_scales = self.x0 if attenuation is None else attenuation * self.x0  # exactly 0 at a = 0
+        for l, block in enumerate(blocks):
+            x, mid = block(resid_scales[l] * x + x0_scales[l] * x0, None, rope)
+            if resid is not None:
+                resid.append(x)
+            if mids is not None:
+                mids.append(mid)
+        return x
+
+    def alpha_values(self):
+        return _whole(self.resid).float().tolist()
+
+    def optimizer_groups(self, weight_decay, lr_mults):
+        lr_mult = lr_mults.get(self.lr_mult_setting, 1.0)
+        return [{"params": [self.x0], "weight_decay": 0.0, "lr_mult": lr_mult},
+                {"params": [self.resid], "weight_decay": 0.0, "lr_mult": lr_mult * self.RESID_LR_RATIO}]
+
+
+@register_residual
+class ReZero(Residual):
+    """rezero: every sublayer's update scaled by one learned scalar per layer, α_l = 0 at init (Bachlechner et
+    al. 2020, "ReZero is all you need", arXiv 2003.04887; their transformer layer applies the same α to the
+    attention and the feed-forward update):
+        mid = x + α_l attn(N1(x)),   x_{l+1} = mid + α_l mlp(N2(mid))
+    rezero_norm=True keeps the pre-norms (N = ln_1, ln_2); False drops them (N = identity, F reads the raw x as
+    in the paper; ln_1 / ln_2 stay in the checkpoint but are frozen, requires_grad False, so DDP never waits for
+    their gradients). ln_f before the output layer stays in both. At α = 0 the trunk is the embedding path:
+    every residual state equals the embeddings. lr: learning_rate * rezero_lr_mult; no weight decay (it would
+    pull α back to 0). alphas logs α_l. The lens reads x_{l+1}.
+
+    The ramp: α -> 1 - a (1 - α); a = 0 is the plain model bit for bit with rezero_norm=True. Without the
+    norms there is no plain model to ramp from: refused."""
+
+    name = "rezero"
+    settings = ("rezero_norm",)
+    lr_mult_setting = "rezero_lr_mult"
+    examples = (dict(rezero_norm=True), dict(rezero_norm=False))
+
+    @classmethod
+    def check_config(cls, config):
+        if not isinstance(config.rezero_norm, bool):
+            cls.fail(f"rezero_norm must be True or False, got {config.rezero_norm!r}")
+
+    @classmethod
+    def label(cls, settings):
+        return "rezero" + ("" if _setting(settings, "rezero_norm") else ", no norm")
+
+    @classmethod
+    def initial_alphas(cls, settings):
+        return [0.0] * _setting(settings, "n_layer")
+
+    @classmethod
+    def check_ramp(cls, settings):
+        if not _setting(settings, "rezero_norm"):
+            raise SettingError("residual_mode='rezero' with rezero_norm=False has no attenuation ramp (a < 1, "
+                               "attenuation_warmup_iters > 0): without ln_1 / ln_2 no value of alpha is the plain "
+                               "model; use rezero_norm=True or attenuation_warmup_iters=0")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.alpha = nn.Parameter(torch.zeros(config.n_layer))
+
+    def reset_parameters(self):
+        nn.init.zeros_(self.alpha)
+
+    def init_blocks(self, blocks):
+        if not self.config.rezero_norm:
+            for block in blocks:
+                block.ln_1.requires_grad_(False)
+                block.ln_2.requires_grad_(False)
+
+    def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
+        scales = _ramped(self.alpha, attenuation)
+        for l, block in enumerate(blocks):
+            x, mid = block(x, None, rope, self.sublayers, (scales[l],))
+            if resid is not None:
+                resid.append(x)
+            if mids is not None:
+                mids.append(mid)
+        return x
+
+    def sublayers(self, block, x, rope, scale):
+        """One block's two updates, each scaled by the layer's alpha (run inside Block.forward)."""
+        norm = self.config.rezero_norm
+        mid = x + scale * block.attn(block.ln_1(x) if norm else x, rope)
+        return mid + scale * block.mlp(block.ln_2(mid) if norm else mid), mid
+
+    def alpha_values(self):
+        return _whole(self.alpha).float().tolist()
+
+
+@register_residual
+class LayerScale(Residual):
+    """layerscale: each sublayer's update scaled per channel by a learned vector (Touvron et al. 2021, "Going
+    deeper with image transformers" (CaiT), arXiv 2103.17239; one vector for the attention update and one for
+    the MLP's, as CaiT's layer has):
+        mid = x + diag(λ^attn_l) attn(ln_1(x)),   x_{l+1} = mid + diag(λ^mlp_l) mlp(ln_2(mid))
+    Init: every entry layerscale_init, or by CaiT's rule when it is None: 0.1 up to 18 layers, 1e-5 up to 24,
+    1e-6 deeper. lr: learning_rate * layerscale_lr_mult; no weight decay (CaiT's 1-D parameters take none).
+    alphas logs each layer's mean over its 2 n_embd scales. The lens reads x_{l+1}.
+
+    The ramp: λ -> 1 - a (1 - λ) per channel; a = 0 is the plain model bit for bit."""
+
+    name = "layerscale"
+    settings = ("layerscale_init",)
+    lr_mult_setting = "layerscale_lr_mult"
+
+    @classmethod
+    def init_value(cls, settings):
+        value = _setting(settings, "layerscale_init")
+        if value is not None:
+            return float(value)
+        n_layer = _setting(settings, "n_layer")
+        return 0.1 if n_layer <= 18 else 1e-5 if n_layer <= 24 else 1e-6
+
+    @classmethod
+    def check_config(cls, config):
+        value = config.layerscale_init
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < float("inf")):
+            cls.fail(f"layerscale_init must be None (CaiT's rule by depth) or a positive number, got {value!r}")
+
+    @classmethod
+    def label(cls, settings):
+        value = _setting(settings, "layerscale_init")
+        return "layerscale" + (" (CaiT init)" if value is None else f", init {value}")
+
+    @classmethod
+    def initial_alphas(cls, settings):
+        return [cls.init_value(settings)] * _setting(settings, "n_layer")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.attn_scale = nn.Parameter(torch.empty(config.n_layer, config.n_embd))
+        self.mlp_scale = nn.Parameter(torch.empty(config.n_layer, config.n_embd))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        value = self.init_value(self.config.to_dict())
+        nn.init.constant_(self.attn_scale, value)
+        nn.init.constant_(self.mlp_scale, value)
+
+    def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
+        attn_scales, mlp_scales = _ramped(self.attn_scale, attenuation), _ramped(self.mlp_scale, attenuation)
+        for l, block in enumerate(blocks):
+            x, mid = block(x, None, rope, self.sublayers, (attn_scales[l], mlp_scales[l]))
+            if resid is not None:
+                resid.append(x)
+            if mids is not None:
+                mids.append(mid)
+        return x
+
+    @staticmethod
+    def sublayers(block, x, rope, attn_scale, mlp_scale):
+        """One block's two updates, each scaled per channel (run inside Block.forward)."""
+        mid = x + attn_scale * block.attn(block.ln_1(x), rope)
+        return mid + mlp_scale * block.mlp(block.ln_2(mid)), mid
+
+    def alpha_values(self):
+        return torch.cat((_whole(self.attn_scale), _whole(self.mlp_scale)), dim=1).float().mean(dim=1).tolist()
+
+
+@register_residual
+class DeepNorm(Residual):
+    """deepnorm: post-LN with an up-weighted residual (Wang et al. 2022, "DeepNet: scaling transformers to 1,000
+    layers", arXiv 2203.00555), per sublayer:
+        mid = ln_1(α x + attn(x)),   x_{l+1} = ln_2(α mid + mlp(mid))
+    with, for a decoder-only model of N = n_layer blocks, α = (2N)^(1/4) and β = (8N)^(-1/4). Init (the paper's
+    deepnorm_init): Xavier normal with gain β for the feed-forward weights and the attention's value and output
+    projections, gain 1 for the query and key projections (gpt2's fused c_attn: each of its q, k, v blocks on
+    its own); biases 0, embeddings as GPT's. ln_1 / ln_2 are the post-norms, so the blocks' own parameters are
+    all it has (α is a constant: nothing of its own to learn, no optimizer group). ln_f still follows the last
+    block (a second norm on an already normed state: harmless, and the output layer is unchanged).
+
+    The lens reads the post-LN state after each block (resid) and after each attention sublayer (mids): unit
+    scale at every depth, unlike a pre-LN stream whose norm grows. alphas logs α (the same at every layer).
+    No ramp: a post-LN model is not the pre-LN plain model at any α, so a < 1 is refused (SettingError)."""
+
+    name = "deepnorm"
+
+    @staticmethod
+    def constants(n_layer):
+        """(α, β) of an n_layer-block decoder-only model."""
+        return (2 * n_layer) ** 0.25, (8 * n_layer) ** -0.25
+
+    @classmethod
+    def label(cls, settings):
+        return "deepnorm (post-LN)"
+
+    @classmethod
+    def check_ramp(cls, settings):
+        raise SettingError("residual_mode='deepnorm' has no attenuation ramp (a < 1, attenuation_warmup_iters > 0): "
+                           "its post-LN blocks are not the plain pre-LN model at any alpha; use "
+                           "attenuation_warmup_iters=0")
+
+    def init_blocks(self, blocks):
+        _, beta = self.constants(self.config.n_layer)
+        for block in blocks:
+            attn, mlp = block.attn, block.mlp
+            if self.config.arch == "gpt2":
+                C = self.config.n_embd
+                q, k, v = attn.c_attn.weight.split(C, dim=0)  # views: the init writes into c_attn.weight
+                gains = ((q, 1.0), (k, 1.0), (v, beta), (attn.c_proj.weight, beta), (mlp.c_fc.weight, beta),
+                         (mlp.c_proj.weight, beta))
+            else:
+                gains = ((attn.q_proj.weight, 1.0), (attn.k_proj.weight, 1.0), (attn.v_proj.weight, beta),
+                         (attn.o_proj.weight, beta), (mlp.gate_proj.weight, beta), (mlp.up_proj.weight, beta),
+                         (mlp.down_proj.weight, beta))
+            for weight, gain in gains:
+                nn.init.xavier_normal_(weight, gain=gain)
+
+    def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
+        alpha, _ = self.constants(self.config.n_layer)
+        for block in blocks:
+            x, mid = block(x, None, rope, self.sublayers, (alpha,))
+            if resid is not None:
+                resid.append(x)
+            if mids is not None:
+                mids.append(mid)
+        return x
+
+    @staticmethod
+    def sublayers(block, x, rope, alpha):
+        """One post-LN block (run inside Block.forward)."""
+        mid = block.ln_1(alpha * x + block.attn(x, rope))
+        return block.ln_2(alpha * mid + block.mlp(mid)), mid
+
+    def alpha_values(self):
+        return [self.constants(self.config.n_layer)[0]] * self.config.n_layer
+
+
 # ---- rotary position embeddings (llama), computed exactly as transformers does ----
 
 def rope_cos_sin(config, T, device=None):
@@ -636,20 +950,25 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if llama else MLP(config)
         self.activation_checkpointing = False  # GPT.set_activation_checkpointing
 
-    def forward(self, x, alpha=None, rope=None):
+    def forward(self, x, alpha=None, rope=None, wiring=None, wiring_args=()):
         """Returns (x_next, mid): x_next = alpha * x + (block(x) - x), mid = the state after attention.
 
         alpha=None is the standard block. The update F = attn + mlp is added to alpha * x
         in the standard block's own order, so alpha = 1 gives bit-identical results.
         rope: (cos, sin), each [T, head_dim], for llama (see rope_cos_sin); None for gpt2.
+        wiring: a residual variant's own use of the sublayers, wiring(block, x, rope, *wiring_args) -> (x_next,
+        mid), run here rather than by the variant so FSDP gathers this block's weights and activation
+        checkpointing recomputes it.
         """
         if self.activation_checkpointing and torch.is_grad_enabled():
             # inside forward, not a wrapper module: the parameter names (and so every checkpoint) stay the
             # same, and FSDP's hooks on this module gather the weights before the recomputation runs
-            return recompute_in_backward(self._forward, x, alpha, rope, use_reentrant=False)
-        return self._forward(x, alpha, rope)
+            return recompute_in_backward(self._forward, x, alpha, rope, wiring, wiring_args, use_reentrant=False)
+        return self._forward(x, alpha, rope, wiring, wiring_args)
 
-    def _forward(self, x, alpha, rope):
+    def _forward(self, x, alpha, rope, wiring=None, wiring_args=()):
+        if wiring is not None:
+            return wiring(self, x, rope, *wiring_args)
         attn_out = self.attn(self.ln_1(x), rope)
         mid = x + attn_out
         mlp_out = self.mlp(self.ln_2(mid))
@@ -688,6 +1007,7 @@ class GPT(nn.Module):
             if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         self.residual.reset_parameters()
+        self.residual.init_blocks(self.transformer.h)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
@@ -715,6 +1035,8 @@ class GPT(nn.Module):
         value = float(value)
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"attenuation must be in [0, 1], got {value}")
+        if value < 1.0:
+            self.residual.check_ramp(self.config.to_dict())
         self.attenuation.fill_(value)
         self._attenuation_full = value == 1.0
 

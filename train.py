@@ -122,6 +122,11 @@ cut_alpha = 0.5  # cut: alpha at the cut layer(s), in (0, 1]
 gate_mode = "layer"  # gate: 'layer' (the paper's) | 'token' | 'scalar'
 gate_alpha_min = 0.5  # gate: alpha_l = 1 - (1 - gate_alpha_min) * p_l, in [0, 1)
 gate_lr_mult = 1.0  # gate: the gate parameters' learning rate is learning_rate * gate_lr_mult
+lambdas_lr_mult = 1.0  # lambdas: x0_λ's lr is learning_rate * this, resid_λ's 0.01 times that (nanochat's ratio)
+rezero_norm = True  # rezero: keep the pre-norms inside F (False: F reads the raw x, as the ReZero paper)
+rezero_lr_mult = 1.0  # rezero: the alphas' learning rate is learning_rate * rezero_lr_mult
+layerscale_init = None  # layerscale: initial per-channel scale; None = CaiT's rule (0.1 up to 18 layers, 1e-5 to 24, 1e-6 deeper)
+layerscale_lr_mult = 1.0  # layerscale: the scales' learning rate is learning_rate * layerscale_lr_mult
 attenuation_warmup_iters = 0  # ramp: effective alpha = 1 - min(1, iter / this) * (1 - alpha); 0 = full from step 0
 # AdamW
 learning_rate = 6e-4  # peak learning rate

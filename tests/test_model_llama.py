@@ -241,6 +241,7 @@ def test_torch_compile_llama_trains_like_eager(setting):
     backward graphs as inductor (dynamo + AOTAutograd) without inductor's code generation, which costs
     30-50 s per setting on a 2-core CPU; test_model.py runs inductor itself on a gpt2 model."""
     backend = "aot_eager"
+    torch._dynamo.reset()  # each setting compiles GPT.forward anew: past 8 settings dynamo's recompile limit would stop it
     kw = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16, dropout=0.0, **residual_examples()[setting])
     eager = tiny_llama(**kw).train()
     model = tiny_llama(**kw).train()
