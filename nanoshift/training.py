@@ -97,6 +97,8 @@ def check_settings(c):
         raise SettingError(f"parallelism must be 'ddp' or 'fsdp', got {c['parallelism']!r}")
     if c["parallelism"] == "fsdp" and c["dtype"] == "float16":
         raise SettingError(FSDP_FLOAT16)
+    if c["attenuation_warmup_iters"] > 0 and c["residual_mode"] in RESIDUALS:  # a variant without a plain model
+        RESIDUALS[c["residual_mode"]].check_ramp(c)                              # to ramp from refuses it now
     check_resume_settings(c)
 
 
