@@ -108,10 +108,11 @@ from nanoshift.data import (GPT2_NAME, HubError, iter_documents, read_shard, rea
 from nanoshift.floors import bits_per_byte, floor_label, nats_and_bytes, shards_floors
 from nanoshift.groups import baseline_of, differences, group_tables, lookup, model_groups
 from nanoshift.groups import summarize as summarize_runs
-from nanoshift.lens import analyze_model
+from nanoshift.lens import LensOptions, analyze_model
 from nanoshift.lm import load_models
 from model import dtype_from_name
 from nanoshift.scoring import continuation_scores, encode_pair, score_tokens
+from nanoshift.tuned_lens import load_translators, translator_path
 
 # -----------------------------------------------------------------------------
 # Benchmarks
@@ -171,6 +172,7 @@ DEFAULTS = dict(
     stride=0,  # new tokens scored per window, 0 = context // 2
     batch_size=8,  # windows per forward; the float32 logits take batch_size * context * vocab * 4 bytes
     misalignment_windows=16,  # windows per benchmark the misalignment score (lens.py) is measured on; 0 = none
+    lens="logit",  # the misalignment's lens: 'logit' | 'tuned' (translators saved by analyze.py --lens=tuned next to each model)
     device="cuda" if torch.cuda.is_available() else "cpu",  # 'cuda' (the default where there is one) | 'cpu'
     dtype="float32",  # float32 | bfloat16 | float16 (the model's weights; logits are scored in float32)
     threads=0,  # CPU threads: 0 = OMP_NUM_THREADS if set, else half the cores (common.cpu_threads)
@@ -520,7 +522,7 @@ def _write_outputs(out_dir, results, table):
     write_text(os.path.join(out_dir, "results.md"), table + "\n")
 
 
-def benchmark_misalignment(lm, sequences, context, n_windows):
+def benchmark_misalignment(lm, sequences, context, n_windows, translators=None):
     """lens.py's misalignment score of lm on the first n_windows windows of the benchmark's tokens: windows of
     context + 1 tokens back to back along each sequence (a stream), or whole shorter sequences (LAMBADA
     passages), one window per forward."""
@@ -535,7 +537,19 @@ def benchmark_misalignment(lm, sequences, context, n_windows):
         if len(windows) == n_windows:
             break
     windows = [w for w in windows if w.size(1) >= 2]
-    return analyze_model(lm, windows, progress=False)["misalignment"] if windows else None
+    options = LensOptions(lens="logit" if translators is None else "tuned")
+    return analyze_model(lm, windows, options, progress=False, translators=translators)["misalignment"] if windows else None
+
+
+def saved_translators(lm, settings):
+    """lens='tuned': the translators analyze.py --lens=tuned saved for lm (tied to its weights), else None."""
+    if settings["lens"] == "logit" or not settings["misalignment_windows"]:
+        return None
+    path = translator_path(lm, settings["out_dir"])
+    if not os.path.exists(path):
+        raise InputError(f"lens='tuned' but {lm.name} has no tuned-lens translators at {path}: train them once with "
+                         f"python analyze.py --lens=tuned (same model), or use --lens=logit")
+    return load_translators(path, lm)[0]
 
 
 def check_settings(settings):
@@ -544,6 +558,8 @@ def check_settings(settings):
     for key, low in (("context", 1), ("batch_size", 1), ("stride", 0), ("max_tokens", 0), ("misalignment_windows", 0)):
         if settings[key] < low:
             raise SettingError(f"{key} must be >= {low}, got {settings[key]}")
+    if settings["lens"] not in ("logit", "tuned"):
+        raise SettingError(f"lens must be 'logit' or 'tuned', got {settings['lens']!r}")
     dtype_from_name(settings["dtype"])
     set_threads(settings["threads"])
 
@@ -574,6 +590,7 @@ def run(settings, lms=None):
     token_cache = {}  # tokenizing is shared by models with the same tokenizer
     for lm in lms:  # a generator: one model in memory at a time
         metrics = {}
+        translators = saved_translators(lm, settings)
         for name in names:
             if BENCHMARKS[name].kind == "hellaswag":
                 lls, gold_tokens = hellaswag_loglikelihoods(lm, data[name], settings["batch_size"],
@@ -581,7 +598,8 @@ def run(settings, lms=None):
                 metrics[name] = hellaswag_metrics(data[name], lls)
                 if settings["misalignment_windows"]:  # on the queries with their right endings
                     metrics[name]["misalignment"] = benchmark_misalignment(
-                        lm, gold_tokens, min(settings["context"], lm.block_size), settings["misalignment_windows"])
+                        lm, gold_tokens, min(settings["context"], lm.block_size), settings["misalignment_windows"],
+                        translators)
                 print(f"{lm.name} HellaSwag: acc_norm {metrics[name]['mc_acc_norm']:.4g}, "
                       f"acc {metrics[name]['mc_acc']:.4g} ({metrics[name]['examples']} examples)")
                 continue
@@ -605,7 +623,7 @@ def run(settings, lms=None):
                 metrics[name]["floor_label"] = floor_label(metrics[name]["bpb"], floors[name])
             if settings["misalignment_windows"]:
                 metrics[name]["misalignment"] = benchmark_misalignment(
-                    lm, sequences, min(settings["context"], lm.block_size), settings["misalignment_windows"])
+                    lm, sequences, min(settings["context"], lm.block_size), settings["misalignment_windows"], translators)
             print(f"{lm.name} {BENCHMARKS[name].title}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in metrics[name].items() if isinstance(v, float)))
         results["models"][lm.name] = metrics

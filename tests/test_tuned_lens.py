@@ -365,3 +365,39 @@ def test_analyze_tuned_lens_of_an_hf_llama_on_text(tmp_path, capsys):
     data = json.loads(html.split('id="lens-data">', 1)[1].split("</script>", 1)[0])
     assert data["token_text"] == ["<s>", "the", "of", "and", "to", "in"]  # the model's BOS, then the words
     assert data["lens"] == "tuned" and len(data["rows"]) == 3
+
+
+def test_eval_reports_the_misalignment_under_the_tuned_lens_from_saved_translators(tmp_path, capsys):
+    """eval_benchmarks.py --lens=tuned reads the translators analyze.py saved next to the checkpoint (and refuses
+    to guess without them); under the tuned lens the score differs from the logit lens's on the same windows."""
+    import analyze
+    import eval_benchmarks as eb
+    from conftest import DOCUMENTS, tiny_gpt
+
+    from nanoshift.data import get_tokenizer
+
+    docs = [d.strip() for d in DOCUMENTS if " " in d.strip()]
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    model = tiny_gpt(seed=5, n_embd=32).train()  # memorises the passages, so the target wins at some depth
+    ids = torch.tensor(get_tokenizer("gpt2").encode_ordinary(" ".join(docs)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(120):
+        starts = torch.randint(0, len(ids) - 17, (8,), generator=torch.Generator().manual_seed(step))
+        batch = torch.stack([ids[i:i + 17] for i in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    run = write_checkpoint(model.eval(), tmp_path / "run")
+    settings = dict(eb.DEFAULTS, ckpt=[run], benchmarks=["lambada"], lambada_files=[str(text)], progress=False,
+                    context=16, misalignment_windows=4, out_dir=str(tmp_path / "eval"))
+    with pytest.raises(InputError, match="no tuned-lens translators"):
+        eb.run(dict(settings, lens="tuned"))
+    analyze.main(["--ckpt", run, "--data_files", str(text), "--seq_len=16", "--num_sequences=2", "--lens=tuned",
+                  "--lens_steps=3", "--lens_tokens_per_step=32", "--progress=False", "--out_dir", str(tmp_path / "an")])
+    logit = eb.run(settings)["models"]["run"]["lambada"]["misalignment"]
+    tuned = eb.run(dict(settings, lens="tuned"))["models"]["run"]["lambada"]["misalignment"]
+    assert logit is not None and tuned is not None and tuned != logit
+    with pytest.raises(SettingError, match="lens must be"):
+        eb.run(dict(settings, lens="magic"))
