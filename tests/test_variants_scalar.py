@@ -371,9 +371,11 @@ def test_variants_without_a_plain_model_refuse_the_ramp(variant, needle, tmp_pat
         assert torch.equal(loaded.eval()(idx, idx)[0], model(idx, idx)[0])
 
 
-def test_train_refuses_the_ramp_for_deepnorm(prose_shards, tmp_path):
-    with pytest.raises(SettingError, match="deepnorm' has no attenuation ramp"):
+def test_train_refuses_the_ramp_for_deepnorm_before_any_work(prose_shards, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # with the other settings checks: exit 2, nothing written
         train.main([*train_args(prose_shards, tmp_path / "ramp", "deepnorm"), "--attenuation_warmup_iters=4"])
+    assert exit_info.value.code == 2 and "deepnorm' has no attenuation ramp" in capsys.readouterr().err
+    assert not (tmp_path / "ramp").exists()
 
 
 # ---- wiring inside the block: activation checkpointing recomputes it ----
