@@ -13,6 +13,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 
 import pytest
@@ -38,6 +39,17 @@ MODES = {
     "gate-token": dict(residual_mode="gate", gate_mode="token"),
     "gate-scalar": dict(residual_mode="gate", gate_mode="scalar"),
 }
+# every registered variant in registration order: the modes above, then issue #23's (new modes: nothing to pin
+# against; tests/test_variants_streams.py checks their formulas, initial property and ramp)
+REGISTERED = ["none", "cut", "gate", "value_residual", "hyper_connections", "denseformer"]
+NEW_SETTINGS = {"value_residual_learned": ("value_residual",), "hc_streams": ("hyper_connections",),
+                "hc_sinkhorn_iters": ("hyper_connections",)}
+NEW_EXAMPLES = {
+    "value residual, learned lambdas": dict(residual_mode="value_residual", value_residual_learned=True),
+    "hyper-connections, 4 streams (HC)": dict(residual_mode="hyper_connections", hc_streams=4, hc_sinkhorn_iters=0),
+    "hyper-connections, 4 streams (mHC, sinkhorn 20)": dict(residual_mode="hyper_connections", hc_streams=4,
+                                                            hc_sinkhorn_iters=20),
+    "denseformer": dict(residual_mode="denseformer")}
 
 
 def tokens(B=2, T=12, V=64, seed=1):
@@ -125,18 +137,18 @@ def scaled_variant():
 # ---- the registry API ----
 
 def test_the_built_in_variants_and_what_train_py_asks_for():
-    assert list(RESIDUALS) == ["none", "cut", "gate"]
-    # what train.py held by hand before the registry (MODE_SETTINGS and RESIDUAL_KEYS)
+    assert list(RESIDUALS) == REGISTERED
+    # what train.py held by hand before the registry (MODE_SETTINGS and RESIDUAL_KEYS), then the new variants'
     assert residual_settings() == {"cut_layer": ("cut",), "cut_alpha": ("cut",), "gate_mode": ("gate",),
-                                   "gate_alpha_min": ("gate",), "gate_lr_mult": ("gate",)}
+                                   "gate_alpha_min": ("gate",), "gate_lr_mult": ("gate",), **NEW_SETTINGS}
     assert residual_config_keys() == ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode",
-                                      "gate_alpha_min")
+                                      "gate_alpha_min", *NEW_SETTINGS)
     assert residual_examples() == {
         "no attenuation": dict(residual_mode="none"),
         "cut at block -1, alpha 0.5": dict(residual_mode="cut", cut_layer=-1, cut_alpha=0.5),
         "layer gate": dict(residual_mode="gate", gate_mode="layer"),
         "token gate": dict(residual_mode="gate", gate_mode="token"),
-        "scalar gate": dict(residual_mode="gate", gate_mode="scalar")}
+        "scalar gate": dict(residual_mode="gate", gate_mode="scalar"), **NEW_EXAMPLES}
 
 
 def test_labels_and_initial_alphas_from_a_config_or_a_logged_dict():
@@ -170,7 +182,7 @@ def test_register_residual_rejects_bad_variants(make, needle):
     with pytest.raises(ValueError) as err:
         register_residual(make())
     assert needle in str(err.value)
-    assert list(RESIDUALS) == ["none", "cut", "gate"]
+    assert list(RESIDUALS) == REGISTERED
 
 
 def test_a_variant_named_like_a_gpt_attribute_is_refused_when_built():
@@ -183,7 +195,7 @@ def test_a_variant_named_like_a_gpt_attribute_is_refused_when_built():
 
 
 def test_unknown_residual_mode_names_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown residual_mode='floor', expected one of \('none', 'cut', 'gate'\)"):
+    with pytest.raises(ValueError, match=re.escape(f"unknown residual_mode='floor', expected one of {tuple(REGISTERED)}")):
         GPTConfig(residual_mode="floor")
 
 
@@ -203,7 +215,7 @@ def test_a_registered_toy_variant_builds_trains_logs_and_goes_away(floor_variant
     assert residual_settings()["cut_alpha"] == ("cut", "floor")
     assert residual_settings()["floor_lr_mult"] == ("floor",)
     assert residual_config_keys() == ("dropout", "residual_mode", "cut_layer", "cut_alpha", "gate_mode",
-                                      "gate_alpha_min")  # floor reads no new field
+                                      "gate_alpha_min", *NEW_SETTINGS)  # floor reads no new field
     assert residual_examples()["floor 0.5"] == dict(residual_mode="floor", cut_alpha=0.5)
     cfg = GPTConfig(**TINY, residual_mode="floor", cut_alpha=0.5)
     torch.manual_seed(0)
@@ -252,7 +264,7 @@ def test_the_toy_variant_is_gone_after_its_fixture(floor_variant):
 
 
 def test_the_registry_is_back_to_the_built_in_variants():
-    assert list(RESIDUALS) == ["none", "cut", "gate"] and "floor_lr_mult" not in residual_settings()
+    assert list(RESIDUALS) == REGISTERED and "floor_lr_mult" not in residual_settings()
     with pytest.raises(ValueError, match="residual_mode='floor'"):
         GPTConfig(residual_mode="floor")
 
@@ -326,7 +338,9 @@ def test_every_mode_is_bit_for_bit_what_it_was_before_the_registry(before, arch,
     assert list(new.state_dict()) == list(old.state_dict())  # keys and their order: checkpoints are unchanged
     for (k, a), b in zip(old.state_dict().items(), new.state_dict().values()):
         assert torch.equal(a, b), k
-    assert new.config.to_dict() == old.config.to_dict() and new.config.cut_layers == old.config.cut_layers
+    new_fields = {k: GPTConfig.__dataclass_fields__[k].default for k in NEW_SETTINGS}  # only added, at defaults
+    assert new.config.to_dict() == {**old.config.to_dict(), **new_fields}
+    assert new.config.cut_layers == old.config.cut_layers
     if mode.startswith("gate"):
         nudge_gate(old)
         nudge_gate(new)
@@ -378,7 +392,8 @@ def test_every_mode_is_bit_for_bit_what_it_was_before_the_registry(before, arch,
 
 def test_the_pinned_modes_cover_every_registered_example():
     covered = {(kw["residual_mode"], kw.get("gate_mode")) for kw in MODES.values()}
-    assert {(kw["residual_mode"], kw.get("gate_mode")) for kw in residual_examples().values()} <= covered
+    new = {(kw["residual_mode"], None) for kw in NEW_EXAMPLES.values()}  # modes that did not exist before
+    assert {(kw["residual_mode"], kw.get("gate_mode")) for kw in residual_examples().values()} <= covered | new
 
 
 # ---- a new variant needs only its registry entry: train.py, analyze.py and bench.py take it as it is ----
