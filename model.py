@@ -535,10 +535,14 @@ def _toward_identity(learned, identity, attenuation):
 
 
 def mix_values(v, value_residual):
-    """ResFormer's value mix: weight_own * v + weight_first * v_first, where value_residual = (v_first,
-    weight_own, weight_first); v_first None marks the first layer, whose own values are used as they are."""
+    """ResFormer's value mix, value_residual = (v_first, weight_own, weight_first): returns (the values to attend
+    with, the values to hand to the later layers). The first layer (v_first None) attends with its own values and
+    hands on a copy of them (a view leaving an FSDP-wrapped block draws FSDP's in-place warning); every later
+    layer attends with weight_own * v + weight_first * v_first and hands on nothing."""
     v_first, weight_own, weight_first = value_residual
-    return v if v_first is None else weight_own * v + weight_first * v_first
+    if v_first is None:
+        return v, v.clone()
+    return weight_own * v + weight_first * v_first, None
 
 
 @register_residual
@@ -657,7 +661,8 @@ class HyperConnections(Residual):
     prediction; at init it is the plain residual state. The mid-block state is the sum as it would be had the
     block written its attention update alone: (Σ_i H_i - β h) + β mid_block, β = Σ_i b_i. The alphas logged:
     per layer the carry of the streams' sum, (1/n) Σ_{j,i} R[j, i] (the factor the sum is carried by if the
-    streams were equal; 1 for the identity and always ~1 for mHC). All parameters take no weight decay.
+    streams were equal; 1 for the identity, and always 1 for mHC, whose initial_alphas is therefore None: not
+    learned). All parameters take no weight decay.
     Cost: n times the residual state in memory (activations saved per layer), and O(n^2) multiply-adds of the
     state per layer for the mixing."""
 
@@ -681,6 +686,8 @@ class HyperConnections(Residual):
 
     @classmethod
     def initial_alphas(cls, settings):
+        if _setting(settings, "hc_sinkhorn_iters"):
+            return None  # mHC: the carry is 1 by the constraint, not learned
         return [1.0] * _setting(settings, "n_layer")
 
     def __init__(self, config):
@@ -839,18 +846,17 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, value_residual=None):  # rope: unused (GPT-2 adds positions to the embeddings)
         """value_residual: None (the standard attention), or (v_first, weight_own, weight_first) for ResFormer's
-        value mix (mix_values); then returns (output, this layer's own values before the mix)."""
+        value mix (mix_values); then returns (output, the first layer's own values, None in later layers)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        own_values = v
         if value_residual is not None:
-            v = mix_values(v, value_residual)
+            v, first_values = mix_values(v, value_residual)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         y = self.resid_dropout(self.c_proj(y))
-        return y if value_residual is None else (y, own_values)
+        return y if value_residual is None else (y, first_values)
 
 
 class MLP(nn.Module):
@@ -886,9 +892,8 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        own_values = v
         if value_residual is not None:
-            v = mix_values(v, value_residual)
+            v, first_values = mix_values(v, value_residual)
         cos, sin = rope
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -899,7 +904,7 @@ class LlamaAttention(nn.Module):
                                            is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         y = self.resid_dropout(self.o_proj(y))
-        return y if value_residual is None else (y, own_values)
+        return y if value_residual is None else (y, first_values)
 
 
 class SwiGLU(nn.Module):
@@ -933,7 +938,7 @@ class Block(nn.Module):
         in the standard block's own order, so alpha = 1 gives bit-identical results.
         rope: (cos, sin), each [T, head_dim], for llama (see rope_cos_sin); None for gpt2.
         value_residual: None, or what the attention mixes its values with (ValueResidual); then returns
-        (x_next, mid, this layer's own attention values).
+        (x_next, mid, the first layer's attention values or None).
         """
         if self.activation_checkpointing and torch.is_grad_enabled():
             # inside forward, not a wrapper module: the parameter names (and so every checkpoint) stay the

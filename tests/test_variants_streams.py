@@ -262,6 +262,7 @@ def test_mhc_at_init_is_the_plain_model_to_within_its_off_diagonal_mass(arch):
     got, want = run_all(m, idx)[0], run_all(plain, idx)[0]
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
     assert not torch.equal(got, want)
+    assert m.residual_alphas() == pytest.approx([1.0] * 3) and initial_alphas(m.config) is None  # 1, not learned
 
 
 # ---- denseformer ----
@@ -411,7 +412,7 @@ def test_trains_with_tracking_and_analyses(variant, arch, prose_shards, tmp_path
                 "--track_sequences=2"])
     assert "has no effect" not in capsys.readouterr().err  # its settings act in its mode
     evals = rows(out, "eval")
-    start = initial_alphas(rows(out, "run")[0]["config"])
+    start = initial_alphas(rows(out, "run")[0]["config"]) or [1.0, 1.0]  # mHC: not learned, 1 by the constraint
     assert evals[0]["alphas"] == pytest.approx(start, abs=1e-6)
     assert evals[-1]["alignment"]["misalignment"] is not None and evals[-1]["val_loss"] < evals[0]["val_loss"]
     if variant == "mhc":  # doubly stochastic: the streams' sum is carried with weight 1, however R trains
