@@ -2,8 +2,9 @@
 hyper-connections (HC, and mHC with Sinkhorn) and denseformer, on both archs. For each: its formula against the
 math written out by hand with the model's own weights (parameters moved off their init, so a wrong formula
 shows), its initial property (the plain model, bit for bit where the form allows), its parameters in their own
-optimizer group without weight decay, the attenuation ramp (a = 0: the plain model bit for bit), bad settings,
-and a short train.main run with alignment tracking, analyze.main on its checkpoint and a 1-rank FSDP run.
+optimizer group without weight decay, the attenuation ramp (a = 0: the plain model bit for bit), activation
+checkpointing, bad settings, an HF Llama imported into each (a retrofit), and a short train.main run with alignment
+tracking, analyze.main on its checkpoint and a 1-rank FSDP run equal to one process.
 
     python -m pytest -q -n 0 tests/test_variants_streams.py
 """
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 
 import analyze
 import train
+from conftest import save_tiny_llama
 from model import GPT, GPTConfig, initial_alphas, residual_examples, residual_label, rope_cos_sin
+from nanoshift.hf import from_pretrained
 
 TINY = dict(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=64)
 ARCHS = {"gpt2": dict(), "llama": dict(arch="llama", n_head=4, n_kv_head=2, bias=False, tie_embeddings=False)}
@@ -385,6 +388,22 @@ def test_an_old_checkpoint_without_the_new_fields_loads(tmp_path):
     torch.save({"model": m.state_dict(), "model_args": args}, tmp_path / "old.pt")
     loaded = GPT.from_checkpoint(str(tmp_path / "old.pt")).eval()
     assert torch.equal(run_all(loaded, tokens())[0], run_all(m, tokens())[0])
+
+
+def test_a_pretrained_llama_imports_into_each_variant_as_the_plain_model_at_attenuation_0(tmp_path):
+    """A retrofit: the HF import adds the variant's own parameters at their init; with the ramp at a = 0 the
+    model is the imported plain model bit for bit (and for the variants that start as the plain model, at a = 1)."""
+    save_tiny_llama(tmp_path, vocab_size=64)
+    plain = from_pretrained(str(tmp_path)).eval()
+    idx = tokens()
+    for variant in ("value-learned", "hc", "mhc", "denseformer"):
+        m = from_pretrained(str(tmp_path), **VARIANTS[variant]).eval()
+        assert set(m.state_dict()) - set(plain.state_dict()) == m.residual_state_keys()
+        m.set_attenuation(0.0)
+        assert_bit_for_bit(m, plain, idx)
+        m.set_attenuation(1.0)
+        if variant in ("hc", "denseformer"):
+            assert_bit_for_bit(m, plain, idx)
 
 
 # ---- through the entry points: train.main with tracking, analyze.main, FSDP ----
