@@ -597,13 +597,13 @@ class ValueResidual(Residual):
         with torch.no_grad():
             self.lambdas.fill_(self.INIT)
 
-    def weights(self, attenuation=None):
+    def mix_weights(self, attenuation=None):
         """(λ_own, λ_first), each [n_layer - 1], with the ramp: (1, 0) at a = 0."""
         own, first = self.lambdas.unbind(-1)
         return _toward_identity(own, 1.0, attenuation), _toward_identity(first, 0.0, attenuation)
 
     def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
-        own, first = self.weights(attenuation)
+        own, first = self.mix_weights(attenuation)
         v_first = None
         for l, block in enumerate(blocks):
             mix = (None, None, None) if l == 0 else (v_first, own[l - 1], first[l - 1])

@@ -122,9 +122,9 @@ cut_alpha = 0.5  # cut: alpha at the cut layer(s), in (0, 1]
 gate_mode = "layer"  # gate: 'layer' (the paper's) | 'token' | 'scalar'
 gate_alpha_min = 0.5  # gate: alpha_l = 1 - (1 - gate_alpha_min) * p_l, in [0, 1)
 gate_lr_mult = 1.0  # gate: the gate parameters' learning rate is learning_rate * gate_lr_mult
-value_residual_learned = True  # value_residual: learn each layer's (λ_own, λ_first) value mix from 0.5/0.5; False = fixed 0.5/0.5
+value_residual_learned = True  # value_residual: learn the value mix (λ_own, λ_first) from 0.5/0.5 (False: fixed)
 hc_streams = 4  # hyper_connections: number of residual streams n
-hc_sinkhorn_iters = 0  # hyper_connections: Sinkhorn iterations making the stream mixing doubly stochastic (mHC); 0 = plain HC
+hc_sinkhorn_iters = 0  # hyper_connections: Sinkhorn rounds making the stream mix doubly stochastic (mHC); 0 = plain HC
 attenuation_warmup_iters = 0  # ramp: effective alpha = 1 - min(1, iter / this) * (1 - alpha); 0 = full from step 0
 # AdamW
 learning_rate = 6e-4  # peak learning rate
