@@ -516,9 +516,10 @@ class Gate(Residual):
 
 
 # ---- issue #23's variants that change what flows between the blocks: value residual, hyper-connections,
-# denseformer. Each replaces constants of the plain model (a weight 1 or 0) by learned parameters that start
-# at those constants, so each starts as the plain model; the attenuation ramp moves every such parameter from
-# its constant (a = 0: the plain model bit for bit) to its learned value (a = 1) by _toward_identity.
+# denseformer. Each replaces constants of the plain model (a weight 1 or 0) by learned parameters, which
+# hyper-connections and denseformer start at those constants (the plain model) and value residual at ResFormer's
+# 0.5 / 0.5; the attenuation ramp moves every such parameter from its constant (a = 0: the plain model bit for
+# bit) to its learned value (a = 1) by _toward_identity.
 
 def _gathered(tensor):
     """A parameter's full value: FSDP holds the variant's parameters as shards (DTensors) outside the forward
