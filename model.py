@@ -93,6 +93,10 @@ class GPTConfig:
     rope_scaling: Optional[dict] = None  # llama: None or transformers' dict, rope_type 'llama3' or 'linear'
     norm_eps: float = 1e-5  # LayerNorm (gpt2) / RMSNorm (llama) epsilon
     tie_embeddings: bool = True  # lm_head shares the token embedding (always for gpt2)
+    # issue #23's stream variants (value_residual, hyper_connections, denseformer); old checkpoints take the defaults
+    value_residual_learned: bool = True  # value_residual: lambdas learned from 0.5/0.5 (False: fixed 0.5/0.5)
+    hc_streams: int = 4  # hyper_connections: number of residual streams n
+    hc_sinkhorn_iters: int = 0  # hyper_connections: Sinkhorn iterations on the stream mixing (mHC); 0 = plain HC
     cut_layers: tuple = field(init=False, repr=False)  # cut_layer normalised to indices >= 0 (Cut sets it)
     # issue #23's scalar variants (an old checkpoint without these fields loads with the defaults)
     rezero_norm: bool = True  # rezero: keep the pre-norms ln_1 / ln_2 inside F (False: F reads the raw x, the paper's)
@@ -825,6 +829,288 @@ class DeepNorm(Residual):
         return [self.constants(self.config.n_layer)[0]] * self.config.n_layer
 
 
+# ---- issue #23's variants that change what flows between the blocks: value residual, hyper-connections,
+# denseformer. Each replaces constants of the plain model (a weight 1 or 0) by learned parameters, which
+# hyper-connections and denseformer start at those constants (the plain model) and value residual at ResFormer's
+# 0.5 / 0.5; the attenuation ramp moves every such parameter from its constant (a = 0: the plain model bit for
+# bit) to its learned value (a = 1) by _toward_identity.
+
+def _gathered(tensor):
+    """A parameter's full value: FSDP holds the variant's parameters as shards (DTensors) outside the forward
+    pass, and gathering them is a collective (every rank calls it, as training's logging does)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _toward_identity(learned, identity, attenuation):
+    """The ramp for a parameter that stands in for a plain-model constant: identity + a (learned - identity).
+    a = 0 gives `identity` exactly (0 * finite = 0), attenuation None (a = 1) the learned value itself."""
+    if attenuation is None:
+        return learned
+    return identity + attenuation * (learned - identity)
+
+
+def mix_values(v, value_residual):
+    """ResFormer's value mix, value_residual = (v_first, weight_own, weight_first): returns (the values to attend
+    with, the values to hand to the later layers). The first layer (v_first None) attends with its own values and
+    hands on a copy of them (a view leaving an FSDP-wrapped block draws FSDP's in-place warning); every later
+    layer attends with weight_own * v + weight_first * v_first and hands on nothing."""
+    v_first, weight_own, weight_first = value_residual
+    if v_first is None:
+        return v, v.clone()
+    return weight_own * v + weight_first * v_first, None
+
+
+@register_residual
+class ValueResidual(Residual):
+    """value_residual: ResFormer (Zhou et al. 2024, arXiv 2410.17897). Every layer l > 0 attends with its own
+    values mixed with the first layer's:  V'_l = λ_own,l V_l + λ_first,l V_0  (V_0: layer 0's values, computed
+    from layer 0's own input; layer 0 itself is unchanged). Only the values change: queries, keys, the
+    residual stream and every block are the plain model's, so the lens reads the usual residual states.
+
+    The lambdas, [n_layer - 1, 2], start at ResFormer's 0.5 / 0.5. value_residual_learned=True (the default)
+    learns them (no weight decay: decay would pull both towards 0, shrinking the values): the learned form
+    contains the paper's fixed mix as its start and lets a layer choose how much of V_0 it wants (what
+    modded-nanogpt's value residual and ResFormer's learnable variant do); False keeps them fixed at 0.5 / 0.5
+    (ResFormer's main form). At (λ_own, λ_first) = (1, 0) the model is the plain model exactly, which is where
+    the ramp takes it at a = 0. The alphas logged are λ_own per layer (1.0 for layer 0): how much of its own
+    values a layer keeps. Cost: two multiply-adds of the values per layer."""
+
+    name = "value_residual"
+    settings = ("value_residual_learned",)
+    INIT = 0.5  # ResFormer's λ_own = λ_first
+    examples = (dict(value_residual_learned=True),)
+
+    @classmethod
+    def check_config(cls, config):
+        if not isinstance(config.value_residual_learned, bool):
+            cls.fail(f"value_residual_learned must be True or False, got {config.value_residual_learned!r}")
+        if config.residual_mode == cls.name and config.n_layer < 2:
+            cls.fail(f"residual_mode='value_residual' needs n_layer >= 2 (layers after the first mix in the "
+                     f"first layer's values), got n_layer={config.n_layer}")
+
+    @classmethod
+    def label(cls, settings):
+        if _setting(settings, "value_residual_learned"):
+            return "value residual, learned lambdas"
+        return "value residual, lambdas 0.5/0.5"
+
+    @classmethod
+    def initial_alphas(cls, settings):
+        if not _setting(settings, "value_residual_learned"):
+            return None
+        return [1.0] + [cls.INIT] * (_setting(settings, "n_layer") - 1)
+
+    def __init__(self, config):
+        super().__init__(config)
+        init = torch.full((config.n_layer - 1, 2), self.INIT)  # row l - 1: (λ_own, λ_first) of layer l
+        if config.value_residual_learned:
+            self.lambdas = nn.Parameter(init)
+        else:  # not a parameter, not in checkpoints: the fixed mix is the setting
+            self.register_buffer("lambdas", init, persistent=False)
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.lambdas.fill_(self.INIT)
+
+    def mix_weights(self, attenuation=None):
+        """(λ_own, λ_first), each [n_layer - 1], with the ramp: (1, 0) at a = 0."""
+        own, first = self.lambdas.unbind(-1)
+        return _toward_identity(own, 1.0, attenuation), _toward_identity(first, 0.0, attenuation)
+
+    def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
+        own, first = self.mix_weights(attenuation)
+        v_first = None
+        for l, block in enumerate(blocks):
+            mix = (None, None, None) if l == 0 else (v_first, own[l - 1], first[l - 1])
+            x, mid, values = block(x, None, rope, value_residual=mix)
+            if l == 0:
+                v_first = values
+            if resid is not None:
+                resid.append(x)
+            if mids is not None:
+                mids.append(mid)
+        return x
+
+    def alpha_values(self):
+        return [1.0] + _gathered(self.lambdas.detach())[:, 0].float().tolist()
+
+
+def sinkhorn(logits, iters):
+    """Sinkhorn-Knopp: exp(logits) scaled towards a doubly stochastic matrix (non-negative, rows and columns
+    summing to 1) by `iters` rounds of row then column normalisation (the columns sum to 1 exactly after the
+    last round, the rows to within the method's convergence). Over the last two dimensions."""
+    m = torch.exp(logits - logits.amax(dim=(-2, -1), keepdim=True))  # the shift cancels in the normalisations
+    for _ in range(iters):
+        m = m / m.sum(dim=-1, keepdim=True)
+        m = m / m.sum(dim=-2, keepdim=True)
+    return m
+
+
+@register_residual
+class HyperConnections(Residual):
+    """hyper_connections: n residual streams H = (H_0 .. H_{n-1}) instead of one (Zhu et al., ICLR 2025,
+    arXiv 2409.19606), the static form (learned per-layer matrices, not input-dependent). Block l reads
+    h = Σ_j m_lj H_j (width connections `read`, [n_layer, n]), and its update F = block(h) - h is written back
+    into each stream with learned weights b_l (depth connections `write`, [n_layer, n]) while the streams mix
+    by the residual matrix R_l (`mix`, [n_layer, n, n], R[j, i]: stream j into stream i):
+
+        H'_i = Σ_j R_l[j, i] H_j + b_li F(h).
+
+    mHC (Xie et al. 2025, arXiv 2512.24880): hc_sinkhorn_iters > 0 makes R_l = sinkhorn(mix_l) doubly
+    stochastic (mix then holds its logits), so the streams are only redistributed: their sum is carried with
+    weight 1 (only R is constrained here; read and write stay free as in plain HC).
+
+    Init (the plain model exactly, "stream 0 gets everything"): H = (embeddings, 0, .., 0), read = write = e_0
+    and R = I, so stream 0 is the plain residual stream and the others stay 0. (The paper's init copies the
+    embeddings into every stream and writes F into all of them: the same function up to the final norm of a
+    sum n times larger; ours makes the sum the plain state, bit for bit.) mHC cannot reach I with finite
+    logits: they start at 0 on the diagonal and MHC_OFF_LOGIT off it, so R_l is I within ~n e^-8 and the model
+    is the plain one to about that. The update is computed as H'_i = Σ_j (R[j, i] - m_j b_i) H_j + b_i block(h),
+    the same sum with the block's own output: at the init stream 0 is then block(h) itself, so the model is
+    the plain model bit for bit (for plain HC; for any form at ramp a = 0, where read, write and R are exactly
+    e_0, e_0 and I).
+
+    What the lens reads (resid) and the final norm reads: the streams' sum Σ_i H_i. The paper's output is the
+    sum of the streams through the final norm and unembedding, and the lens decodes each state with that same
+    norm and unembedding, so the sum is the only state whose decoding after the last block is the model's own
+    prediction; at init it is the plain residual state. The mid-block state is the sum as it would be had the
+    block written its attention update alone: (Σ_i H_i - β h) + β mid_block, β = Σ_i b_i. The alphas logged:
+    per layer the carry of the streams' sum, (1/n) Σ_{j,i} R[j, i] (the factor the sum is carried by if the
+    streams were equal; 1 for the identity, and always 1 for mHC, whose initial_alphas is therefore None: not
+    learned). All parameters take no weight decay.
+    Cost: n times the residual state in memory (activations saved per layer), and O(n^2) multiply-adds of the
+    state per layer for the mixing."""
+
+    name = "hyper_connections"
+    settings = ("hc_streams", "hc_sinkhorn_iters")
+    MHC_OFF_LOGIT = -8.0  # mHC's off-diagonal logits at init: exp(-8) = 3e-4 of the diagonal
+    examples = (dict(hc_streams=4, hc_sinkhorn_iters=0), dict(hc_streams=4, hc_sinkhorn_iters=20))
+
+    @classmethod
+    def check_config(cls, config):
+        for setting, least in (("hc_streams", 1), ("hc_sinkhorn_iters", 0)):
+            value = getattr(config, setting)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                cls.fail(f"{setting} must be an int >= {least}, got {value!r}")
+
+    @classmethod
+    def label(cls, settings):
+        iters = _setting(settings, "hc_sinkhorn_iters")
+        kind = f"mHC, sinkhorn {iters}" if iters else "HC"
+        return f"hyper-connections, {_setting(settings, 'hc_streams')} streams ({kind})"
+
+    @classmethod
+    def initial_alphas(cls, settings):
+        if _setting(settings, "hc_sinkhorn_iters"):
+            return None  # mHC: the carry is 1 by the constraint, not learned
+        return [1.0] * _setting(settings, "n_layer")
+
+    def __init__(self, config):
+        super().__init__(config)
+        n, L = config.hc_streams, config.n_layer
+        self.n, self.sinkhorn_iters = n, config.hc_sinkhorn_iters
+        self.read = nn.Parameter(torch.empty(L, n))
+        self.write = nn.Parameter(torch.empty(L, n))
+        self.mix = nn.Parameter(torch.empty(L, n, n))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.read.zero_()[:, 0] = 1.0
+            self.write.zero_()[:, 0] = 1.0
+            if self.sinkhorn_iters:
+                self.mix.fill_(self.MHC_OFF_LOGIT).diagonal(dim1=-2, dim2=-1).fill_(0.0)
+            else:
+                self.mix.zero_().diagonal(dim1=-2, dim2=-1).fill_(1.0)
+
+    def connections(self, attenuation=None):
+        """(read [L, n], write [L, n], R [L, n, n]) for this forward, the ramp applied."""
+        mix = sinkhorn(self.mix, self.sinkhorn_iters) if self.sinkhorn_iters else self.mix
+        e0 = torch.zeros_like(self.read[0])
+        e0[0] = 1.0
+        eye = torch.eye(self.n, device=mix.device, dtype=mix.dtype)
+        return (_toward_identity(self.read, e0, attenuation), _toward_identity(self.write, e0, attenuation),
+                _toward_identity(mix, eye, attenuation))
+
+    def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
+        read, write, mix = self.connections(attenuation)
+        n = self.n
+        streams = torch.cat((x.unsqueeze(0), x.new_zeros((n - 1, *x.shape))))  # [n, B, T, C]
+        total = x
+        for l, block in enumerate(blocks):
+            # elementwise products and sums, not matmuls: autocast would round the float32 streams to bf16
+            r, w = read[l].view(n, 1, 1, 1), write[l].view(n, 1, 1, 1)
+            h = (r * streams).sum(0)
+            out, mid = block(h, None, rope)
+            carry = mix[l] - read[l][:, None] * write[l][None, :]  # [j, i]: R minus h's share, which out brings back
+            streams = (carry.view(n, n, 1, 1, 1) * streams.unsqueeze(1)).sum(0) + w * out
+            if mids is not None:
+                beta = write[l].sum()
+                mids.append((total - beta * h) + beta * mid)
+            total = streams.sum(0)
+            if resid is not None:
+                resid.append(total)
+        return total
+
+    def alpha_values(self):
+        with torch.no_grad():
+            mix = _gathered(self.mix.detach()).float()
+            R = sinkhorn(mix, self.sinkhorn_iters) if self.sinkhorn_iters else mix
+            return (R.sum(dim=(-2, -1)) / self.n).tolist()
+
+
+@register_residual
+class DenseFormer(Residual):
+    """denseformer: depth-weighted averages (Pagliardini et al. 2024, arXiv 2402.02622). With X_0 the embeddings
+    and X_{l+1} = block_l(x_l) the output of block l, the state after block l is
+
+        x_{l+1} = Σ_{j=0..l+1} w_lj X_j,
+
+    the input of block l + 1 and, after the last block, of the final norm (DenseFormer's DWA after every block,
+    dilation and period 1). weights [n_layer, n_layer + 1]: row l's first l + 2 entries are used (the rest stay
+    0 and unused). Init w_l,l+1 = 1, the rest 0: the plain model, bit for bit (the sum's other terms are exact
+    zeros); the ramp moves w from that identity at a = 0 to the learned weights at a = 1. No weight decay
+    (it would pull w_l,l+1 from 1 towards 0). The lens reads the averaged state x_{l+1}: the state the next block
+    (or the final norm) reads, as in the plain model; the mid-block state is block l's own (its input plus its
+    attention). The alphas logged: w_l,l+1, the weight on the block's own output, which carries the previous
+    state through the block's residual (1 at init, like the plain model's alpha). Cost: (l + 2) multiply-adds
+    of the state after block l, O(L^2 / 2) in all, and every block output kept for the averages."""
+
+    name = "denseformer"
+
+    @classmethod
+    def initial_alphas(cls, settings):
+        return [1.0] * _setting(settings, "n_layer")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.weights = nn.Parameter(torch.empty(config.n_layer, config.n_layer + 1))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.weights.zero_().diagonal(offset=1).fill_(1.0)
+
+    def forward_blocks(self, blocks, x, rope, attenuation=None, resid=None, mids=None):
+        identity = torch.eye(self.config.n_layer + 1, device=x.device, dtype=self.weights.dtype)[1:]
+        weights = _toward_identity(self.weights, identity, attenuation)
+        outputs = [x]  # X_0, X_1, ..
+        for l, block in enumerate(blocks):
+            out, mid = block(x, None, rope)
+            outputs.append(out)
+            x = weights[l, 0] * outputs[0]
+            for j in range(1, l + 2):  # a running sum, not a stack: no copy of every output per layer
+                x = x + weights[l, j] * outputs[j]
+            if resid is not None:
+                resid.append(x)
+            if mids is not None:
+                mids.append(mid)
+        return x
+
+    def alpha_values(self):
+        return _gathered(self.weights.detach()).diagonal(offset=1).float().tolist()
+
+
 # ---- rotary position embeddings (llama), computed exactly as transformers does ----
 
 def rope_cos_sin(config, T, device=None):
@@ -873,14 +1159,19 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None):  # rope: unused (GPT-2 adds positions to the embeddings)
+    def forward(self, x, rope=None, value_residual=None):  # rope: unused (GPT-2 adds positions to the embeddings)
+        """value_residual: None (the standard attention), or (v_first, weight_own, weight_first) for ResFormer's
+        value mix (mix_values); then returns (output, the first layer's own values, None in later layers)."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if value_residual is not None:
+            v, first_values = mix_values(v, value_residual)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = self.resid_dropout(self.c_proj(y))
+        return y if value_residual is None else (y, first_values)
 
 
 class MLP(nn.Module):
@@ -909,11 +1200,15 @@ class LlamaAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, rope):
+    def forward(self, x, rope, value_residual=None):
+        """value_residual: as CausalSelfAttention's (the values mixed are the key/value heads', before
+        grouped-query attention repeats them)."""
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if value_residual is not None:
+            v, first_values = mix_values(v, value_residual)
         cos, sin = rope
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -923,7 +1218,8 @@ class LlamaAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
-        return self.resid_dropout(self.o_proj(y))
+        y = self.resid_dropout(self.o_proj(y))
+        return y if value_residual is None else (y, first_values)
 
 
 class SwiGLU(nn.Module):
@@ -950,7 +1246,7 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if llama else MLP(config)
         self.activation_checkpointing = False  # GPT.set_activation_checkpointing
 
-    def forward(self, x, alpha=None, rope=None, wiring=None, wiring_args=()):
+    def forward(self, x, alpha=None, rope=None, wiring=None, wiring_args=(), value_residual=None):
         """Returns (x_next, mid): x_next = alpha * x + (block(x) - x), mid = the state after attention.
 
         alpha=None is the standard block. The update F = attn + mlp is added to alpha * x
@@ -959,22 +1255,26 @@ class Block(nn.Module):
         wiring: a residual variant's own use of the sublayers, wiring(block, x, rope, *wiring_args) -> (x_next,
         mid), run here rather than by the variant so FSDP gathers this block's weights and activation
         checkpointing recomputes it.
+        value_residual: None, or what the attention mixes its values with (ValueResidual); then returns
+        (x_next, mid, the first layer's attention values or None).
         """
         if self.activation_checkpointing and torch.is_grad_enabled():
             # inside forward, not a wrapper module: the parameter names (and so every checkpoint) stay the
             # same, and FSDP's hooks on this module gather the weights before the recomputation runs
-            return recompute_in_backward(self._forward, x, alpha, rope, wiring, wiring_args, use_reentrant=False)
-        return self._forward(x, alpha, rope, wiring, wiring_args)
+            return recompute_in_backward(self._forward, x, alpha, rope, wiring, wiring_args, value_residual,
+                                         use_reentrant=False)
+        return self._forward(x, alpha, rope, wiring, wiring_args, value_residual)
 
-    def _forward(self, x, alpha, rope, wiring=None, wiring_args=()):
+    def _forward(self, x, alpha, rope, wiring=None, wiring_args=(), value_residual=None):
         if wiring is not None:
             return wiring(self, x, rope, *wiring_args)
-        attn_out = self.attn(self.ln_1(x), rope)
+        attn_out = self.attn(self.ln_1(x), rope, value_residual)
+        if value_residual is not None:
+            attn_out, values = attn_out
         mid = x + attn_out
         mlp_out = self.mlp(self.ln_2(mid))
-        if alpha is None:
-            return mid + mlp_out, mid
-        return (alpha * x + attn_out) + mlp_out, mid
+        x_next = mid + mlp_out if alpha is None else (alpha * x + attn_out) + mlp_out
+        return (x_next, mid) if value_residual is None else (x_next, mid, values)
 
 
 class GPT(nn.Module):

@@ -127,6 +127,9 @@ rezero_norm = True  # rezero: keep the pre-norms inside F (False: F reads the ra
 rezero_lr_mult = 1.0  # rezero: the alphas' learning rate is learning_rate * rezero_lr_mult
 layerscale_init = None  # layerscale: initial per-channel scale; None = CaiT's rule (0.1 up to 18 layers, 1e-5 to 24, 1e-6 deeper)
 layerscale_lr_mult = 1.0  # layerscale: the scales' learning rate is learning_rate * layerscale_lr_mult
+value_residual_learned = True  # value_residual: learn the value mix (λ_own, λ_first) from 0.5/0.5 (False: fixed)
+hc_streams = 4  # hyper_connections: number of residual streams n
+hc_sinkhorn_iters = 0  # hyper_connections: Sinkhorn rounds making the stream mix doubly stochastic (mHC); 0 = plain HC
 attenuation_warmup_iters = 0  # ramp: effective alpha = 1 - min(1, iter / this) * (1 - alpha); 0 = full from step 0
 # AdamW
 learning_rate = 6e-4  # peak learning rate

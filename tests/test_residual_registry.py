@@ -41,7 +41,8 @@ MODES = {
 }
 OLD_VARIANTS = ["none", "cut", "gate"]  # the variants model.py had before the registry (pinned below)
 # variants added since, with nothing to be bit-for-bit against: their own tests pin them
-PINNED_ELSEWHERE = {"lambdas", "rezero", "layerscale", "deepnorm"}  # tests/test_variants_scalar.py
+PINNED_ELSEWHERE = {"lambdas", "rezero", "layerscale", "deepnorm",  # tests/test_variants_scalar.py
+                    "value_residual", "hyper_connections", "denseformer"}  # tests/test_variants_streams.py
 BUILT_IN = list(RESIDUALS)  # what model.py registers (before any test adds a toy)
 BUILT_IN_CONFIG_KEYS = residual_config_keys()
 
@@ -143,7 +144,7 @@ def test_the_built_in_variants_and_what_train_py_asks_for():
         "cut at block -1, alpha 0.5": dict(residual_mode="cut", cut_layer=-1, cut_alpha=0.5),
         "layer gate": dict(residual_mode="gate", gate_mode="layer"),
         "token gate": dict(residual_mode="gate", gate_mode="token"),
-        "scalar gate": dict(residual_mode="gate", gate_mode="scalar")}
+        "scalar gate": dict(residual_mode="gate", gate_mode="scalar"), **NEW_EXAMPLES}
 
 
 def test_labels_and_initial_alphas_from_a_config_or_a_logged_dict():
