@@ -144,7 +144,7 @@ def test_the_built_in_variants_and_what_train_py_asks_for():
         "cut at block -1, alpha 0.5": dict(residual_mode="cut", cut_layer=-1, cut_alpha=0.5),
         "layer gate": dict(residual_mode="gate", gate_mode="layer"),
         "token gate": dict(residual_mode="gate", gate_mode="token"),
-        "scalar gate": dict(residual_mode="gate", gate_mode="scalar"), **NEW_EXAMPLES}
+        "scalar gate": dict(residual_mode="gate", gate_mode="scalar")}
 
 
 def test_labels_and_initial_alphas_from_a_config_or_a_logged_dict():
