@@ -734,7 +734,7 @@ RECIPE_CANDIDATES = {
 # how each data folder the candidates read is made, when it is missing
 RECIPE_PREPARE = {
     "data/demo_bytes": ["prepare_fineweb.py", "--demo", "--tokenizer=bytes", "--out_dir=data/demo_bytes"],
-    "data/repro": ["reproduce.py", "--steps=prepare"],  # fits the 4,096-token BPE (data/repro-tokenizer) first
+    "data/repro": ["reproduce.py", "--steps=prepare", "--tokenizer=data/repro-tokenizer", "--data_dir=data/repro"],  # fits the BPE first
     "data/demo": ["prepare_fineweb.py", "--demo"],
 }
 
