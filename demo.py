@@ -126,7 +126,8 @@ def summarize(out, timings, threads, floors=None, samples=None):
                                  "misalignment, first eval -> last (tracked in training)",
                                  "bits per byte (eval, demo val)", "against the floors"], rows))
     if floors is not None:
-        lines += ["", f"Floors of the demo val split ({floors['val_targets']:,} {floors['tokenizer']} tokens, "
+        unit = "byte" if floors["tokenizer"] == "bytes" else floors["tokenizer"]
+        lines += ["", f"Floors of the demo val split ({floors['val_targets']:,} {unit} tokens, "
                   f"{floors['val_bytes']:,} bytes), counted on its train split ({FORMULA}; floors.py): "
                   + "; ".join(format_floors(floors)) + ". A model above the bigram floor predicts worse than a table "
                   "of token pairs: its shift numbers describe a model that does not use context yet."]

@@ -57,6 +57,8 @@ def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
     without = demo.summarize(str(tmp_path), {"total": 30.0}, threads=1)  # no floors known: none stated, no label
     assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 | 2.8000 | - |" in without and "bigram floor:" not in without
     assert "What each model writes" not in without  # no samples given: no section
+    byte_floors = dict(floors, tokenizer="bytes", val_targets=410382)
+    assert "(410,382 byte tokens, 410,380 bytes)" in demo.summarize(str(tmp_path), {"total": 30.0}, 1, byte_floors)
 
 
 def test_a_generated_sample_is_the_models_continuation_decoded_with_its_tokenizer(tmp_path):
