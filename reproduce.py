@@ -44,7 +44,9 @@ The scale, and why (docs/recipe.md has the measurements).
   noise that matters is the sd of the per-seed difference; the design's resolution is
   (t(0.975, n-1) + t(0.8, n-1)) sd / sqrt(n): 0.89 sd at 12 seeds, 1.15 at 8, 1.66 at 5. At the target paired
   sd of 0.01 bits/byte, 12 seeds detect a true difference of ~0.009 bits/byte (~0.006 nats per byte), the size
-  of the paper's effect (~0.02 nats per GPT-2 token, ~0.009 bits/byte).
+  of the paper's effect (~0.02 nats per GPT-2 token, ~0.009 bits/byte). Whether the paired sd is that small is
+  measured by the run itself (results.md says); 3 seeds of 300-step runs gave 0.016 (docs/recipe.md), which
+  at 12 seeds would detect ~0.014 bits/byte.
 - Two runs at a time, one torch thread each (jobs x threads = the 2 cores): one thread per process is what a
   busy neighbour slows least (docs/training.md, CPU threads), and two processes use both cores fully.
 Cost on 2 idle cores (no idle machine was available to measure it; docs/recipe.md): ~0.14 s a step of

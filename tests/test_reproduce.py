@@ -58,6 +58,12 @@ def test_the_report_says_whether_a_difference_is_inside_the_noise():
         "difference from the baseline (the interval contains 0).",
         "- gate − baseline, val loss: -0.0210 nats (95% CI [-0.0300, -0.0120], p < 0.001, 5 seeds): lower than the "
         "baseline's (significant at 5%)."]
+    # a unitless score (misalignment) reads without a dangling unit
+    scores = {"differences": {"baseline": "baseline", "groups": {"cut": {"demo": {"misalignment": {
+        "n": 12, "mean": -0.0123, "ci95": [-0.02, -0.004], "p_value": 0.01, "significant": True}}}}}}
+    assert reproduce.verdict(scores, "misalignment", "") == [
+        "- cut − baseline, val misalignment: -0.0123 (95% CI [-0.0200, -0.0040], p = 0.010, 12 seeds): lower than the "
+        "baseline's (significant at 5%)."]
 
 
 def test_the_report_states_what_the_design_can_detect_from_the_paired_sd():
