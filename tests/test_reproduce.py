@@ -3,13 +3,17 @@ and analyze.py on the groups, the report) in about half a minute; the report say
 the BPE it fits is a deterministic tokenizer that the rest of nanoshift reads."""
 
 import json
+import math
 import os
+import sys
 
 import pytest
+import scipy.stats
 
 import reproduce
 from conftest import pydoc_documents
 from nanoshift.data import get_tokenizer
+from nanoshift.stats import minimal_detectable_difference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,18 +29,19 @@ def test_smoke_reproduction_runs_every_step_into_results(prose_shards, tmp_path,
             "end", 4, "max_iters")
     results = json.loads((out / "results.json").read_text())
     assert {label: g["seeds"] for label, g in results["eval"]["groups"].items()} == {m: [1] for m in reproduce.MODES}
-    assert set(results["eval"]["differences"]["groups"]) == {"cut", "gate"}  # paired by the checkpoints' seeds
+    assert set(results["eval"]["differences"]["groups"]) == {"cut", "cut_mid", "gate"}  # paired by the checkpoints' seeds
     assert set(results["analysis"]["groups"]) == set(reproduce.MODES) and "train gate (1 seed)" in results["seconds"]
     text = (out / "results.md").read_text()
     assert "the smoke version" in text and "- (no interval or test: a comparison needs 2 or more seeds)" in text
-    assert "| benchmark | metric | baseline (n=1) | cut (n=1) | gate (n=1) |" in text
-    assert "| number | baseline (n=1) | cut (n=1) | gate (n=1) |" in text and "(1 seed: no interval)" in text
+    assert "| benchmark | metric | baseline (n=1) | cut (n=1) | cut_mid (n=1) | gate (n=1) |" in text
+    assert "| number | baseline (n=1) | cut (n=1) | cut_mid (n=1) | gate (n=1) |" in text and "(1 seed: no interval)" in text
+    assert "What this design can detect" not in text  # one seed: no paired sd, no resolution to state
     # bits per byte next to the loss, and the floors of the val split with the groups above the bigram one named
     assert "|  | bits per byte |" in text
     floors = results["eval"]["floors"]["demo"]
     assert floors["bigram"]["bpb"] < floors["unigram"]["bpb"]
     assert "- Floors of the val split (counted on its train split, floors.py): unigram floor: " in text
-    assert "Mean bits per byte above the bigram floor (worse than counting token pairs): baseline, cut, gate." in text
+    assert "Mean bits per byte above the bigram floor (worse than counting token pairs): baseline, cut, cut_mid, gate." in text
     for name in ("topk", "cosine_projection", "lens", "shift_depth", "alphas", "shift_training", "target_match_by_step"):
         assert (out / "analysis" / f"{name}.png").stat().st_size > 0
     assert {f"train_{m}.log" for m in reproduce.MODES} | {"eval.log", "analyze.log"} <= set(os.listdir(out / "logs"))
@@ -53,6 +58,61 @@ def test_the_report_says_whether_a_difference_is_inside_the_noise():
         "difference from the baseline (the interval contains 0).",
         "- gate − baseline, val loss: -0.0210 nats (95% CI [-0.0300, -0.0120], p < 0.001, 5 seeds): lower than the "
         "baseline's (significant at 5%)."]
+    # a unitless score (misalignment) reads without a dangling unit
+    scores = {"differences": {"baseline": "baseline", "groups": {"cut": {"demo": {"misalignment": {
+        "n": 12, "mean": -0.0123, "ci95": [-0.02, -0.004], "p_value": 0.01, "significant": True}}}}}}
+    assert reproduce.verdict(scores, "misalignment", "") == [
+        "- cut − baseline, val misalignment: -0.0123 (95% CI [-0.0200, -0.0040], p = 0.010, 12 seeds): lower than the "
+        "baseline's (significant at 5%)."]
+
+
+def test_the_report_states_what_the_design_can_detect_from_the_paired_sd():
+    def diff(std, n):
+        return {"demo": {"bpb": {"n": n, "mean": 0.001, "std": std, "ci95": [-0.01, 0.01], "p_value": 0.5,
+                                 "significant": False}}}
+
+    results = {"differences": {"baseline": "baseline", "groups": {"cut": diff(0.008, 12), "gate": diff(0.015, 12),
+                                                                  "one": diff(None, 1)}}}
+    mdd = (scipy.stats.t.ppf(0.975, 11) + scipy.stats.t.ppf(0.8, 11)) * 0.008 / math.sqrt(12)
+    assert reproduce.design_lines(results) == [
+        f"- cut − baseline: paired sd of the val bits/byte difference 0.0080 over 12 seeds (target <= 0.01: met); the "
+        f"smallest difference this design detects (5% two-sided, 80% power) is {mdd:.4f} bits/byte.",
+        f"- gate − baseline: paired sd of the val bits/byte difference 0.0150 over 12 seeds (target <= 0.01: not met); "
+        f"the smallest difference this design detects (5% two-sided, 80% power) is {mdd / 0.008 * 0.015:.4f} bits/byte."]
+
+
+@pytest.mark.parametrize("n", [3, 5, 12, 30])
+def test_the_minimal_detectable_difference_has_the_power_it_claims(n):
+    sd = 0.01
+    mdd = minimal_detectable_difference(sd, n)
+    assert mdd == pytest.approx((scipy.stats.t.ppf(0.975, n - 1) + scipy.stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n),
+                                rel=1e-9)
+    # the exact power of the two-sided paired t-test at that true difference (noncentral t): about 80%
+    crit, shift = scipy.stats.t.ppf(0.975, n - 1), mdd / (sd / math.sqrt(n))
+    power = scipy.stats.nct.sf(crit, n - 1, shift)  # (the other tail, below -crit, is < 1e-6 here)
+    assert 0.75 < power < 0.81
+    assert minimal_detectable_difference(0.0, n) == 0.0 and minimal_detectable_difference(2 * sd, n) == pytest.approx(2 * mdd)
+    assert minimal_detectable_difference(sd, n, power=0.9) > mdd > minimal_detectable_difference(sd, n, alpha=0.2)
+
+
+def test_the_minimal_detectable_difference_refuses_what_has_no_answer():
+    from nanoshift.common import InputError
+    for args in ((0.01, 1), (-0.01, 5), (0.01, 5, 0.0), (0.01, 5, 0.05, 1.0)):
+        with pytest.raises(InputError):
+            minimal_detectable_difference(*args)
+
+
+def test_runs_at_once_finish_all_and_stop_with_the_first_failure(tmp_path, capsys):
+    ok = [sys.executable, "-c", "import time; time.sleep(0.3); print('done')"]
+    steps = {name: (ok, str(tmp_path / f"{name}.log")) for name in ("a", "b", "c")}
+    seconds = reproduce.run_steps_at_once(steps, 2, "reproduce")
+    assert set(seconds) == {"a", "b", "c"} and (tmp_path / "c.log").read_text().strip() == "done"
+    bad = [sys.executable, "-c", "raise SystemExit(3)"]
+    with pytest.raises(SystemExit) as stop:
+        reproduce.run_steps_at_once({"bad": (bad, str(tmp_path / "bad.log")), "good": (ok, str(tmp_path / "g.log"))},
+                                    2, "reproduce")
+    assert stop.value.code == 3 and (tmp_path / "g.log").read_text().strip() == "done"  # the other one finished
+    assert "step 'bad' failed (exit 3)" in capsys.readouterr().err
 
 
 def test_the_report_states_the_floors_and_names_groups_above_the_bigram_floor():
