@@ -130,7 +130,8 @@ class LanguageModel:
         ids = [int(i) for i in ids if 0 <= int(i) < tok.n_vocab]
         if hf is not None:
             return hf.decode(ids, skip_special_tokens=True)
-        special = {tok.encode_single_token(t) for t in tok.special_tokens_set}  # tiktoken: <|endoftext|>
+        # tiktoken: <|endoftext|>; the byte tokenizer's decode drops its end-of-text id itself
+        special = {tok.encode_single_token(t) for t in getattr(tok, "special_tokens_set", ())}
         return tok.decode([i for i in ids if i not in special])
 
     def logits(self, idx):

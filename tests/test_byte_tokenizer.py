@@ -104,3 +104,11 @@ def test_training_on_llmc_shards_of_a_small_custom_vocabulary(tmp_path):
     assert last < first - 1.0
     with pytest.raises(Exception, match="is >= vocab_size=32"):  # the loader checks every batch
         ShardLoader(str(tmp_path / "custom_train_*.bin"), batch_size=4, seq_len=32, vocab_size=32).next_batch()
+
+
+def test_a_byte_model_decodes_its_generated_ids_as_text():
+    from nanoshift.lm import OurGPT
+
+    lm = OurGPT(GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=320)), "bytes-model")
+    lm.text_tokenizer = get_tokenizer("bytes")
+    assert lm.decode_text(list("café".encode()) + [256, 300]) == "café"  # end of text and padding ids dropped
