@@ -17,6 +17,16 @@ registered class each in the "residual variants" section below (same for both ar
              token   p(t) = softmax(W LN(x_0[t]) + b), W = b = 0 at init (per-token)
              scalar  alpha_l = sigmoid(w_l), independent, init near 1
 
+and the field's own residual methods, so the paper's attenuation meets its competitors on equal terms:
+
+    lambdas            x = resid_λ_l x + x0_λ_l x0 before each block, learned (nanochat, modded-nanogpt)
+    rezero             x + α_l F(x), α = 0 at init (Bachlechner et al. 2020)
+    layerscale         x + diag(λ_l) F(x) per sublayer, small init (CaiT, Touvron et al. 2021)
+    deepnorm           post-LN, LN(α x + F(x)), α and the init scaled by depth (DeepNet, Wang et al. 2022)
+    value_residual     each layer's attention values mixed with the first layer's (ResFormer, 2024)
+    hyper_connections  n residual streams, learned read / write / mixing (Zhu et al. 2025; mHC: Sinkhorn)
+    denseformer        after each block, a learned average of the embeddings and every earlier block output
+
 A new variant is one class there (its formula, settings, checks, optimizer rule, alphas and label);
 train.py, analyze.py, bench.py and the HF import learn about it from the registry (RESIDUALS).
 
@@ -259,6 +269,15 @@ def _setting(settings, name):
     return settings.get(name, GPTConfig.__dataclass_fields__[name].default)
 
 
+def record(resid, mids, state, mid):
+    """What forward_blocks keeps of a block, where asked (lists, or None): the residual state after it (what the
+    lens reads) and its mid-block state."""
+    if resid is not None:
+        resid.append(state)
+    if mids is not None:
+        mids.append(mid)
+
+
 class Residual(nn.Module):
     """A residual variant: how the blocks' outputs join the residual stream. This base class is the
     standard residual, x_{l+1} = block_l(x_l), and the machinery of the alpha family.
@@ -294,7 +313,7 @@ class Residual(nn.Module):
     The alpha family gets this from alpha -> 1 - a (1 - alpha); a variant that cannot become the plain model
     (deepnorm's post-LN) refuses a < 1 with a clear error.
 
-    How the variants of issue #23 map onto this interface (not implemented here):
+    How issue #23's variants map onto this interface (each is implemented below, in its own class):
         lambdas      (class Lambdas below) x = resid_λ_l x + x0_λ_l x0 before each block (nanochat): forward_blocks
                      keeps x0 and mixes before calling block(x, None, rope); the ramp scales (λ - identity)
                      by a; alpha_values logs resid_λ; two optimizer groups (x0_λ, resid_λ at 0.01x its lr)
@@ -374,10 +393,7 @@ class Residual(nn.Module):
             alphas = [None if alpha is None else 1 - attenuation * (1 - alpha) for alpha in alphas]
         for block, alpha in zip(blocks, alphas):
             x, mid = block(x, alpha, rope)
-            if resid is not None:
-                resid.append(x)
-            if mids is not None:
-                mids.append(mid)
+            record(resid, mids, x, mid)
         return x
 
     def optimizer_groups(self, weight_decay, lr_mults):
@@ -601,10 +617,7 @@ class Lambdas(Residual):
         x0_scales = self.x0 if attenuation is None else attenuation * self.x0  # exactly 0 at a = 0
         for l, block in enumerate(blocks):
             x, mid = block(resid_scales[l] * x + x0_scales[l] * x0, None, rope)
-            if resid is not None:
-                resid.append(x)
-            if mids is not None:
-                mids.append(mid)
+            record(resid, mids, x, mid)
         return x
 
     def alpha_values(self):
@@ -673,10 +686,7 @@ class ReZero(Residual):
         scales = _ramped(self.alpha, attenuation)
         for l, block in enumerate(blocks):
             x, mid = block(x, None, rope, self.sublayers, (scales[l],))
-            if resid is not None:
-                resid.append(x)
-            if mids is not None:
-                mids.append(mid)
+            record(resid, mids, x, mid)
         return x
 
     def sublayers(self, block, x, rope, scale):
@@ -744,10 +754,7 @@ class LayerScale(Residual):
         attn_scales, mlp_scales = _ramped(self.attn_scale, attenuation), _ramped(self.mlp_scale, attenuation)
         for l, block in enumerate(blocks):
             x, mid = block(x, None, rope, self.sublayers, (attn_scales[l], mlp_scales[l]))
-            if resid is not None:
-                resid.append(x)
-            if mids is not None:
-                mids.append(mid)
+            record(resid, mids, x, mid)
         return x
 
     @staticmethod
@@ -813,10 +820,7 @@ class DeepNorm(Residual):
         alpha, _ = self.constants(self.config.n_layer)
         for block in blocks:
             x, mid = block(x, None, rope, self.sublayers, (alpha,))
-            if resid is not None:
-                resid.append(x)
-            if mids is not None:
-                mids.append(mid)
+            record(resid, mids, x, mid)
         return x
 
     @staticmethod
@@ -925,10 +929,7 @@ class ValueResidual(Residual):
             x, mid, values = block(x, None, rope, value_residual=mix)
             if l == 0:
                 v_first = values
-            if resid is not None:
-                resid.append(x)
-            if mids is not None:
-                mids.append(mid)
+            record(resid, mids, x, mid)
         return x
 
     def alpha_values(self):
@@ -1101,10 +1102,7 @@ class DenseFormer(Residual):
             x = weights[l, 0] * outputs[0]
             for j in range(1, l + 2):  # a running sum, not a stack: no copy of every output per layer
                 x = x + weights[l, j] * outputs[j]
-            if resid is not None:
-                resid.append(x)
-            if mids is not None:
-                mids.append(mid)
+            record(resid, mids, x, mid)
         return x
 
     def alpha_values(self):
