@@ -501,6 +501,7 @@ def run(settings):
         if settings["lens"] == "both":  # each model under both lenses, as "name (logit lens)" / "name (tuned lens)"
             logit = analyze_models(lms, batches, dataclasses.replace(options, lens="logit"), settings["progress"])
             results = [dict(r, label=f"{r['label']} ({r['lens']} lens)") for pair in zip(logit, results) for r in pair]
+            os.makedirs(out_dir, exist_ok=True)
             for lm, (a, b) in zip(lms, zip(logit, results[1::2])):
                 print(f"wrote {save_figure(plot_lens_overlay(a, b), os.path.join(out_dir, f'lens_overlay_{file_stem(lm.name)}.png'))}")
         shown, saved, text = analyze_groups(groups, compare_to, results) if groups else (results, None, None)

@@ -394,8 +394,9 @@ def test_eval_reports_the_misalignment_under_the_tuned_lens_from_saved_translato
                     context=16, misalignment_windows=4, out_dir=str(tmp_path / "eval"))
     with pytest.raises(InputError, match="no tuned-lens translators"):
         eb.run(dict(settings, lens="tuned"))
-    analyze.main(["--ckpt", run, "--data_files", str(text), "--seq_len=16", "--num_sequences=2", "--lens=tuned",
+    analyze.main(["--ckpt", run, "--data_files", str(text), "--seq_len=16", "--num_sequences=2", "--lens=both",
                   "--lens_steps=3", "--lens_tokens_per_step=32", "--progress=False", "--out_dir", str(tmp_path / "an")])
+    assert os.path.isfile(tmp_path / "an" / "lens_overlay_run.png")  # into an out_dir that did not exist yet
     logit = eb.run(settings)["models"]["run"]["lambada"]["misalignment"]
     tuned = eb.run(dict(settings, lens="tuned"))["models"]["run"]["lambada"]["misalignment"]
     assert logit is not None and tuned is not None and tuned != logit
