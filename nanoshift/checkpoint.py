@@ -26,7 +26,8 @@ directory per save, every rank its own part in parallel; the save is committed b
 
 Rank 0 moves the pointer (atomically) only after every rank has written its part, then deletes the older
 directories. A crash or kill -9 mid-save leaves a directory that no pointer names: it is never resumed from,
-and the next run removes it. DCP reshards on load, so a checkpoint resumes on any number of ranks.
+and the next run removes it. DCP reshards on load, so a checkpoint resumes on any number of ranks; a DDP run
+resumes it too (read_sharded_whole), and an FSDP run resumes a DDP ckpt.pt (resume_source picks the newest).
 Reading a DCP directory stays weights-only: its tensors are read with torch.load(weights_only=True) by
 DCP itself, its pickled index (.metadata) is checked here first to hold nothing but DCP's own metadata
 classes, and train_state.pt is read by load_checkpoint.

@@ -16,8 +16,14 @@ unsharded float32 gradients between micro-steps and reduce-scatters once per ste
 without torchrun runs a 1-rank group (nothing is sharded: for testing). A sharded checkpoint
 (nanoshift/checkpoint.py) resumes on any number of ranks: weights, AdamW state and the data stream continue
 exactly; with another world size the per-rank dropout masks differ and the float sums of the gradient
-reduction run in another order (so losses agree to float precision, not bit for bit). A checkpoint resumes
-with the parallelism that wrote it.
+reduction run in another order (so losses agree to float precision, not bit for bit). A DDP ckpt.pt resumes as FSDP and a
+sharded checkpoint as DDP (load_resumed; the conversion is bit-exact).
+
+Meta-device init: train.py builds an fsdp scratch or resume model on the meta device (no memory); shard()
+shards it, allocates each rank's shards (to_empty) and, from scratch, replays GPT.__init__'s random draws one
+module at a time (replay_scratch_init), each rank keeping its part: no rank ever holds the whole float32 model,
+the weights equal DDP's (rank 0's init) bit for bit, and every rank's RNG ends as under DDP
+(docs/sharded-training.md, "Building the model").
 """
 
 import copy
