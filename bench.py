@@ -719,6 +719,8 @@ rank, world = dist.get_rank(), dist.get_world_size()
 facts = RunFacts(init_from="scratch", torchrun=True, distributed=True, fsdp=True, rank=rank, local_rank=rank,
                  world_size=world, device="cpu", device_type="cpu", dtype="float32", use_compile=False,
                  grad_accum_steps=1, micro_tokens=0)
+with torch.device("meta"):  # the libraries a first model build loads (as any train.py process has by then)
+    GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=8, block_size=8))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports and the process group (KiB -> MiB)
 torch.manual_seed(1337 + rank)  # as train.py seeds each rank
 t0 = time.time()

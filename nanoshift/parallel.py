@@ -28,6 +28,7 @@ the weights equal DDP's (rank 0's init) bit for bit, and every rank's RNG ends a
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import resource
@@ -35,6 +36,7 @@ import resource
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanoshift import checkpoint
 
@@ -310,6 +312,97 @@ def _scratch_copy(module):
     return copy_
 
 
+CHUNK_NUMEL = 2**22  # a parameter larger than this (16 MiB of float32) is replayed in chunks of this size
+
+
+class _RecordInit(TorchDispatchMode):
+    """Records the in-place initialisations (normal_, uniform_, zero_, fill_) a module's init code applies to
+    the given meta parameters, instead of running them; ok=False if it writes them in any other way (or writes
+    a view of them), which a chunked replay could not reproduce."""
+
+    CHUNKABLE = ("normal_", "uniform_", "zero_", "fill_")
+
+    def __init__(self, keys):
+        super().__init__()
+        self.keys, self.calls, self.ok = keys, [], True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        schema = func._schema
+        writes_first = bool(schema.arguments) and schema.arguments[0].alias_info is not None and \
+            schema.arguments[0].alias_info.is_write
+        target = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if writes_first and target is not None and target.is_meta:
+            if id(target) in self.keys and schema.name.split("::")[-1] in self.CHUNKABLE \
+                    and kwargs.get("generator") is None:
+                self.calls.append((self.keys[id(target)], func, args[1:], kwargs))
+                return target
+            self.ok = False
+        return func(*args, **kwargs)
+
+
+class _Chunked:
+    """A full tensor's value as one recorded init op, generated CHUNK_NUMEL elements at a time: the same
+    numbers and RNG consumption as the op on the whole tensor (chunks start at multiples of 16, and a tail of
+    under 16 elements joins the chunk before it: CPU normal_ draws in blocks of 16 and redoes its last 16;
+    _chunks_are_exact checks this on every start)."""
+
+    def __init__(self, numel, dtype, func, args, kwargs, chunk=None):
+        self.numel, self.dtype, self.func, self.args, self.kwargs = numel, dtype, func, args, kwargs
+        self.chunk = chunk or CHUNK_NUMEL
+
+    def pieces(self):
+        """(flat offset, values) in order; the values' buffer is reused: copy what you keep."""
+        buffer = torch.empty(min(self.numel, self.chunk + 16), dtype=self.dtype)
+        start = 0
+        while start < self.numel:
+            size = min(self.chunk, self.numel - start)
+            if 0 < self.numel - start - size < 16:
+                size = self.numel - start
+            piece = buffer[:size]
+            self.func(piece, *self.args, **self.kwargs)
+            yield start, piece
+            start += size
+
+
+@functools.cache
+def _chunks_are_exact():
+    """Whether _Chunked reproduces whole-tensor normal_ and uniform_ on this build of torch (values and RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        for func, args in ((torch.ops.aten.normal_.default, (0.0, 0.02)),
+                           (torch.ops.aten.uniform_.default, (-0.1, 0.1))):
+            for numel in (64 * 12, 64 * 12 + 5, 64 * 12 + 37):
+                torch.manual_seed(0)
+                whole = func(torch.empty(numel), *args)
+                after = torch.get_rng_state()
+                torch.manual_seed(0)
+                chunked = torch.empty(numel)
+                for start, piece in _Chunked(numel, torch.float32, func, args, {}, chunk=64).pieces():
+                    chunked[start:start + piece.numel()] = piece
+                if not (torch.equal(whole, chunked) and torch.equal(after, torch.get_rng_state())):
+                    return False
+    return True
+
+
+def _recorded_init(module, init):
+    """{parameter key: [recorded calls]} of init(copy of module) on meta tensors, or None if it cannot be
+    replayed in chunks (_RecordInit.ok) or chunking is not exact here."""
+    if not _chunks_are_exact():
+        return None
+    meta = copy.copy(module)
+    meta._parameters = {k: None if p is None else torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype,
+                                                                                 device="meta"), p.requires_grad)
+                        for k, p in module._parameters.items()}
+    meta._modules = {}
+    recorder = _RecordInit({id(p): k for k, p in meta._parameters.items() if p is not None})
+    with recorder:
+        init(meta)
+    if not recorder.ok:
+        return None
+    return [(key, _Chunked(meta._parameters[key].numel(), meta._parameters[key].dtype, func, args, kwargs))
+            for key, func, args, kwargs in recorder.calls]
+
+
 def replay_scratch_init(config, write=None):
     """GPT(config)'s initial weights with its random draws, from the current torch RNG state, without ever
     holding the whole model: write(name, full_tensor) is called for every parameter and buffer, possibly more
@@ -329,10 +422,28 @@ def replay_scratch_init(config, write=None):
         aliases.setdefault(id(p), []).append(name)
     aliases = {name: names for names in aliases.values() for name in names}
 
-    def emit(name, tensor):
-        if write is not None:
-            for alias in aliases.get(name, [name]):
-                write(alias, tensor)
+    def emit(name, value):
+        """A full tensor, or a _Chunked one (its draws run here, once, whatever write does with them)."""
+        names = aliases.get(name, [name])
+        if isinstance(value, _Chunked):
+            for start, piece in value.pieces():
+                for alias in names if write is not None else ():
+                    write(alias, piece, start, value.numel)
+        elif write is not None:
+            for alias in names:
+                write(alias, value)
+
+    def init_in_chunks(name, module, init):
+        """A large module's init (its reset_parameters, or _init_weights) replayed chunk by chunk; False if
+        it is small or its init cannot be chunked (then the caller runs it on a full scratch copy)."""
+        if max((p.numel() for p in module.parameters(recurse=False)), default=0) <= CHUNK_NUMEL:
+            return False
+        recorded = _recorded_init(module, init)
+        if recorded is None:
+            return False
+        for key, value in recorded:
+            emit(f"{name}.{key}", value)
+        return True
 
     def emit_params(name, module):
         for key, p in module.named_parameters(recurse=False):
@@ -350,9 +461,12 @@ def replay_scratch_init(config, write=None):
             elif next(module.parameters(recurse=False), None) is None:
                 continue
             elif _builtin(module) and hasattr(module, "reset_parameters"):
+                if init_in_chunks(name, module, lambda m: m.reset_parameters()):
+                    continue
                 scratch = _scratch_copy(module)
                 scratch.reset_parameters()
                 emit_params(name, scratch)
+                del scratch
             elif isinstance(module, RMSNorm):  # RMSNorm.__init__: weight = ones
                 emit(f"{name}.weight", torch.ones(module.weight.shape, dtype=module.weight.dtype))
             else:
@@ -362,21 +476,26 @@ def replay_scratch_init(config, write=None):
             if in_residual(name):
                 twin._init_weights(sub(name))
             elif next(module.parameters(recurse=False), None) is not None:
+                if init_in_chunks(name, module, twin._init_weights):
+                    continue
                 scratch = _scratch_copy(module)
                 for p in scratch.parameters():
                     p.fill_(float("nan"))  # what _init_weights leaves unwritten stays nan: not emitted
                 twin._init_weights(scratch)
                 for key, p in scratch.named_parameters():
-                    if not torch.isnan(p).any():
+                    if p.numel() and not math.isnan(p.view(-1)[0]):  # an init writes the whole tensor
                         emit(f"{name}.{key}", p)
+                del scratch  # before the next module's: one module's full tensors at a time
         # 3. the scaled init of the residual output projections
         for name, p in twin.named_parameters():
             if name.endswith(SCALED_INIT_SUFFIXES):
-                target = sub(own).get_parameter(name[len(own) + 1:]) if in_residual(name) else \
-                    torch.empty(p.shape, dtype=p.dtype)
-                torch.nn.init.normal_(target, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-                if not in_residual(name):
-                    emit(name, target)
+                std = 0.02 / math.sqrt(2 * config.n_layer)
+                if in_residual(name):
+                    torch.nn.init.normal_(sub(own).get_parameter(name[len(own) + 1:]), mean=0.0, std=std)
+                elif p.numel() > CHUNK_NUMEL and _chunks_are_exact():
+                    emit(name, _Chunked(p.numel(), p.dtype, torch.ops.aten.normal_.default, (0.0, std), {}))
+                else:
+                    emit(name, torch.nn.init.normal_(torch.empty(p.shape, dtype=p.dtype), mean=0.0, std=std))
         # 4. the residual variant's own init, then its values
         residual.reset_parameters()
         for key, t in list(residual.named_parameters()) + list(residual.named_buffers()):
@@ -396,8 +515,18 @@ def replay_is_exact(config):
             expected = GPT(narrow).state_dict(keep_vars=False)
             expected_rng = torch.get_rng_state()
             replayed = {}
+
+            def keep(name, value, start=None, numel=None):
+                if start is None:
+                    replayed[name] = value.clone()
+                else:
+                    if start == 0:
+                        replayed[name] = torch.empty(numel, dtype=value.dtype)
+                    replayed[name][start:start + value.numel()] = value
+
             torch.manual_seed(0)
-            replay_scratch_init(narrow, lambda name, t: replayed.__setitem__(name, t.clone()))
+            replay_scratch_init(narrow, keep)
+            replayed = {k: v.view(expected[k].shape) if k in expected else v for k, v in replayed.items()}
             expected = {k: v for k, v in expected.items() if k != "attenuation"}
             return (torch.equal(torch.get_rng_state(), expected_rng) and replayed.keys() >= expected.keys()
                     and all(torch.equal(replayed[k], v) for k, v in expected.items()))
@@ -418,6 +547,23 @@ def shard_of(full, param):
     return piece
 
 
+def shard_range(param):
+    """[lo, hi): the flat element range of the full tensor that this rank's shard of `param` holds (sharded on
+    dim 0 or not at all)."""
+    if not hasattr(param, "placements"):
+        return 0, param.numel()
+    placements = [p for p in param.placements if p.is_shard()]
+    if not placements:
+        return 0, param.numel()
+    if len(placements) > 1 or placements[0].dim != 0:
+        raise NotReplayable(f"a parameter sharded as {param.placements}")
+    rows_per_rank = -(-param.shape[0] // param.device_mesh.size())  # torch.chunk's sizes
+    row = param.numel() // max(param.shape[0], 1)
+    first = min(param.device_mesh.get_local_rank() * rows_per_rank, param.shape[0])
+    last = min(first + rows_per_rank, param.shape[0])
+    return first * row, last * row
+
+
 def init_scratch_shards(model, seed, facts):
     """Fill a sharded, materialised (to_empty) model with GPT(config)'s init from torch.manual_seed(seed):
     every rank replays the draws and keeps its shards, so the weights equal DDP's (rank 0's init, broadcast).
@@ -427,9 +573,16 @@ def init_scratch_shards(model, seed, facts):
     targets.update(model.named_buffers())
     written = set()
 
-    def write(name, full):
+    def write(name, value, start=None, numel=None):
+        """A full tensor, or the flat piece at `start` of one of `numel` elements: this rank keeps its part."""
         target = local(targets[name])
-        target.copy_(shard_of(full, targets[name]).to(target.device))
+        if start is None:
+            target.copy_(shard_of(value, targets[name]).to(target.device))
+        else:  # a dim-0 shard is one flat range of the full tensor: copy where the piece overlaps it
+            lo, hi = shard_range(targets[name])
+            a, b = max(lo, start), min(hi, start + value.numel())
+            if a < b:
+                target.view(-1)[a - lo:b - lo].copy_(value[a - start:b - start].to(target.device))
         written.add(name)
 
     with torch.no_grad():
