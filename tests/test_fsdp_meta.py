@@ -213,6 +213,7 @@ def test_no_rank_peak_rss_reaches_the_full_float32_model(data, tmp_path):
     baseline = [m["max_rss_mib"] for m in rows(tmp_path / "tiny", "end")[0]["memory"]]
     peaks = [m["max_rss_mib"] for m in rows(tmp_path / "big", "end")[0]["memory"]]
     for rank, (peak, base) in enumerate(zip(peaks, baseline)):
+        print(f"rank {rank}: peak RSS {peak:,.0f} MiB, tiny run's {base:,.0f} MiB, float32 model {full_mib:,.0f} MiB")
         # what building, sharding and one eval added: its half of the weights, one module replayed at a time,
         # the gathered blocks of the forward pass; the old path (build whole, then shard) added >= 1.5x full_mib
         assert peak - base < 0.75 * full_mib, (rank, peak, base, full_mib)
