@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from model import GPT, RESIDUALS, RMSNorm
 from nanoshift import checkpoint
 
 
@@ -406,10 +407,10 @@ def _recorded_init(module, init):
 def replay_scratch_init(config, write=None):
     """GPT(config)'s initial weights with its random draws, from the current torch RNG state, without ever
     holding the whole model: write(name, full_tensor) is called for every parameter and buffer, possibly more
-    than once (the last call holds its value; tied parameters get both names). write=None only advances the
-    RNG as GPT(config) would. NotReplayable if the model holds a module this cannot reproduce."""
-    from model import GPT, RESIDUALS, RMSNorm
-
+    than once (the last call holds its value; tied parameters get both names); a tensor over CHUNK_NUMEL
+    elements arrives as write(name, piece, flat_offset, numel), piece by piece in order (a reused buffer: copy
+    what you keep). write=None only advances the RNG as GPT(config) would. NotReplayable if the model holds a
+    module this cannot reproduce."""
     with torch.device("meta"):
         twin = GPT(config)  # the module tree and shapes, no memory
     own = config.residual_mode  # the residual variant's prefix: it is small, so it is built whole on the CPU
@@ -505,8 +506,6 @@ def replay_scratch_init(config, write=None):
 def replay_is_exact(config):
     """Whether replay_scratch_init reproduces GPT(config) exactly: checked on a narrow model of the same
     depth, arch and residual settings (weights and the RNG state after), with the global RNG left as it was."""
-    from model import GPT
-
     narrow = dataclasses.replace(config, n_embd=4 * config.n_head, vocab_size=32, block_size=8,
                                  intermediate_size=None if config.intermediate_size is None else 16)
     with torch.random.fork_rng(devices=[]):
