@@ -874,6 +874,93 @@ def bench_recipe(seconds=0, candidates=None, reference=RECIPE_REFERENCE, eval_by
     return rows
 
 
+# fsdp_init: per-rank peak host memory while building a model for FSDP (2 gloo ranks): built whole and then
+# sharded (the path before meta-device init, still parallel.shard's path for a model built whole) against built
+# on the meta device and materialised shard by shard (train.py's path for fsdp scratch runs)
+_FSDP_INIT_WORKER = """
+import json, resource, sys, time
+import torch, torch.distributed as dist
+from model import GPT, GPTConfig
+from nanoshift import parallel
+from nanoshift.run import RunFacts
+path, config = sys.argv[1], GPTConfig(**json.loads(sys.argv[2]))
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+facts = RunFacts(init_from="scratch", torchrun=True, distributed=True, fsdp=True, rank=rank, local_rank=rank,
+                 world_size=world, device="cpu", device_type="cpu", dtype="float32", use_compile=False,
+                 grad_accum_steps=1, micro_tokens=0)
+with torch.device("meta"):  # the libraries a first model build loads (as any train.py process has by then)
+    GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, vocab_size=8, block_size=8))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # imports and the process group (KiB -> MiB)
+torch.manual_seed(1337 + rank)  # as train.py seeds each rank
+t0 = time.time()
+if path == "meta":
+    with torch.device("meta"):
+        model = GPT(config)
+else:
+    model = GPT(config)
+parallel.place(model, facts, scratch=True, seed=1337)
+row = dict(rank=rank, base_mib=base, peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           seconds=time.time() - t0, shard_mib=parallel.local_bytes(model.parameters()) / 2**20,
+           n_params=sum(p.numel() for p in model.parameters()))
+rows = [None] * world
+dist.all_gather_object(rows, row)
+if rank == 0:
+    print("ROWS " + json.dumps(rows))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def _mem_available_bytes():
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+
+
+def bench_fsdp_init():
+    """Per-rank peak host memory (max RSS) while building a GPT for FSDP with 2 gloo ranks on the CPU, the
+    model built whole and then sharded (each rank: the whole float32 model, its shard, and on rank 0 a copy of
+    the whole state dict to broadcast) against built on the meta device and materialised shard by shard (each
+    rank: its shard plus one module replayed at a time). About 1B parameters (GPT-2 vocabulary, 18 x 2048); with
+    less free memory than the whole-build path needs (about 4x the model's float32 bytes over both ranks, plus
+    4 GiB left to the rest of the machine), ~500M (12 x 1792) instead, and the table says so. Large buffers are
+    mapped on their own (MALLOC_MMAP_THRESHOLD_), so the peaks are what each rank held, not heap left-overs."""
+    gib = 2**30
+    shapes = {"1B": dict(n_layer=18, n_embd=2048, n_head=16), "500M": dict(n_layer=12, n_embd=1792, n_head=14)}
+    size = "1B" if _mem_available_bytes() >= 4 * 4.05e9 + 4 * gib else "500M"
+    config = dict(shapes[size], vocab_size=50304, block_size=1024)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    results = {}
+    for path in ("whole", "meta"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+               sys.executable, "-c", _FSDP_INIT_WORKER, path, json.dumps(config)]
+        result = subprocess.run(cmd, cwd=here, env=env, capture_output=True, text=True)
+        found = [line for line in result.stdout.splitlines() if line.startswith("ROWS ")]
+        if result.returncode or not found:
+            raise RuntimeError(f"fsdp_init ({path}) failed (exit {result.returncode}):\n{result.stdout[-3000:]}\n"
+                               f"{result.stderr[-3000:]}")
+        results[path] = json.loads(found[0][5:])
+    n_params = results["meta"][0]["n_params"]
+    full_mib = 4 * n_params / 2**20
+    rows = []
+    for path, label in (("whole", "built whole, then sharded (before)"), ("meta", "meta device, shard by shard")):
+        for r in results[path]:
+            grown = r["peak_mib"] - r["base_mib"]
+            rows.append([label, r["rank"], f"{r['shard_mib']:,.0f}", f"{r['base_mib']:,.0f}", f"{r['peak_mib']:,.0f}",
+                         f"{grown:,.0f}", f"{grown / full_mib:.2f}", f"{r['seconds']:,.1f}"])
+    print(f"### fsdp_init: per-rank peak host memory while building a {n_params / 1e9:.2f}B-parameter GPT-2 "
+          f"({config['n_layer']} x {config['n_embd']}, vocabulary {config['vocab_size']}) for FSDP, 2 gloo ranks, "
+          f"float32 ({full_mib:,.0f} MiB whole)" + ("" if size == "1B" else
+                                                    "; ~500M, not 1B: too little free memory for the whole build"))
+    print()
+    print(markdown_table(["path", "rank", "shard MiB", "RSS before MiB", "peak RSS MiB", "grown MiB",
+                          "grown / whole model", "seconds"], rows, align=["left"] + ["right"] * 7))
+    worst = max(r["peak_mib"] - r["base_mib"] for r in results["meta"]) / full_mib
+    print(f"\nmeta device: the most any rank grew while building = {worst:.2f} x the whole model's float32 bytes "
+          f"(target <= 0.6)")
+    return worst
+
 SECTIONS = {
     "data": bench_data,
     "train": bench_train,
@@ -886,17 +973,18 @@ SECTIONS = {
     "fsdp_memory": bench_fsdp_memory,
     "tuned_lens": bench_tuned_lens_costs,
     "recipe": bench_recipe,
+    "fsdp_init": bench_fsdp_init,
 }
 
 DEFAULTS = dict(
-    section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory | tuned_lens | recipe (~30 min, not in all)
+    section="all",  # which: all | data | train | train_llama | analyze | eval | threads | tracking | fsdp | fsdp_memory | tuned_lens | recipe, fsdp_init (long: not in all)
     table_out="",  # fsdp: also write its table (markdown) to this file
     repeats=0,  # train: rounds per residual variant; 0 = the section's default (13)
     tiny=False,  # train: a 2-layer x 32 model instead of the GPT-2-like shape (checks every variant runs, in seconds)
     recipe_seconds=0,  # recipe: training seconds per candidate; 0 = the nanoGPT reference row's own training time
     recipe_eval_bytes=2**17,  # recipe: every candidate is evaluated on the first this-many bytes of val text (0 = all)
 )
-LONG_SECTIONS = ("recipe",)  # left out of section=all: run them alone
+LONG_SECTIONS = ("recipe", "fsdp_init")  # left out of section=all: run them alone (recipe ~30 min; fsdp_init ~16 GB)
 
 
 def run(argv):

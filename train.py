@@ -266,7 +266,7 @@ def main(argv=None):
     if facts.device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # only affects float32 matmuls (fp32 runs, the lm loss)
         torch.backends.cudnn.allow_tf32 = True
-    parallel.place(raw_model, facts, scratch=facts.init_from == "scratch")
+    parallel.place(raw_model, facts, scratch=facts.init_from == "scratch", seed=c["seed"])  # rank 0's seed
     optimizer = raw_model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                                facts.device_type, {k: c[k] for k in lr_mult_settings()})
     scaler = torch.amp.GradScaler(facts.device_type, enabled=facts.dtype == "float16")  # bf16/fp32: no loss scaling
@@ -275,13 +275,10 @@ def main(argv=None):
     if resumed is not None:
         # the hyperparameters come from the settings (they may change on resume), the moments from the checkpoint
         hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-        if facts.fsdp:
-            try:
-                checkpoint.load_sharded(folder.resume_from, raw_model, optimizer)  # resharded for this world size
-            except NanoshiftError as e:
-                exit_with(e)
-        else:
-            optimizer.load_state_dict(resumed["optimizer"])
+        try:  # a DDP ckpt.pt or a sharded checkpoint, into either parallelism, any world size
+            parallel.load_resumed(raw_model, optimizer, resumed, folder.resume_from, facts)
+        except NanoshiftError as e:
+            exit_with(e)
         for group, h in zip(optimizer.param_groups, hyper):
             group.update(h)
         if resumed["scaler"]:

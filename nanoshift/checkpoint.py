@@ -26,7 +26,8 @@ directory per save, every rank its own part in parallel; the save is committed b
 
 Rank 0 moves the pointer (atomically) only after every rank has written its part, then deletes the older
 directories. A crash or kill -9 mid-save leaves a directory that no pointer names: it is never resumed from,
-and the next run removes it. DCP reshards on load, so a checkpoint resumes on any number of ranks.
+and the next run removes it. DCP reshards on load, so a checkpoint resumes on any number of ranks; a DDP run
+resumes it too (read_sharded_whole), and an FSDP run resumes a DDP ckpt.pt (resume_source picks the newest).
 Reading a DCP directory stays weights-only: its tensors are read with torch.load(weights_only=True) by
 DCP itself, its pickled index (.metadata) is checked here first to hold nothing but DCP's own metadata
 classes, and train_state.pt is read by load_checkpoint.
@@ -43,7 +44,7 @@ import warnings
 import numpy as np
 import torch
 
-from nanoshift.common import InputError, atomic_write, write_json
+from nanoshift.common import InputError, SettingError, atomic_write, write_json
 
 
 def _describe_unreadable(path, error):
@@ -297,3 +298,81 @@ def load_sharded_weights(folder, model):
         dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
     model.load_state_dict(state)
     return model
+
+# -----------------------------------------------------------------------------
+# Resume across parallelisms: a DDP ckpt.pt continues as FSDP, a sharded checkpoint continues as DDP
+
+
+def resume_source(out_dir, fsdp):
+    """('sharded', directory) or ('whole', ckpt.pt's path): the newest resumable checkpoint in out_dir, whichever
+    parallelism wrote it (a run that changed parallelism leaves the other one's older checkpoint behind). A
+    ckpt.pt without optimizer state (a final weights-only save, or a finished FSDP run's export) is not
+    resumable. On a tie the running parallelism's own format. SettingError if there is nothing to resume,
+    InputError for an unreadable pointer or ckpt.pt."""
+    pointer = read_sharded_pointer(out_dir)
+    whole_path = os.path.join(out_dir, "ckpt.pt")
+    whole = None
+    if os.path.isfile(whole_path):
+        ckpt = load_checkpoint(whole_path, mmap=True)  # the keys and iter_num only: no tensor is read
+        whole = (ckpt.get("iter_num", 0), "optimizer" in ckpt)
+    candidates = []
+    if pointer is not None:
+        candidates.append((pointer["iter_num"], fsdp, "sharded", pointer["dir"]))
+    if whole is not None and whole[1]:
+        candidates.append((whole[0], not fsdp, "whole", whole_path))
+    if not candidates:
+        if whole is not None:
+            raise SettingError(f"init_from='resume': {whole_path} holds weights only (a run finished with save_optimizer_at_end=False, "
+                             f"or a finished FSDP run's weights-only export): not resumable. Analyse or evaluate it; "
+                             f"to train further, start a run with save_optimizer_at_end=True")
+        raise SettingError(f"init_from='resume': nothing to resume in {out_dir}: no ckpt.pt and no {SHARDED_POINTER} (check out_dir)")
+    _, _, kind, path = max(candidates)
+    return kind, path
+
+
+def optimizer_param_names(model, optimizer):
+    """The name of each parameter in the optimizer's order (what an optimizer state_dict's integer ids mean):
+    the first name of a tied parameter, as torch.distributed.checkpoint names it."""
+    names = {}
+    for name, p in model.named_parameters():
+        names.setdefault(id(p), name)
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state_by_name(whole_state, names):
+    """A plain optimizer.state_dict() (parameters as integer ids) with the parameters named instead: what
+    torch.distributed.checkpoint's set_optimizer_state_dict(full_state_dict=True) reads."""
+    return {"state": {names[i]: state for i, state in whole_state["state"].items()},
+            "param_groups": [dict(group, params=[names[i] for i in group["params"]])
+                             for group in whole_state["param_groups"]]}
+
+
+def optimizer_state_by_id(flat_state, names, param_groups):
+    """The AdamW moments of a sharded checkpoint read whole ({'state.<name>.<key>': tensor}) as a plain
+    optimizer.state_dict() for the optimizer whose parameters are `names` (in order) and whose param_groups
+    (with integer ids) are given."""
+    state = {}
+    for i, name in enumerate(names):
+        prefix = f"state.{name}."
+        entry = {k[len(prefix):]: v for k, v in flat_state.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if entry:
+            state[i] = entry
+    return {"state": state, "param_groups": param_groups}
+
+
+def read_sharded_whole(folder):
+    """The weights and AdamW moments of the DCP directory `folder`, read whole in this process (no process
+    group, whatever the number of ranks that wrote it): (model state dict, {'state.<name>.<key>': tensor}).
+    A tied parameter is there under one of its names (its first)."""
+    import torch.distributed.checkpoint as dcp
+
+    metadata = check_dcp_metadata(folder)
+    wanted = {"model": {}, "optimizer": {}}
+    for key, entry in metadata.state_dict_metadata.items():
+        top, _, rest = key.partition(".")
+        if top in wanted:
+            wanted[top][rest] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    return wanted["model"], wanted["optimizer"]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.distributed as dist
 
-from model import GPTConfig, dtype_from_name, residual_config_keys
+from model import GPT, GPTConfig, dtype_from_name, residual_config_keys
 from nanoshift import checkpoint
 from nanoshift.common import InputError, SettingError, atomic_write, read_jsonl
 
@@ -163,23 +163,31 @@ class RunFolder:
     # ---- resume: the one place that reads what a run continues from ----
 
     def load_resume(self, model_args):
-        """The checkpoint to continue (ckpt.pt; fsdp: the newest sharded checkpoint's train_state.pt, whose weights
-        load once the model is sharded), checked against the settings: they must describe its model, or this would
+        """The checkpoint to continue, checked against the settings: they must describe its model, or this would
         silently continue another experiment (a fine-tune's shape came from the pretrained weights: only the
-        residual settings). Sets resume_from and last_saved."""
-        if self.facts.fsdp:
-            pointer = checkpoint.read_sharded_pointer(self.out_dir)
-            if pointer is None:
-                raise InputError(f"no sharded checkpoint to resume: {self.pointer_path} is gone")
-            self.resume_from = pointer["dir"]
+        residual settings). Sets resume_from (ckpt.pt, or a sharded checkpoint's directory) and last_saved.
+
+        Whichever parallelism wrote it (checkpoint.resume_source: the newest resumable one in out_dir):
+          fsdp, sharded: train_state.pt; the weights and AdamW state load once the model is sharded
+          fsdp, ckpt.pt: memory-mapped, so each rank reads the pages of its own shards only (parallel.load_resumed)
+          ddp, ckpt.pt: read whole
+          ddp, sharded: train_state.pt, and the weights and AdamW moments read whole from the DCP files (any
+                        world size wrote them): 'model' as in a ckpt.pt, 'optimizer_by_name' by parameter name
+        """
+        kind, self.resume_from = checkpoint.resume_source(self.out_dir, self.facts.fsdp)
+        if kind == "sharded":
             ckpt = checkpoint.load_checkpoint(os.path.join(self.resume_from, checkpoint.TRAIN_STATE))
+            if not self.facts.fsdp:
+                ckpt["model"], ckpt["optimizer_by_name"] = checkpoint.read_sharded_whole(self.resume_from)
+                with torch.device("meta"):  # the names a tied parameter has in a plain state_dict
+                    twin = GPT(GPTConfig(**ckpt["model_args"]))
+                first = {}
+                for name, p in twin.named_parameters(remove_duplicate=False):
+                    if id(p) in first and name not in ckpt["model"]:
+                        ckpt["model"][name] = ckpt["model"][first[id(p)]]
+                    first.setdefault(id(p), name)
         else:
-            self.resume_from = self.ckpt_path
-            ckpt = checkpoint.load_checkpoint(self.ckpt_path)
-            if "optimizer" not in ckpt:
-                raise InputError(f"{self.ckpt_path} is a final weights-only checkpoint (save_optimizer_at_end=False): "
-                                 "it cannot be resumed. Analyse or evaluate it; to train further, start a run with "
-                                 "save_optimizer_at_end=True")
+            ckpt = checkpoint.load_checkpoint(self.resume_from, mmap=self.facts.fsdp)
         keys = model_args if ckpt["weights_from"] == "scratch" else residual_config_keys()
         # a checkpoint from before a GPTConfig field existed holds that field's default (e.g. arch='gpt2')
         saved = {**{f.name: f.default for f in fields(GPTConfig) if f.init}, **ckpt["model_args"]}

@@ -103,24 +103,18 @@ def check_settings(c):
 
 
 def check_resume_settings(c):
-    """What out_dir holds must fit init_from and the parallelism (a checkpoint resumes with the parallelism that
-    wrote it), and a new run never silently replaces an old one."""
+    """What out_dir holds must fit init_from (a resume needs a resumable checkpoint: either parallelism's, as
+    checkpoint.resume_source picks it; a DDP ckpt.pt continues as FSDP and a sharded checkpoint as DDP), and a
+    new run never silently replaces an old one."""
     check_out_dir(c["out_dir"])
     ckpt = os.path.join(c["out_dir"], "ckpt.pt")
     pointer = os.path.join(c["out_dir"], checkpoint.SHARDED_POINTER)
     has_ckpt, has_pointer = os.path.exists(ckpt), os.path.exists(pointer)
     if c["init_from"] == "resume" or (c["init_from"] == "auto" and (has_ckpt or has_pointer)):
-        if c["parallelism"] == "fsdp" and not has_pointer:
-            raise SettingError(f"init_from={c['init_from']!r} with parallelism='fsdp' resumes a sharded checkpoint, "
-                               f"but there is no {pointer}" + (
-                                   f": {ckpt} is a DDP run's checkpoint (resume it with --parallelism=ddp) or a "
-                                   f"finished FSDP run's weights-only export (not resumable)" if has_ckpt else
-                                   " (check out_dir)"))
-        if c["parallelism"] == "ddp" and has_pointer:
-            raise SettingError(f"{c['out_dir']} holds an FSDP run's sharded checkpoint ({pointer}): resume it with "
-                               f"--parallelism=fsdp")
-        if c["parallelism"] == "ddp" and not has_ckpt:
-            raise SettingError(f"init_from='resume' but there is no checkpoint at {ckpt} (check out_dir)")
+        try:
+            checkpoint.resume_source(c["out_dir"], c["parallelism"] == "fsdp")  # SettingError: nothing resumable
+        except InputError:
+            pass  # an unreadable file: reported (exit 1) when the resume reads it
     new_run = c["init_from"] not in ("resume", "auto") and not c["eval_only"]
     if new_run and (has_ckpt or has_pointer) and not c["overwrite"]:
         raise SettingError(f"{c['out_dir']} already holds a run ({ckpt if has_ckpt else pointer}); init_from="
@@ -180,9 +174,13 @@ def open_data(c, facts):
 
 
 def build_model(c, facts, model_args, resumed):
-    """The model: scratch, the checkpoint to resume (fsdp: its weights load once sharded), or pretrained GPT-2 /
-    Llama weights with the configured residual mode (a retrofit)."""
-    if facts.init_from == "scratch" or (facts.init_from == "resume" and facts.fsdp):
+    """The model: scratch, the checkpoint to resume, or pretrained GPT-2 / Llama weights with the configured
+    residual mode (a retrofit). fsdp scratch and resume: on the meta device (shapes, no memory), materialised
+    shard by shard once sharded (parallel.shard), its weights replayed (scratch) or loaded (resume) there."""
+    if facts.fsdp and facts.init_from in ("scratch", "resume"):
+        with torch.device("meta"):
+            return GPT(GPTConfig(**model_args))
+    if facts.init_from == "scratch":
         return GPT(GPTConfig(**model_args))
     if facts.init_from == "resume":
         return GPT.from_checkpoint(resumed)

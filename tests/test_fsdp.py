@@ -10,7 +10,7 @@
    sharded checkpoint's weights.
 5. bench's table: what a rank holds (weights + gradients + AdamW, from the local shards) is <= 0.6 x DDP's.
 Plus: another world size (2 ranks -> 1 plain process, a 1-rank group) resumes the same weights; bad settings
-and the wrong parallelism for a checkpoint fail before any work; a crafted DCP index is refused unexecuted.
+and an unresumable checkpoint fail before any work; a crafted DCP index is refused unexecuted.
 
 The models are tiny (2 layers x 32, a 400-token BPE): a torchrun launch costs mostly its start-up, so every
 run that needs no other starts at once (fixture `runs`), and the one-rank resume runs beside the chain.
@@ -337,25 +337,21 @@ def test_the_readme_memory_arithmetic_follows_from_the_parameter_counts():
     assert table[("7B", "DDP")][9] * gib > 80e9 and 20 < table[("7B", "FSDP, 8 GPUs")][9] < 22
 
 # -----------------------------------------------------------------------------
-# settings, the wrong parallelism for a checkpoint, the export's command line, a crafted checkpoint
+# settings, an unresumable checkpoint, the export's command line, a crafted checkpoint
 
 
-def test_bad_settings_and_the_wrong_parallelism_fail_before_any_work(runs, data, tmp_path, capsys):
-    fsdp_run = str(tmp_path / "fsdp")
-    shutil.copytree(runs["gpt2/fsdp"], fsdp_run)
-    cases = [  # (command, what the config error must say)
+def test_bad_settings_and_an_unresumable_checkpoint_fail_before_any_work(runs, data, tmp_path, capsys):
+    cases = [  # (command, what the config error must say); a checkpoint of the other parallelism resumes
         (train_cmd(tmp_path / "a", data, "--parallelism=zero", ranks=1), "parallelism must be 'ddp' or 'fsdp'"),
-        (train_cmd(fsdp_run, data, "--init_from=resume", ranks=1), "resume it with --parallelism=fsdp"),
         (train_cmd(runs["llama/fsdp"], data, "--init_from=auto", "--parallelism=fsdp", ranks=1),
-         "a finished FSDP run's weights-only export (not resumable)"),
-    ]
+         "a finished FSDP run's weights-only export): not resumable"),
+    ]  # (tests/test_fsdp_meta.py: DDP -> FSDP -> DDP)
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for cmd, _ in cases]  # side by side: they mostly wait on imports
     for proc, (cmd, message) in zip(procs, cases):
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 2 and stderr.startswith("config error:") and message in stderr, (cmd, stderr)
     assert not (tmp_path / "a").exists()
-    assert sorted(os.listdir(fsdp_run)) == sorted(os.listdir(runs["gpt2/fsdp"]))  # nothing touched
     # the export's command line: a run without sharded checkpoints is named, --help describes the settings
     with pytest.raises(InputError, match="holds no sharded checkpoint"):
         export_checkpoint.run([runs["gpt2/ddp"]])
