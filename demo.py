@@ -23,10 +23,11 @@ pictures there (what the README shows). A rerun does every step again (prepare f
 and skips it; training starts from scratch, replacing the earlier runs). The runs keep ckpt.pt with
 weights only at the end (save_optimizer_at_end=False) and best.pt as a hard link to it: ~5 MB a run.
 
-The recipe (config/recipe_bytes.py, chosen with bench.py --section=recipe; docs/recipe.md): the text as bytes
-(257-token vocabulary), 6 x 128 blocks, 128 bytes of context, 1,000 steps of 1,024 bytes, lr 2e-3 cosine to
-2e-4. Its models end far below the byte-level bigram floor (3.78 bits/byte on the demo val split): they use
-context, so their shift numbers describe a model that learned something.
+The recipe (config/recipe_nanogpt.py, the one that learned most per CPU-minute in bench.py --section=recipe;
+docs/recipe.md): nanoGPT's documented CPU recipe on the text as bytes (257-token vocabulary), 4 x 128 blocks, 64
+bytes of context, 2,000 steps of 768 bytes, lr 1e-3 cosine to 1e-4. Its models end about 1 bit/byte below the
+byte-level bigram floor of the demo val split: they use context, so their shift numbers describe a model that
+learned something.
 """
 
 import json
@@ -107,8 +108,8 @@ def summarize(out, timings, threads, floors=None, samples=None):
     None: none), as markdown."""
     lines = ["#### nanoshift demo summary", "",
              f"Machine: {machine_line(threads)}.", "",
-             "Tiny byte-level GPTs (config/demo*.py on config/recipe_bytes.py: 6 layers, 128 wide, a 257-token "
-             "vocabulary, 1,000 steps of 1,024 bytes) trained on CPU on "
+             "Tiny byte-level GPTs (config/demo*.py on config/recipe_nanogpt.py, nanoGPT's CPU recipe: 4 layers, 128 "
+             "wide, a 257-token vocabulary, 2,000 steps of 768 bytes) trained on CPU on "
              "Shakespeare and analysed on its val split. One seed of tiny models: this shows that every step "
              "runs and what the outputs look like, not which mode is better. Differences between the three "
              "runs here are of the size that another seed, another CPU or another thread count also produces "

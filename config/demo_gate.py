@@ -5,4 +5,4 @@ out_dir = "out-demo-gate"
 residual_mode = "gate"
 gate_mode = "layer"
 gate_alpha_min = 0.5
-gate_lr_mult = 10.0  # a 1,000-step run: let the gate move far enough to see where it puts the attenuation
+gate_lr_mult = 10.0  # a 2,000-step run: let the gate move far enough to see where it puts the attenuation

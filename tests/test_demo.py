@@ -50,7 +50,7 @@ def test_summary_reports_val_loss_gate_mass_and_eval_table(tmp_path):
     assert "Most attenuation is on block 3 (alpha 0.600; uniform is 0.750)" in text
     assert "| Demo | loss |" in text and "| total | 30 |" in text
     assert "1 torch thread(s) per process" in text and "not which mode is better" in text  # says what it shows
-    assert "a 257-token vocabulary, 1,000 steps of 1,024 bytes" in text  # the recipe it describes
+    assert "a 257-token vocabulary, 2,000 steps of 768 bytes" in text  # the recipe it describes
     # a generated sample per model, verbatim (indented), after the prompt they continue
     assert "#### What each model writes after '\\n\\nKing.\\n'" in text
     assert "baseline:\n\n    Thou art a villain.\n    Go to.\n" in text and "gate:\n\n    What, ho!" in text
@@ -77,7 +77,8 @@ def test_the_demo_trains_the_bytes_recipe_on_the_data_it_prepares(monkeypatch):
     for name, c in runs.items():
         assert (c["data_dir"], c["tokenizer"], c["vocab_size"]) == (demo.DEMO_DATA, "bytes", 257), name
         assert (c["n_layer"], c["n_embd"], c["block_size"], c["total_batch_tokens"], c["max_iters"]) == (
-            6, 128, 128, 1024, 1000), name
+            4, 128, 64, 768, 2000), name  # nanoGPT's CPU recipe (config/recipe_nanogpt.py), as bytes
+        assert c["track_alignment"] and c["track_sequences"] > 0, name  # the shift over training
     assert (runs["cut"]["residual_mode"], runs["gate"]["residual_mode"]) == ("cut", "gate")
     assert demo.PREPARE == ["prepare_fineweb.py", "--demo", "--tokenizer=bytes", f"--out_dir={demo.DEMO_DATA}"]
 
