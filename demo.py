@@ -209,12 +209,12 @@ def run_demo(argv):
             extra = (["--log", *(os.path.join(out, name, "log.jsonl") for name in RUNS)] if space == "raw"
                      else ["--plots", "cosine_projection"])
             timings[f"analyze {space}"] = run(
-                [py, "analyze.py", "--ckpt", *ckpts, "--shards", VAL_SHARDS, "--num_sequences=48", "--seq_len=128",
+                [py, "analyze.py", "--ckpt", *ckpts, "--shards", VAL_SHARDS, "--num_sequences=96",  # windows of the models' block size
                  f"--space={space}", *extra, f"--out_dir={os.path.join(out, folder)}", *common_args],
                 f"analyze_{space}", out)
     if "eval" in steps:
         timings["eval"] = run([py, "eval_benchmarks.py", "--ckpt", *ckpts, "--benchmarks", "demo",
-                               "--demo_shards", VAL_SHARDS, "--context=128", "--max_tokens=131072",
+                               "--demo_shards", VAL_SHARDS, "--context=64", "--max_tokens=131072",
                                f"--out_dir={os.path.join(out, 'eval')}", *common_args], "eval", out)
     samples = None
     if all(os.path.exists(os.path.join(ckpt, "ckpt.pt")) for ckpt in ckpts):
