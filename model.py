@@ -1275,6 +1275,15 @@ class Block(nn.Module):
         return (x_next, mid) if value_residual is None else (x_next, mid, values)
 
 
+SCALED_INIT_SUFFIXES = ("c_proj.weight", "o_proj.weight", "down_proj.weight")  # the residual output projections
+
+
+def scaled_init_std(config):
+    """GPT-2's init std of the residual output projections: 0.02 / sqrt(2 L), so the residual sum does not grow
+    with depth (nanoshift/parallel.py replays it shard by shard under FSDP)."""
+    return 0.02 / math.sqrt(2 * config.n_layer)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -1302,8 +1311,8 @@ class GPT(nn.Module):
 
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual output projections
-            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith(SCALED_INIT_SUFFIXES):
+                nn.init.normal_(p, mean=0.0, std=scaled_init_std(config))
         self.residual.reset_parameters()
         self.residual.init_blocks(self.transformer.h)
 

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import GPT, RESIDUALS, RMSNorm
+from model import GPT, RESIDUALS, SCALED_INIT_SUFFIXES, RMSNorm, scaled_init_std
 from nanoshift import checkpoint
 
 
@@ -285,9 +285,6 @@ def peak_flops_of(facts):
 # replay_is_exact checks that claim on a narrow model of the same depth and residual settings before a run
 # relies on it (a residual variant with draws of its own in __init__ would fail it: shard then builds whole).
 
-SCALED_INIT_SUFFIXES = ("c_proj.weight", "o_proj.weight", "down_proj.weight")  # model.py's GPT.__init__, phase 3
-
-
 class NotReplayable(Exception):
     """GPT.__init__ holds a write replay_scratch_init does not know how to reproduce."""
 
@@ -490,7 +487,7 @@ def replay_scratch_init(config, write=None):
         # 3. the scaled init of the residual output projections
         for name, p in twin.named_parameters():
             if name.endswith(SCALED_INIT_SUFFIXES):
-                std = 0.02 / math.sqrt(2 * config.n_layer)
+                std = scaled_init_std(config)
                 if in_residual(name):
                     torch.nn.init.normal_(sub(own).get_parameter(name[len(own) + 1:]), mean=0.0, std=std)
                 elif p.numel() > CHUNK_NUMEL and _chunks_are_exact():
