@@ -13,7 +13,6 @@ gate's, for instance) are the ones a pretrained model lacks: they start as the v
 transformers is optional: it is imported when a model is loaded, with a message saying how to install it.
 """
 
-import re
 
 import torch
 
@@ -50,12 +49,11 @@ def _from_hf_gpt2(name_or_dir, overrides):
     model = GPT(GPTConfig(**args))
     sd = model.state_dict()
     hf_sd = hf.state_dict()
-    transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     with torch.no_grad():
         for k, v in hf_sd.items():
             if k.endswith((".attn.bias", ".attn.masked_bias")) or k not in sd:
                 continue
-            sd[k].copy_(v.t() if k.endswith(transposed) else v)  # HF's Conv1D stores W transposed
+            sd[k].copy_(v.t() if k.endswith(GPT2_CONV1D) else v)  # HF's Conv1D stores W transposed
     residual = model.residual_state_keys()
     missing = [k for k in sd if k not in hf_sd and k not in residual and k != "lm_head.weight"]
     if missing:
@@ -115,21 +113,33 @@ def _from_hf_llama(name_or_dir, overrides):
     return model
 
 
-_LLAMA_KEYS = [  # transformers' LlamaForCausalLM names -> ours (the same Linear layouts: no transposes)
-    (r"^model\.embed_tokens\.", "transformer.wte."),
-    (r"^model\.norm\.", "transformer.ln_f."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"transformer.h.\1.ln_2."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"transformer.h.\1.attn."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"transformer.h.\1.mlp."),
-]
+# transformers' GPT-2 stores these as Conv1D weights: [in, out], the transpose of our nn.Linear's [out, in]
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+# our parameter names <-> transformers' LlamaForCausalLM names, as name fragments (the same Linear layouts: no
+# transposes; lm_head.weight is called the same). The one table for import (here) and export (hf_export.py).
+LLAMA_NAMES = (
+    ("transformer.wte.", "model.embed_tokens."),
+    ("transformer.ln_f.", "model.norm."),
+    (".ln_1.", ".input_layernorm."),
+    (".ln_2.", ".post_attention_layernorm."),
+    (".attn.", ".self_attn."),
+    ("transformer.h.", "model.layers."),
+)
+
+
+def llama_name_to_hf(name):
+    """Our parameter name as transformers' LlamaForCausalLM calls it."""
+    for ours, theirs in LLAMA_NAMES:
+        name = name.replace(ours, theirs)
+    return name
 
 
 def _llama_key(k):
-    for pattern, repl in _LLAMA_KEYS:
-        if re.match(pattern, k):
-            return re.sub(pattern, repl, k)
-    return k  # lm_head.weight is called the same
+    """transformers' LlamaForCausalLM parameter name as ours."""
+    for ours, theirs in LLAMA_NAMES:
+        k = k.replace(theirs, ours)
+    return k
 
 
 def _hf_rope_settings(hc, name):

@@ -32,22 +32,12 @@ import torch
 
 from nanoshift.common import InputError, SettingError, write_json
 from nanoshift.data import GPT2_NAME, default_bpe_dir, get_tokenizer
+from nanoshift.hf import GPT2_CONV1D, llama_name_to_hf
 from nanoshift.lm import checkpoint_tokenizer
 from model import GPT, attenuation_ramp
 
 SAFETENSORS_NAME = "model.safetensors"
-# transformers' GPT-2 stores these as Conv1D weights: [in, out], the transpose of our nn.Linear's [out, in]
-GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_ACTIVATIONS = {"tanh": "gelu_new", "none": "gelu"}  # our gelu_approx -> transformers' activation_function
-# our names -> transformers' LlamaForCausalLM names (prefixes; the Linear layouts are the same)
-LLAMA_NAMES = (
-    ("transformer.wte.", "model.embed_tokens."),
-    ("transformer.ln_f.", "model.norm."),
-    (".ln_1.", ".input_layernorm."),
-    (".ln_2.", ".post_attention_layernorm."),
-    (".attn.", ".self_attn."),
-    ("transformer.h.", "model.layers."),
-)
 
 
 def residual_attenuation(ckpt):
@@ -141,8 +131,7 @@ def hf_state_dict(model):
             if name.endswith(GPT2_CONV1D):
                 tensor = tensor.t()
         else:
-            for ours, theirs in LLAMA_NAMES:
-                name = name.replace(ours, theirs)
+            name = llama_name_to_hf(name)
         state[name] = tensor.detach().contiguous()
     if config.arch == "gpt2" and not config.bias:  # GPT-2 always has biases: zeros are the same function
         for name, module in model.named_modules():
