@@ -60,19 +60,30 @@ all. 90 minutes holds a step of up to ~0.18 s; results.md gives every pipeline s
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 
+import torch
+
+from model import GPT, RESIDUALS, GPTConfig, residual_examples
 from nanoshift.common import SettingError, cpu_threads, machine_line, markdown_table, run_main, run_step, write_json, write_text
 from nanoshift.configurator import configure
 from nanoshift.data import MANIFEST_NAME, manifest_tokenizer, read_manifest
 from nanoshift.floors import floor_label, format_floors
 from nanoshift.prepare import demo_corpus
-from nanoshift.stats import minimal_detectable_difference
+from nanoshift.plots import plot_misalignment_vs_bpb, save_figure
+from nanoshift.stats import describe, minimal_detectable_difference
 
-MODES = {"baseline": "config/repro.py", "cut": "config/repro_cut.py", "cut_mid": "config/repro_cut_mid.py",
-         "gate": "config/repro_gate.py"}
+PAPER = {"baseline": ["config/repro.py"], "cut": ["config/repro_cut.py"], "cut_mid": ["config/repro_cut_mid.py"],
+         "gate": ["config/repro_gate.py"]}
+MODES = PAPER  # the paper study's groups: {label (also the runs' folder name): seeds.py's config and overrides}
+STUDIES = ("paper", "lab", "depth")
+STUDY_SEEDS = {"paper": list(range(1, 9)), "lab": [1, 2, 3], "depth": [1, 2]}  # fit 90 minutes (the docstring)
+LAB_LR_MULT = 10.0  # every learned residual scalar at 10x the lr, as the paper's gate in config/repro_gate.py
+LAB_LEFT_OUT = ("none", "cut", "gate")  # modes the lab takes from the paper study (its baseline, cut and gate)
+DEPTHS = (4, 8, 12)  # the depth study's models: the baseline's 4 blocks, then 8 and 12 at the same training FLOPs
 TARGET_PAIRED_SD = 0.01  # bits per byte: issue 22's bar for a reproduction that can decide
 STEPS = ("prepare", "train", "eval", "analyze", "report")
 # the smoke version: a 3-block (cut_mid's cut_layer=-3 exists), 16-wide model for 4 steps, the first seed only, small
@@ -82,15 +93,17 @@ SMOKE_TRAIN = ["--n_layer=3", "--n_head=2", "--n_embd=16", "--block_size=32", "-
                "--log_interval=1"]
 SMOKE_EVAL = ["--context=32", "--max_tokens=500", "--misalignment_windows=2"]
 SMOKE_ANALYZE = ["--num_sequences=4", "--seq_len=16"]
-EVAL = ["--context=128", "--max_tokens=131072", "--misalignment_windows=16"]  # 128 KiB: what training evaluates
-ANALYZE = ["--num_sequences=64", "--seq_len=128"]
+EVAL = ["--context=64", "--max_tokens=131072", "--misalignment_windows=64"]  # 128 KiB of val in the recipe's context
+ANALYZE = ["--num_sequences=128", "--seq_len=64"]
 
 DEFAULTS = dict(
     out="out-repro",  # the folder for the runs, the evaluation, the analysis and results.md
     data_dir="data/demo_bytes",  # the corpus's token shards (prepared here unless the folder holds a finished prepare)
     tokenizer="bytes",  # the prepare's tokenizer: 'bytes', or a folder where a BPE fitted on the corpus is (or is saved)
     vocab_size=4096,  # a fitted BPE's vocabulary (a multiple of 64: it is also the model's)
-    seeds=list(range(1, 13)),  # the seeds of every mode (--smoke: the first one)
+    study="paper",  # 'paper' (baseline, 2 cuts, layer gate), 'lab' (every residual variant) or 'depth' (4/8/12 blocks)
+    groups="",  # comma-separated labels: run only these groups of the study ('' = all)
+    seeds=[],  # the seeds of every group ([] = the study's: STUDY_SEEDS; --smoke: the first one)
     jobs=0,  # training processes at a time (one mode's seeds.py each); 0 = the cores / threads (2 on 2 cores)
     steps=",".join(STEPS),  # comma-separated steps to run, from prepare,train,eval,analyze,report
     smoke=False,  # a tiny version of every step (3-block model, 4 steps, 1 seed, ~40 s): what the test runs
@@ -117,14 +130,71 @@ def fit_tokenizer(paths, folder, vocab_size):
 
 def model_vocab(data_dir):
     """(tokenizer name, model vocab_size) for the prepared data: its manifest's tokenizer, and its vocabulary
-    rounded up to a multiple of 64 (GPT-2's 50,257 -> 50,304, as in train.py's default)."""
+    rounded up to a multiple of 64 (GPT-2's 50,257 -> 50,304, as in train.py's default), except a vocabulary of
+    bytes: its 257 ids stay 257, as in the recipes (padding would add a quarter to the head for nothing on CPU)."""
     name, _, vocab = manifest_tokenizer(read_manifest(data_dir))
-    return name, -(-vocab // 64) * 64
+    return name, vocab if vocab <= 257 else -(-vocab // 64) * 64
 
 
-def group_args(out, suffix=""):
-    """--ckpt / --log entries: one labelled group per mode, every seed run of it in out."""
-    return [f"{mode}={os.path.join(out, mode)}-s*{suffix}" for mode in MODES]
+def slug(label):
+    """A registry label as a group label and folder name: 'rezero, no norm' -> 'rezero_no_norm'."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def lab_groups():
+    """The lab: the paper's baseline, cut and layer gate, then every other example of the residual registry
+    (model.residual_examples: a variant added there joins the lab), each on config/repro.py with its settings,
+    its learned scalars (if any) at LAB_LR_MULT times the lr as the paper's gate. The token and scalar gates
+    (the paper's other gate forms) are left out: the layer gate stands for the paper's learned attenuation."""
+    groups = {label: (label, args) for label, args in PAPER.items() if label != "cut_mid"}
+    for label, settings in residual_examples().items():
+        if settings["residual_mode"] in LAB_LEFT_OUT:
+            continue
+        lr_setting = RESIDUALS[settings["residual_mode"]].lr_mult_setting
+        groups[slug(label)] = (slug(label), ["config/repro.py", *(f"--{k}={v}" for k, v in settings.items())]
+                               + ([f"--{lr_setting}={LAB_LR_MULT}"] if lr_setting else []))
+    return groups
+
+
+def matched_steps(config_path, n_layer, overrides=()):
+    """(max_iters, the config's n_layer) for the config's model made n_layer deep, at the baseline's training FLOPs
+    (model.flops_per_token x tokens): the deeper model takes proportionally fewer steps of the same batch."""
+    settings = {}
+    exec(open(config_path).read(), settings)  # config files are plain Python (they exec their base by path)
+    for arg in overrides:  # --key=int only: the smoke shape
+        key, value = arg[2:].split("=")
+        settings[key] = int(value)
+    shape = {k: settings[k] for k in ("n_head", "n_embd", "block_size", "vocab_size", "bias")}
+    with torch.device("meta"):
+        flops = {n: GPT(GPTConfig(n_layer=n, **shape)).flops_per_token() for n in (settings["n_layer"], n_layer)}
+    return max(1, round(settings["max_iters"] * flops[settings["n_layer"]] / flops[n_layer])), settings["n_layer"]
+
+
+def depth_groups(smoke=False):
+    """The depth study: the paper study's baseline (4 blocks) and the same model DEPTHS deep at matched training
+    FLOPs (fewer steps, the same schedule's shape; the 4-block group is the baseline's runs)."""
+    groups = {}
+    for n in DEPTHS:
+        steps, base_layers = matched_steps("config/repro.py", n, SMOKE_TRAIN if smoke else ())
+        groups[f"blocks_{n}"] = ("baseline", PAPER["baseline"]) if n == base_layers else (
+            f"blocks_{n}", [*PAPER["baseline"], f"--n_layer={n}", f"--max_iters={steps}", f"--lr_decay_iters={steps}"])
+    return groups
+
+
+def study_groups(study, smoke=False):
+    """{group label: (runs' folder name in out, seeds.py's config and overrides)} of a study."""
+    if study == "paper":
+        return {label: (label, args) for label, args in PAPER.items()}
+    if study == "lab":
+        return lab_groups()
+    if study == "depth":
+        return depth_groups(smoke)
+    raise SettingError(f"study={study!r}: choose from {list(STUDIES)}")
+
+
+def group_args(out, groups, suffix=""):
+    """--ckpt / --log entries: one labelled group per study group, every seed run of it in out."""
+    return [f"{label}={os.path.join(out, folder)}-s*{suffix}" for label, (folder, _) in groups.items()]
 
 
 def run_steps_at_once(steps, jobs, who):
@@ -208,6 +278,49 @@ def floor_lines(eval_results):
                if above else "Every group's mean bits per byte is below the bigram floor.")]
 
 
+TITLES = {"paper": "a small-scale reproduction with error bars",
+          "lab": "the residual lab, every residual variant against the baseline",
+          "depth": "the shift across depth at matched compute"}
+INTROS = {"paper": "Baseline, cut (alpha 0.5 at the last block, the paper's best; cut_mid: the same at block 1 of 4) "
+                   "and layer gate (budget 0.5).",
+          "lab": "The paper's cut and layer gate and every variant of the residual registry (model.py), each with its "
+                 f"learned scalars at {LAB_LR_MULT:g}x the lr as the gate, against the plain residual.",
+          "depth": "The baseline model at 4, 8 and 12 blocks, each trained for the same FLOPs (the deeper ones for "
+                   "proportionally fewer steps of the same batch and schedule)."}
+
+
+def run_points(evaluation):
+    """{group: [(misalignment, val bits/byte) of each run]} from eval_benchmarks' results."""
+    models = evaluation["models"]
+    return {label: [(models[run]["demo"]["misalignment"], models[run]["demo"]["bpb"]) for run in g["runs"]
+                    if models[run]["demo"].get("misalignment") is not None]
+            for label, g in evaluation["groups"].items()}
+
+
+def relation_lines(points):
+    """Does a lower misalignment go with a lower loss across methods? Spearman's rank correlation of the groups'
+    mean misalignment and mean bits/byte (the methods' question), and Pearson's over runs (which also sees
+    seed-to-seed scatter), as report lines."""
+    import scipy.stats
+
+    means = [(describe([m for m, _ in p])["mean"], describe([b for _, b in p])["mean"]) for p in points.values() if p]
+    runs = [xy for p in points.values() for xy in p]
+    if len(means) < 3:
+        return ["- (misalignment against bits/byte: fewer than 3 groups, no correlation)"]
+    if len({m for m, _ in means}) == 1 or len({b for _, b in means}) == 1:
+        return ["- (misalignment against bits/byte: one of them is equal in every group, no correlation)"]
+    rho, p_groups = scipy.stats.spearmanr(*zip(*means))
+    lines = [f"- Misalignment against val bits/byte across the {len(means)} groups' means: Spearman rho {rho:+.2f} "
+             f"(p = {p_groups:.3f}); " + ("a lower misalignment goes with a lower loss across methods."
+                                          if p_groups < 0.05 and rho > 0 else
+                                          "a lower misalignment goes with a higher loss across methods."
+                                          if p_groups < 0.05 else "no significant relation across methods.")]
+    if len(runs) >= 3 and len({m for m, _ in runs}) > 1:
+        r, p_runs = scipy.stats.pearsonr(*zip(*runs))
+        lines.append(f"- Over the {len(runs)} runs: Pearson r {r:+.2f} (p = {p_runs:.3f}).")
+    return lines
+
+
 def report(out, settings, timings, threads):
     """results.md and results.json from the eval and analysis outputs; returns the markdown."""
     with open(os.path.join(out, "eval", "results.json")) as f:
@@ -220,17 +333,21 @@ def report(out, settings, timings, threads):
         shift_md = f.read().strip()
     groups = evaluation["groups"]
     seeds = sorted({s for g in groups.values() for s in g["seeds"]})
-    lines = ["# nanoshift: a small-scale reproduction with error bars", "",
-             f"Machine: {machine_line(threads)}.", "",
-             f"Baseline, cut (alpha 0.5 at the last block, the paper's best; cut_mid: the same at block 3 of 6) and "
-             f"layer gate (budget 0.5), seeds {seeds}, "
-             f"{'the smoke version (tiny models, 4 steps): tests the pipeline, measures nothing' if settings['smoke'] else 'config/repro*.py (the demo recipe, config/recipe_bytes.py)'}; "
-             "evaluated on the held-out val split of the corpus. Every difference is paired by seed (same data "
-             "order and initial weights) and tested with a paired t-test; 'no significant difference' means the "
-             "difference is inside the seed-to-seed noise at this scale.", "",
+    study = settings["study"]
+    scale = ("the smoke version (tiny models, 4 steps): tests the pipeline, measures nothing" if settings["smoke"]
+             else "config/repro*.py (the demo's recipe, nanoGPT's CPU recipe: config/recipe_nanogpt.py)")
+    lines = [f"# nanoshift: {TITLES[study]}", "", f"Machine: {machine_line(threads)}.", "",
+             f"{INTROS[study]} Groups {', '.join(groups)}; seeds {seeds}; {scale}; evaluated on the held-out val "
+             "split of the corpus. Every difference is paired by seed (same data order and initial weights of the "
+             "shared parameters) and tested with a paired t-test; 'no significant difference' means the difference "
+             "is inside the seed-to-seed noise at this scale.", "",
              "## What it found", ""] + (verdict(evaluation, "bpb", "bits/byte") + verdict(evaluation)
                                         + verdict(evaluation, "acc", "points") + verdict(evaluation, "misalignment", "")
                                         or ["- (no interval or test: a comparison needs 2 or more seeds)"])
+    if study == "lab":
+        points = run_points(evaluation)
+        save_figure(plot_misalignment_vs_bpb(points), os.path.join(out, "analysis", "misalignment_vs_bpb.png"))
+        lines += relation_lines(points)
     lines += floor_lines(evaluation)
     design = design_lines(evaluation)
     if design:
@@ -239,7 +356,8 @@ def report(out, settings, timings, threads):
               "## Shift depth (analyze.py, raw residual state)", "", shift_md, "",
               "## Plots", "", "Groups are drawn as mean lines with their 95% interval shaded, in "
               f"{os.path.join(out, 'analysis')}: topk.png, cosine_projection.png, lens.png, shift_depth.png, "
-              "alphas.png (the gate over training), shift_training.png, target_match_by_step.png.", "",
+              "alphas.png (the gate over training), shift_training.png, target_match_by_step.png"
+              + (", misalignment_vs_bpb.png (one point per run)" if study == "lab" else "") + ".", "",
               "## Wall time (seconds, this machine)", "",
               markdown_table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()])]
     text = "\n".join(lines) + "\n"
@@ -257,10 +375,20 @@ def reproduce(argv):
     unknown = [s for s in steps if s not in STEPS]
     if unknown:
         raise SettingError(f"unknown step(s) {unknown}; choose from {list(STEPS)}")
-    seeds = settings["seeds"][:1] if settings["smoke"] else settings["seeds"]
+    study = settings["study"]
+    groups = study_groups(study, settings["smoke"])
+    if settings["groups"]:
+        chosen = settings["groups"].split(",")
+        missing = [g for g in chosen if g not in groups]
+        if missing:
+            raise SettingError(f"groups: {missing} not in study {study!r}; its groups are {list(groups)}")
+        groups = {label: groups[label] for label in chosen}
+    seeds = settings["seeds"] or STUDY_SEEDS[study]
+    seeds = seeds[:1] if settings["smoke"] else seeds
     if len(set(seeds)) != len(seeds) or (len(seeds) < 2 and not settings["smoke"]):
         raise SettingError(f"seeds: a comparison needs at least 2 different seeds, got {seeds}")
     out, data_dir = settings["out"], settings["data_dir"]
+    report_dir = out if study == "paper" else os.path.join(out, study)  # the runs are shared, the reports not
     threads = cpu_threads(settings["threads"])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     jobs = settings["jobs"] or max(1, cores // threads)
@@ -269,7 +397,7 @@ def reproduce(argv):
     py, common_args = sys.executable, [f"--threads={threads}"]
 
     def log(name):
-        return os.path.join(out, "logs", name + ".log")
+        return os.path.join(report_dir, "logs", name + ".log")
 
     timings, t0 = {}, time.time()
     if "prepare" in steps:
@@ -290,29 +418,32 @@ def reproduce(argv):
     if "train" in steps:
         tokenizer, vocab_size = model_vocab(data_dir)
         t = time.time()
-        runs = {f"train {mode} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})": (
-            [py, "seeds.py", config, "--seeds", *map(str, seeds), f"--out_dir={os.path.join(out, mode)}",
+        # the group's overrides come last, after the smoke shape, so that the depth study's n_layer wins
+        runs = {f"train {label} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})": (
+            [py, "seeds.py", args[0], "--seeds", *map(str, seeds), f"--out_dir={os.path.join(out, folder)}",
              f"--data_dir={data_dir}", f"--tokenizer={tokenizer}", f"--vocab_size={vocab_size}", *common_args,
-             *(SMOKE_TRAIN if settings["smoke"] else [])], log(f"train_{mode}")) for mode, config in MODES.items()}
+             *(SMOKE_TRAIN if settings["smoke"] else []), *args[1:]], log(f"train_{label}"))
+            for label, (folder, args) in groups.items()}
         timings.update(run_steps_at_once(runs, jobs, "reproduce"))
         timings[f"train, all ({jobs} at a time)"] = time.time() - t
     val = os.path.join(data_dir, "*_val_*.bin")
     if "eval" in steps:
         timings["eval"] = run_step(
-            [py, "eval_benchmarks.py", "--ckpt", *group_args(out), "--benchmarks", "demo", "--demo_shards", val,
-             *(SMOKE_EVAL if settings["smoke"] else EVAL), "--progress=False", f"--out_dir={os.path.join(out, 'eval')}",
-             *common_args], log("eval"), "reproduce")
+            [py, "eval_benchmarks.py", "--ckpt", *group_args(out, groups), "--benchmarks", "demo", "--demo_shards", val,
+             *(SMOKE_EVAL if settings["smoke"] else EVAL), "--progress=False",
+             f"--out_dir={os.path.join(report_dir, 'eval')}", *common_args], log("eval"), "reproduce")
     if "analyze" in steps:
         timings["analyze"] = run_step(
-            [py, "analyze.py", "--ckpt", *group_args(out), "--shards", val,
-             *(SMOKE_ANALYZE if settings["smoke"] else ANALYZE), "--log", *group_args(out, "/log.jsonl"),
-             "--progress=False", f"--out_dir={os.path.join(out, 'analysis')}", *common_args], log("analyze"), "reproduce")
+            [py, "analyze.py", "--ckpt", *group_args(out, groups), "--shards", val,
+             *(SMOKE_ANALYZE if settings["smoke"] else ANALYZE), "--log", *group_args(out, groups, "/log.jsonl"),
+             "--progress=False", f"--out_dir={os.path.join(report_dir, 'analysis')}", *common_args],
+            log("analyze"), "reproduce")
     timings["total"] = time.time() - t0
     if "report" in steps:
-        text = report(out, settings, timings, threads)
+        text = report(report_dir, settings, timings, threads)
         print("\n" + text)
-        print(f"reproduce: everything is in {out}/: results.md, results.json; plots in {out}/analysis/; "
-              f"each step's output in {out}/logs/")
+        print(f"reproduce: everything is in {report_dir}/: results.md, results.json; plots in {report_dir}/analysis/; "
+              f"each step's output in {report_dir}/logs/; the runs in {out}/")
 
 
 def main(argv=None):

@@ -1,4 +1,4 @@
-# config/repro.py with the same fixed cut in the middle of the stack (block 3 of 0-5, three before the last)
+# config/repro.py with the same fixed cut in the middle of the stack (block 1 of 0-3, three before the last)
 # instead of the last block: reproduce.py's second cut, which asks whether where the attenuation sits matters
 exec(open("config/repro.py").read())
 

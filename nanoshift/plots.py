@@ -28,6 +28,7 @@ import numpy as np
 
 from nanoshift.common import atomic_write
 from nanoshift.groups import band, mean
+from nanoshift.stats import describe
 
 PLOTS = ("topk", "cosine_projection", "lens", "shift_depth")  # what write_plots draws of lens results
 
@@ -53,9 +54,10 @@ def _label(ax, title, xlabel, ylabel, ncol=1):
 
 
 def _color(i):
+    """Ten distinct colours, then the lighter shades of tab20 (the residual lab draws a dozen groups)."""
     from matplotlib import colormaps
 
-    return colormaps["tab10"](i % 10)
+    return colormaps["tab10"](i) if i < 10 else colormaps["tab20"]((2 * (i - 10) + 1) % 20)
 
 
 def _nan(values):
@@ -292,6 +294,25 @@ def plot_cut_sweep(points, alphas, baseline=None, baseline_label="baseline, no c
 
 # -----------------------------------------------------------------------------
 # Files
+
+
+def plot_misalignment_vs_bpb(points):
+    """The residual lab at a glance: each run's misalignment (x) against its val bits/byte (y), coloured by
+    group, and each group's mean with its 95% interval on both axes (points: {group: [(misalignment, bpb)]})."""
+    fig, (ax,) = _figure(1, width=8, height=6)
+    for i, (label, runs) in enumerate(points.items()):
+        if not runs:
+            continue
+        xs, ys = zip(*runs)
+        ax.scatter(xs, ys, s=14, color=_color(i), alpha=0.45)
+        mx, my = describe(xs), describe(ys)
+        xerr = None if mx["ci95"] is None else [[mx["mean"] - mx["ci95"][0]], [mx["ci95"][1] - mx["mean"]]]
+        yerr = None if my["ci95"] is None else [[my["mean"] - my["ci95"][0]], [my["ci95"][1] - my["mean"]]]
+        ax.errorbar([mx["mean"]], [my["mean"]], xerr=xerr, yerr=yerr, fmt="o", color=_color(i), markersize=7,
+                    capsize=3, label=label)
+    _label(ax, "misalignment against loss, one small point per run (large: group mean, 95% interval)",
+           "misalignment (0-1, lower = earlier shift)", "val bits per byte (lower is better)")
+    return fig
 
 
 def save_figure(fig, path):

@@ -148,3 +148,75 @@ def test_bad_settings_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(["--smoke", f"--data_dir={tmp_path / 'nothing'}", f"--out={tmp_path}"])
     assert e.value.code == 2 and "--smoke prepares nothing" in capsys.readouterr().err
+
+
+def test_the_lab_has_every_registry_variant_with_its_scalars_at_the_gates_lr(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    from model import RESIDUALS, residual_examples
+
+    groups = reproduce.lab_groups()
+    expected = {reproduce.slug(label) for label, s in residual_examples().items()
+                if s["residual_mode"] not in reproduce.LAB_LEFT_OUT} | {"baseline", "cut", "gate"}
+    assert set(groups) == expected and "rezero_no_norm" in groups and "denseformer" in groups
+    assert groups["gate"] == ("gate", ["config/repro_gate.py"])
+    for label, (folder, args) in groups.items():
+        assert folder == label and os.path.exists(os.path.join(ROOT, args[0]))
+        mode = next((a.split("=", 1)[1] for a in args if a.startswith("--residual_mode=")), None)
+        if mode and RESIDUALS[mode].lr_mult_setting:  # every learned scalar moves at the gate's 10x
+            assert f"--{RESIDUALS[mode].lr_mult_setting}={reproduce.LAB_LR_MULT}" in args
+    assert "--rezero_norm=False" in groups["rezero_no_norm"][1]
+
+
+def test_the_depth_study_matches_training_flops_and_reuses_the_baseline_runs(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    import torch
+    from model import GPT, GPTConfig
+
+    groups = reproduce.depth_groups()
+    assert groups["blocks_4"] == ("baseline", ["config/repro.py"])  # the paper study's baseline runs
+    shape = dict(n_head=4, n_embd=128, block_size=64, vocab_size=257, bias=False)
+    with torch.device("meta"):
+        base = 2000 * GPT(GPTConfig(n_layer=4, **shape)).flops_per_token()
+        for n in (8, 12):
+            args = groups[f"blocks_{n}"][1]
+            steps = int(next(a for a in args if a.startswith("--max_iters=")).split("=")[1])
+            assert f"--n_layer={n}" in args and f"--lr_decay_iters={steps}" in args
+            per_step = GPT(GPTConfig(n_layer=n, **shape)).flops_per_token()
+            assert abs(steps * per_step / base - 1) < 0.5 / steps + 1e-9  # the nearest whole number of steps
+            assert steps < 2000 * 4 / n * 1.1
+
+
+def test_bad_study_or_group_is_refused_with_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--study=labs", f"--out={tmp_path}", "--steps=report"])
+    assert e.value.code == 2 and "choose from ['paper', 'lab', 'depth']" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--study=lab", "--groups=baseline,nope", f"--out={tmp_path}", "--steps=report"])
+    assert e.value.code == 2 and "groups: ['nope'] not in study 'lab'" in capsys.readouterr().err
+
+
+def test_the_relation_lines_say_whether_misalignment_goes_with_loss():
+    with_loss = {"a": [(0.2, 2.70), (0.21, 2.71)], "b": [(0.3, 2.75), (0.31, 2.74)], "c": [(0.4, 2.80), (0.41, 2.81)],
+                 "d": [(0.5, 2.85), (0.52, 2.86)], "e": [(0.6, 2.90), (0.6, 2.91)]}
+    lines = reproduce.relation_lines(with_loss)
+    assert lines[0].startswith("- Misalignment against val bits/byte across the 5 groups' means: Spearman rho +1.00")
+    assert lines[0].endswith("a lower misalignment goes with a lower loss across methods.")
+    assert lines[1].startswith("- Over the 10 runs: Pearson r +1.00")
+    unrelated = {"a": [(0.2, 2.8)], "b": [(0.3, 2.7)], "c": [(0.4, 2.9)], "d": [(0.5, 2.75)]}
+    assert reproduce.relation_lines(unrelated)[0].endswith("no significant relation across methods.")
+    assert reproduce.relation_lines({"a": [(0.2, 2.8)], "b": [(0.3, 2.7)]}) == [
+        "- (misalignment against bits/byte: fewer than 3 groups, no correlation)"]
+
+
+def test_smoke_lab_draws_misalignment_against_bpb_per_run(prose_shards, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "lab"
+    reproduce.main(["--smoke", "--study=lab", "--groups=baseline,rezero,denseformer", f"--data_dir={prose_shards}",
+                    f"--out={out}"])
+    assert {p.name for p in out.iterdir()} >= {"baseline-s1", "rezero-s1", "denseformer-s1", "lab"}
+    results = json.loads((out / "lab" / "results.json").read_text())
+    assert list(results["eval"]["groups"]) == ["baseline", "rezero", "denseformer"]
+    assert (out / "lab" / "analysis" / "misalignment_vs_bpb.png").stat().st_size > 0
+    text = (out / "lab" / "results.md").read_text()
+    assert text.startswith("# nanoshift: the residual lab") and "misalignment_vs_bpb.png" in text
+    assert "- Misalignment against val bits/byte across the 3 groups' means" in text or "no correlation" in text
