@@ -28,6 +28,7 @@ import torch
 
 import eval_benchmarks
 import train
+from nanoshift import parallel
 from nanoshift.common import SettingError, markdown_table, read_jsonl, run_main, write_text
 from nanoshift.configurator import configure
 from nanoshift.data import get_tokenizer, iter_documents, read_manifest, shard_name, write_shard
@@ -295,6 +296,26 @@ def bench_train_llama(steps=1, repeats=13, warmup=2):
                         warmup, baseline=f"llama, {_PLAIN}", first_column="model", show_params=True)
 
 
+def saved_for_backward_bytes(model, x, y):
+    """Bytes autograd keeps between one training forward and its backward (distinct storages, weights excluded):
+    the activation memory of a step, where residual variants differ (streams, kept block outputs, extra
+    scalars' inputs). Counted exactly, in eager mode, so a shared machine's load cannot move it."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(kept.values())
+
+
 def _bench_train_models(models, title, steps, repeats, warmup, baseline=_PLAIN, first_column="residual mode",
                         show_params=False):
     """Time train.py's step for each {name: GPTConfig kwargs} and print the table (bench_train's method);
@@ -342,6 +363,17 @@ def _bench_train_models(models, title, steps, repeats, warmup, baseline=_PLAIN, 
             seconds[name].append(clock() - start)
     peak = _matmul_peak(device, dtype, 8192 if cuda else 2048, clock)
     torch.set_num_threads(threads)
+    MiB = 2 ** 20
+    memory = {}  # {name: (saved for backward, weights + grads + AdamW state, peak CUDA memory of a step)}
+    for name, (model, forward, optimizer) in runs.items():
+        saved = saved_for_backward_bytes(model, x, y)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            train_steps(name, 1)
+        train_step(forward, optimizer, scaler, x, y, facts, B, grad_clip=1.0)  # grads present for the count
+        held = sum(parallel.held_state_bytes(model, optimizer).values())
+        optimizer.zero_grad(set_to_none=True)
+        memory[name] = (saved, held, torch.cuda.max_memory_allocated() if cuda else None)
 
     tokens = steps * B * T
     rows = []
@@ -352,8 +384,11 @@ def _bench_train_models(models, title, steps, repeats, warmup, baseline=_PLAIN, 
         mfu = model.flops_per_token(T) * rate / peak
         spread = (max(times) - min(times)) / statistics.median(times)
         params = [f"{model.num_params(non_embedding=False) / 1e6:.2f}M"] if show_params else []
+        saved, held, cuda_peak = memory[name]
         rows.append([name, *params, f"{rate:,.0f}", f"{vs_none:.1%}", f"{mfu:.1%}",
-                     f"{1000 * statistics.median(times) / steps:.0f}", f"{spread:.0%}"])
+                     f"{1000 * statistics.median(times) / steps:.0f}", f"{spread:.0%}", f"{saved / MiB:.1f}",
+                     f"{saved / memory[baseline][0]:.2f}x", f"{held / MiB:.1f}",
+                     *([f"{cuda_peak / MiB:,.0f}"] if cuda else [])])
     dtype_name = str(dtype).removeprefix("torch.")
     timing = "wall time" if cuda else "CPU time of 1 torch thread"
     shape = next(iter(models.values()))
@@ -364,8 +399,13 @@ def _bench_train_models(models, title, steps, repeats, warmup, baseline=_PLAIN, 
           f"compile={compiled}; median of {repeats} rounds of {steps} step(s) per mode after {warmup} warm-up steps; "
           f"MFU against a measured {dtype_name} matmul peak of {peak / 1e12:.3f} TFLOP/s\n")
     print(markdown_table([first_column, *(["parameters"] if show_params else []), "tokens/s",
-                          f"vs {baseline} (median ratio in a round)", "MFU", "ms / step", "spread (max-min)/median"],
-                         rows))
+                          f"vs {baseline} (median ratio in a round)", "MFU", "ms / step", "spread (max-min)/median",
+                          "saved for backward (MiB)", f"vs {baseline}", "weights, grads, AdamW (MiB)",
+                          *(["peak CUDA memory of a step (MiB)"] if cuda else [])], rows))
+    print("\nMemory: 'saved for backward' is what autograd keeps between a step's forward and backward "
+          "(bench.saved_for_backward_bytes: distinct storages, weights excluded, counted in eager mode): the "
+          "activation memory, which grows with batch x context; weights, grads and AdamW state are "
+          "parallel.held_state_bytes after a step.")
 
 
 # -----------------------------------------------------------------------------

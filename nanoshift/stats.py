@@ -1,6 +1,6 @@
 """
 Statistics over seeds: a group's mean, standard deviation and 95% interval, and paired differences
-against a baseline group. A library module (Python's math only).
+against a baseline group. A library module; the t distribution is scipy.stats.t.
 
     from nanoshift.stats import describe, paired_difference, minimal_detectable_difference
     describe([3.301, 3.296, 3.299])                        # {"n": 3, "mean": ..., "std": ..., "ci95": [lo, hi]}
@@ -26,60 +26,11 @@ is the weakest evidence of one, and a number keeps the JSON outputs valid and ev
 (tests/test_stats.py checks both against scipy).
 """
 
-import functools
 import math
 
+import scipy.stats
+
 from nanoshift.common import InputError
-
-
-def _continued_fraction(a, b, x, iterations=300, eps=1e-15):
-    """The continued fraction of the regularized incomplete beta function (Lentz's method)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, iterations + 1):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < eps:
-            break
-    return h
-
-
-def incomplete_beta(a, b, x):
-    """The regularized incomplete beta function I_x(a, b)."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _continued_fraction(a, b, x) / a
-    return 1.0 - front * _continued_fraction(b, a, 1.0 - x) / b
-
-
-def t_cdf(t, df):
-    """P(T <= t) for Student's t with df degrees of freedom (P(|T| < |t|) = I_{t^2/(df+t^2)}(1/2, df/2))."""
-    half = 0.5 * incomplete_beta(0.5, df / 2.0, t * t / (df + t * t))
-    return 0.5 + half if t > 0 else 0.5 - half
-
-
-@functools.lru_cache(maxsize=None)  # a group summary asks for the same few quantiles at every number
-def t_quantile(p, df):
-    """The t with P(T <= t) = p, by bisection (to ~1e-12)."""
-    lo, hi = -1e6, 1e6
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
 
 
 def describe(values, level=0.95):
@@ -92,7 +43,7 @@ def describe(values, level=0.95):
     if n < 2:
         return {"n": 1, "mean": mean, "std": None, "ci95": None}
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    half = float(scipy.stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
     return {"n": n, "mean": mean, "std": std, "ci95": [mean - half, mean + half]}
 
 
@@ -115,7 +66,7 @@ def paired_difference(group, baseline):
         p = 1.0 if out["mean"] == 0 else 0.0
     else:
         t = out["mean"] / (out["std"] / math.sqrt(out["n"]))
-        p = 2 * (1 - t_cdf(abs(t), out["n"] - 1))
+        p = float(2 * scipy.stats.t.sf(abs(t), out["n"] - 1))
     return dict(out, p_value=p, significant=p < 0.05)
 
 
@@ -125,11 +76,11 @@ def minimal_detectable_difference(sd, n, alpha=0.05, power=0.8):
 
         mdd = (t_{1 - alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n)
 
-    the standard t approximation to the noncentral-t power equation (Student's t quantiles, t_quantile;
+    the standard t approximation to the noncentral-t power equation (Student's t quantiles, scipy.stats.t;
     tests/test_reproduce.py checks it against scipy.stats.t and that scipy.stats.nct gives about this power).
     A study design's resolution: a true difference smaller than mdd is more likely missed than found."""
     if n < 2:
         raise InputError(f"a paired t-test needs n >= 2 pairs, got n={n}")
     if not sd >= 0 or not 0 < alpha < 1 or not 0 < power < 1:
         raise InputError(f"need sd >= 0, 0 < alpha < 1 and 0 < power < 1, got sd={sd}, alpha={alpha}, power={power}")
-    return (t_quantile(1 - alpha / 2, n - 1) + t_quantile(power, n - 1)) * sd / math.sqrt(n)
+    return float(scipy.stats.t.ppf(1 - alpha / 2, n - 1) + scipy.stats.t.ppf(power, n - 1)) * sd / math.sqrt(n)

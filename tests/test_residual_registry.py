@@ -422,3 +422,23 @@ def test_a_toy_variant_trains_analyses_and_benchmarks_through_the_entry_points(f
     bench.run(["--section=train", "--repeats=1", "--tiny=True"])
     table = capsys.readouterr().out
     assert "| floor 0.5 |" in table and "| no attenuation |" in table
+    assert "| saved for backward (MiB) | vs no attenuation | weights, grads, AdamW (MiB) |" in table
+
+
+def test_saved_for_backward_counts_activations_not_weights():
+    """bench's per-variant memory: what autograd keeps grows with the batch (activations), not with the weights;
+    hyper-connections' four streams keep more than the plain residual."""
+    import bench
+
+    def saved(batch, **settings):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, **settings))
+        x = torch.randint(0, 64, (batch, 16))
+        return bench.saved_for_backward_bytes(model, x, x)
+
+    one, two = saved(2), saved(4)
+    assert one > 0 and abs(two / one - 2) < 0.05
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64))
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    assert saved(1) < weights  # a batch of one sequence keeps less than the weights, so no weight is counted
+    assert saved(2, residual_mode="hyper_connections", hc_streams=4) > 1.1 * one

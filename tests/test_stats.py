@@ -1,4 +1,4 @@
-"""stats.py against scipy on synthetic numbers: group summaries, t quantiles, paired differences."""
+"""stats.py against scipy on synthetic numbers: group summaries, paired differences."""
 import warnings
 
 import numpy as np
@@ -6,15 +6,7 @@ import pytest
 import scipy.stats
 
 from nanoshift.common import InputError
-from nanoshift.stats import describe, paired_difference, t_cdf, t_quantile
-
-
-@pytest.mark.parametrize("df", [1, 2, 3, 4, 9, 30])
-def test_t_distribution_matches_scipy(df):
-    for t in (-7.3, -2.0, -0.4, 0.0, 0.9, 2.5, 11.0):
-        assert t_cdf(t, df) == pytest.approx(scipy.stats.t.cdf(t, df), abs=1e-12)
-    for p in (0.025, 0.5, 0.9, 0.975):
-        assert t_quantile(p, df) == pytest.approx(scipy.stats.t.ppf(p, df), abs=1e-9)
+from nanoshift.stats import describe, paired_difference
 
 
 def test_group_summary_equals_numpy_and_scipy():
