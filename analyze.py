@@ -72,7 +72,7 @@ from nanoshift.tuned_lens import REFERENCE_STEPS, file_stem, translators_for
 from nanoshift.lm import load_models
 from nanoshift.plots import (PLOTS, group_result, plot_alphas, plot_cut_sweep, plot_shift_over_training,
                              plot_target_match_by_step, save_figure, write_plots)
-from model import Cut, dtype_from_name, initial_alphas, residual_label
+from model import GPT, Cut, GPTConfig, dtype_from_name, initial_alphas, residual_label
 from nanoshift.stats import describe
 
 DEFAULTS = dict(
@@ -319,6 +319,25 @@ def group_log(label, paths):
 
 
 
+def flops_per_iter(run):
+    """Training FLOPs of one optimizer step of a logged run (model.flops_per_token x total_batch_tokens), or
+    None when its log lacks the model or the batch."""
+    args, tokens = run["model_args"], (run["config"] or {}).get("total_batch_tokens")
+    if not args or not tokens:
+        return None
+    with torch.device("meta"):
+        return GPT(GPTConfig(**args)).flops_per_token() * tokens
+
+
+def compute_axis(logs):
+    """[FLOPs per step of each log] when the logs' models differ in depth (the depth study: their iterations do
+    not compare, their compute does), else None (the plots use iterations)."""
+    if len({(run["model_args"] or {}).get("n_layer") for run in logs}) < 2:
+        return None
+    scales = [flops_per_iter(run) for run in logs]
+    return None if None in scales else scales
+
+
 def _starting_alpha(cfg, n_layer):
     """The alpha every layer starts from (a learned variant's uniform start, model.initial_alphas), or None
     where the alphas are not learned or start unequal."""
@@ -519,7 +538,8 @@ def run(settings):
         print(f"wrote {save_figure(alphas_figure(attenuated), os.path.join(out_dir, 'alphas.png'))}")
         tracked = [run for run in logs if run["alignment"]]
         if tracked:
-            print(f"wrote {save_figure(plot_shift_over_training(tracked), os.path.join(out_dir, 'shift_training.png'))}")
+            figure = plot_shift_over_training(tracked, compute_axis(tracked))
+            print(f"wrote {save_figure(figure, os.path.join(out_dir, 'shift_training.png'))}")
             print(f"wrote {save_figure(plot_target_match_by_step(tracked[0]), os.path.join(out_dir, 'target_match_by_step.png'))}")
     if sweep:
         os.makedirs(out_dir, exist_ok=True)

@@ -188,14 +188,15 @@ def _fmt_median(median):
 # Training logs
 
 
-def plot_shift_over_training(logs):
+def plot_shift_over_training(logs, flops_per_iter=None):
     """The tracked alignment of each run against the training step (one line per run, baseline / cut /
     gate overlaid): its misalignment score, and its shift depth (the median first-win layer, normalised
-    by the depth so runs of different depth share the axis). A group (group_log): its mean and 95% band."""
+    by the depth so runs of different depth share the axis). A group (group_log): its mean and 95% band.
+    flops_per_iter ([one per log]): the x axis is training FLOPs instead (models of different depth)."""
     fig, (ax_score, ax_depth) = _figure(2, width=5.5)
     for i, run in enumerate(logs):
         points = run["alignment"]
-        iters = [it for it, _ in points]
+        iters = [it * (flops_per_iter[i] if flops_per_iter else 1) for it, _ in points]
         n = len(points[0][1]["raw"]["topk_target"]) - 1  # blocks: the curves have L + 1 states
 
         def depth(a):
@@ -210,8 +211,9 @@ def plot_shift_over_training(logs):
                   [hi["misalignment"] for _, _, hi in run["alignment_band"]], _color(i))
             _band(ax_depth, iters, [depth(lo) for _, lo, _ in run["alignment_band"]],
                   [depth(hi) for _, _, hi in run["alignment_band"]], _color(i))
-    _label(ax_score, "misalignment over training", "iteration", "misalignment (0-1, lower = earlier shift)")
-    _label(ax_depth, "shift depth over training", "iteration", "median first-win layer / number of blocks")
+    x = "training FLOPs" if flops_per_iter else "iteration"
+    _label(ax_score, "misalignment over training", x, "misalignment (0-1, lower = earlier shift)")
+    _label(ax_depth, "shift depth over training", x, "median first-win layer / number of blocks")
     for ax in (ax_score, ax_depth):
         ax.set_ylim(-0.02, 1.02)
     return fig

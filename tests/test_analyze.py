@@ -179,6 +179,28 @@ def test_shift_over_training_overlays_runs_and_normalises_depth(tmp_path):
     assert "out-b" in picture.axes[0].get_title()
 
 
+def test_models_of_different_depth_share_a_training_flops_axis(tmp_path):
+    """The depth study: a 2-block and a 4-block run are drawn against training FLOPs (model.flops_per_token x
+    tokens per step x iteration); runs of one depth keep the iteration axis."""
+    logs = []
+    for n_layer in (2, 4):
+        path = write_tracked_log(tmp_path / f"out-{n_layer}", n_layer, [0.6, 0.5], [1, 1])
+        rows = [json.loads(line) for line in open(path)]
+        rows[0]["config"]["total_batch_tokens"] = 256
+        rows[0]["model_args"] = dict(n_layer=n_layer, n_head=2, n_embd=16, block_size=32, vocab_size=64)
+        with open(path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        logs.append(analyze.read_log(path))
+    scales = analyze.compute_axis(logs)
+    for run, scale in zip(logs, scales):
+        assert scale == GPT(GPTConfig(**run["model_args"])).flops_per_token() * 256
+    assert scales[1] > 1.5 * scales[0]
+    score_ax, depth_ax = plots.plot_shift_over_training(logs, scales).axes
+    assert [list(line.get_xdata()) for line in score_ax.get_lines()] == [[0, 100 * s] for s in scales]
+    assert depth_ax.get_xlabel() == "training FLOPs"
+    assert analyze.compute_axis(logs[:1] * 2) is None  # one depth: iterations compare
+
+
 def test_cut_sweep_plots_final_val_loss_per_cut_layer_and_the_baseline(tmp_path):
     logs = []
     for layer, loss in [(-1, 3.1), (0, 3.4), (1, 3.2)]:  # -1 is the last of 3 blocks
