@@ -82,6 +82,7 @@ from nanoshift.common import SettingError, cpu_threads, machine_line, markdown_t
 from nanoshift.configurator import configure
 from nanoshift.data import MANIFEST_NAME, manifest_tokenizer, read_manifest
 from nanoshift.floors import floor_label, format_floors
+from nanoshift.groups import format_difference, format_stat
 from nanoshift.prepare import demo_corpus
 from nanoshift.plots import plot_misalignment_vs_bpb, save_figure
 from nanoshift.stats import describe, minimal_detectable_difference
@@ -331,6 +332,28 @@ def relation_lines(points):
     return lines
 
 
+def one_row_per_group(evaluation, analysis):
+    """Markdown: a row per group with what the study asks, side by side: val bits/byte and its paired difference
+    from the baseline, the misalignment (eval_benchmarks' windows) and its difference, the mean first-win layer
+    and the share of positions whose target never wins (analyze.py), and val top-1."""
+    ev_diffs = (evaluation.get("differences") or {}).get("groups") or {}
+    an_groups, an_diffs = analysis.get("groups") or {}, (analysis.get("differences") or {}).get("groups") or {}
+    rows = []
+    for label, g in evaluation["groups"].items():
+        demo, d = g["metrics"].get("demo") or {}, (ev_diffs.get(label) or {}).get("demo") or {}
+        shift = ((an_groups.get(label) or {}).get("stats") or {}).get("shift_depth") or {}
+        shift_d = ((an_diffs.get(label) or {}).get("shift_depth")) or {}
+        rows.append([label, format_stat(demo.get("bpb"), 4, sd=False), format_difference(d.get("bpb"), 4),
+                     format_stat(demo.get("misalignment"), 3, sd=False), format_difference(d.get("misalignment"), 3),
+                     format_stat(shift.get("first_win_mean"), 2, sd=False),
+                     format_difference(shift_d.get("first_win_mean"), 2),
+                     format_stat(shift.get("never_fraction"), 3, sd=False),
+                     format_stat(demo.get("acc"), 2, sd=False)])
+    base = (evaluation.get("differences") or {}).get("baseline") or "baseline"
+    return markdown_table(["group", "val bits/byte", f"− {base} (paired)", "misalignment", f"− {base} (paired)",
+                           "mean first-win layer", f"− {base} (paired)", "target never wins", "val top-1 (%)"], rows)
+
+
 def report(out, settings, timings, threads):
     """results.md and results.json from the eval and analysis outputs; returns the markdown."""
     with open(os.path.join(out, "eval", "results.json")) as f:
@@ -359,6 +382,9 @@ def report(out, settings, timings, threads):
         save_figure(plot_misalignment_vs_bpb(points), os.path.join(out, "analysis", "misalignment_vs_bpb.png"))
         lines += relation_lines(points)
     lines += floor_lines(evaluation)
+    lines += ["", "## One row per group", "", "Mean ± half-width of the 95% interval over seeds; differences: group − "
+              "baseline paired by seed, [95% interval], paired t-test p (n.s.: not significant at 5%).", "",
+              one_row_per_group(evaluation, analysis)]
     design = design_lines(evaluation)
     if design:
         lines += ["", "## What this design can detect", ""] + design

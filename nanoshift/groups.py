@@ -296,15 +296,16 @@ def lookup(tree, path):
     return tree
 
 
-def format_stat(d, digits, runs=None):
-    """"mean ± half-width (sd s)" of a describe() dict; the number alone for one run; "-" for None."""
+def format_stat(d, digits, runs=None, sd=True):
+    """"mean ± half-width (sd s)" of a describe() dict (without "(sd s)" if not sd); the number alone for one
+    run; "-" for None."""
     if d is None:
         return "-"
     if d["n"] < 2:
         text = f"{d['mean']:.{digits}f}"
     else:
         half = (d["ci95"][1] - d["ci95"][0]) / 2
-        text = f"{d['mean']:.{digits}f} ± {half:.{digits}f} (sd {d['std']:.{digits}f})"
+        text = f"{d['mean']:.{digits}f} ± {half:.{digits}f}" + (f" (sd {d['std']:.{digits}f})" if sd else "")
     return text + (f" ({d['n']} of {runs} runs)" if runs and d["n"] < runs else "")
 
 
