@@ -232,28 +232,26 @@ def pretrained_tensors(name_or_dir, model):
             plan.append((name, p.shape, source))
     if missing:
         raise ValueError(f"{name_or_dir}: weights missing for {missing[:5]}")
-    handles = {}  # file -> its safe_open handle (a memory map: nothing is read until get_tensor)
-
-    def handle(file):
-        if file not in handles:
-            handles[file] = safe_open(file, framework="pt")
-        return handles[file]
+    def read(source, what):
+        """One tensor, or its shape, from its file. The file is opened for it alone: safe_open memory-maps the
+        file, and the pages read stay resident (in this process's RSS) until it is closed."""
+        with safe_open(files[source], framework="pt") as f:
+            return f.get_tensor(source) if what == "tensor" else tuple(f.get_slice(source).get_shape())
 
     if arch == "llama":  # from_pretrained places every weight of a Llama, or refuses
         ours = {name for names in aliases.values() for name in names}
-        for k, file in files.items():
+        for k in files:
             if _llama_key(k) not in ours and not k.endswith("rotary_emb.inv_freq"):
-                raise ValueError(f"{name_or_dir}: no place for the weight {k} "
-                                 f"(shape {tuple(handle(file).get_slice(k).get_shape())})")
+                raise ValueError(f"{name_or_dir}: no place for the weight {k} (shape {read(k, 'shape')})")
     for name, shape, source in plan:
-        found = tuple(handle(files[source]).get_slice(source).get_shape())
+        found = read(source, "shape")
         if arch == "gpt2" and source.endswith(GPT2_CONV1D):
             found = found[::-1]
         if found != tuple(shape):
             raise ValueError(f"{name_or_dir}: {source} has shape {found}, expected {tuple(shape)}")
-    for name, _, source in plan:
-        tensor = handle(files[source]).get_tensor(source)
-        yield name, tensor.t() if arch == "gpt2" and source.endswith(GPT2_CONV1D) else tensor
+    for name, _, source in plan:  # no local name keeps a tensor once it is yielded: one at a time
+        yield name, read(source, "tensor").t() if arch == "gpt2" and source.endswith(GPT2_CONV1D) else \
+            read(source, "tensor")
 
 
 def _hf_rope_settings(hc, name):

@@ -655,5 +655,6 @@ def load_pretrained_shards(model, name_or_dir):
                                           residual_initial_state(model.config).items()):
             target = local(targets[name])
             target.copy_(shard_of(full, targets[name]).to(target.device))
+            del full  # before the next one is read
     if replay_is_exact(model.config):
         replay_scratch_init(model.config)
