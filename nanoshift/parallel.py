@@ -108,7 +108,9 @@ def shard(model, facts, scratch, seed=None):
         if replay:
             init_scratch_shards(model, seed, facts)
         elif not scratch and facts.init_from not in ("scratch", "resume"):  # a retrofit (training.build_model)
-            load_pretrained_shards(model, facts.init_from)
+            if not load_pretrained_shards(model, facts.init_from) and facts.master:
+                print(f"note: residual_mode={model.config.residual_mode!r}: the random draws of the whole-model "
+                      f"build cannot be replayed, so dropout draws other masks than a DDP retrofit's")
     if initial is not None:
         set_model_state_dict(model, initial, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
@@ -646,7 +648,8 @@ def load_pretrained_shards(model, name_or_dir):
     """Fill a sharded, materialised (to_empty) retrofit with from_pretrained(name_or_dir)'s weights: each
     pretrained tensor read alone (hf.pretrained_tensors) and each rank keeping its shard of it, the residual
     variant's from residual_initial_state. Then each rank's RNG advances as the GPT(config) that from_pretrained
-    builds would advance it (where replay_scratch_init can reproduce that), so dropout draws the same streams."""
+    builds would advance it, so dropout draws the same streams; False where replay_scratch_init cannot reproduce
+    GPT(config)'s draws (deepnorm's): the RNG is then left as it was (the weights are exact all the same)."""
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     with torch.no_grad():
@@ -656,5 +659,7 @@ def load_pretrained_shards(model, name_or_dir):
             target = local(targets[name])
             target.copy_(shard_of(full, targets[name]).to(target.device))
             del full  # before the next one is read
-    if replay_is_exact(model.config):
-        replay_scratch_init(model.config)
+    if not replay_is_exact(model.config):
+        return False
+    replay_scratch_init(model.config)
+    return True
