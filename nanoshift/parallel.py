@@ -19,9 +19,10 @@ exactly; with another world size the per-rank dropout masks differ and the float
 reduction run in another order (so losses agree to float precision, not bit for bit). A DDP ckpt.pt resumes as FSDP and a
 sharded checkpoint as DDP (load_resumed; the conversion is bit-exact).
 
-Meta-device init: train.py builds an fsdp scratch or resume model on the meta device (no memory); shard()
-shards it, allocates each rank's shards (to_empty) and, from scratch, replays GPT.__init__'s random draws one
-module at a time (replay_scratch_init), each rank keeping its part: no rank ever holds the whole float32 model,
+Meta-device init: train.py builds an fsdp scratch, resume or retrofit model on the meta device (no memory);
+shard() shards it, allocates each rank's shards (to_empty) and, from scratch, replays GPT.__init__'s random draws
+one module at a time (replay_scratch_init), each rank keeping its part (a retrofit reads its pretrained weights
+one tensor at a time instead: load_pretrained_shards): no rank ever holds the whole float32 model,
 the weights equal DDP's (rank 0's init) bit for bit, and every rank's RNG ends as under DDP
 (docs/sharded-training.md, "Building the model").
 """
@@ -29,6 +30,7 @@ the weights equal DDP's (rank 0's init) bit for bit, and every rank's RNG ends a
 import copy
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import resource
@@ -39,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, RESIDUALS, SCALED_INIT_SUFFIXES, RMSNorm, scaled_init_std
-from nanoshift import checkpoint
+from nanoshift import checkpoint, hf
 
 
 def init_process_group(facts):
@@ -67,8 +69,9 @@ def shard(model, facts, scratch, seed=None):
     A model built on the meta device (train.py's fsdp scratch and resume runs) is sharded first and then
     materialised, each rank allocating its shards only: scratch weights are replayed shard by shard
     (init_scratch_shards: equal to rank 0's plain init from `seed`), a resume's are loaded after this returns.
-    A model built whole (a pretrained retrofit, or the old path) is sharded as it is; a scratch one then takes
-    rank 0's weights, as under DDP."""
+    A retrofit built on the meta device (pretrained safetensors weights) loads them shard by shard here
+    (load_pretrained_shards). A model built whole (a retrofit from .bin weights or a hub name, or the old path)
+    is sharded as it is; a scratch one then takes rank 0's weights, as under DDP."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -104,6 +107,10 @@ def shard(model, facts, scratch, seed=None):
         model.set_attenuation(1.0)  # the one buffer (non-persistent, so no checkpoint restores it)
         if replay:
             init_scratch_shards(model, seed, facts)
+        elif not scratch and facts.init_from not in ("scratch", "resume"):  # a retrofit (training.build_model)
+            if not load_pretrained_shards(model, facts.init_from) and facts.master:
+                print(f"note: residual_mode={model.config.residual_mode!r}: the random draws of the whole-model "
+                      f"build cannot be replayed, so dropout draws other masks than a DDP retrofit's")
     if initial is not None:
         set_model_state_dict(model, initial, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
@@ -595,3 +602,64 @@ def init_scratch_shards(model, seed, facts):
     missing = {name for name, p in model.named_parameters()} - written
     if missing:
         raise NotReplayable(f"parameters the replay never wrote: {sorted(missing)[:3]}")
+
+# -----------------------------------------------------------------------------
+# Retrofits (parallelism='fsdp', init_from=<HF directory>): what from_pretrained builds whole, loaded shard by shard
+
+
+def residual_initial_state(config):
+    """{name: value} of the residual variant's parameters and buffers as GPT(config), and so from_pretrained,
+    initialises them (the weights a pretrained model lacks): the variant built alone on the CPU (it is small),
+    then GPT.__init__'s init steps that reach it (_init_weights over its modules, the scaled init, its
+    reset_parameters). NotReplayable if the values depend on the RNG: GPT(config) draws them after the whole
+    model's draws, which this does not make."""
+    def build(seed):
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            residual = RESIDUALS[config.residual_mode](config)
+            residual.apply(functools.partial(GPT._init_weights, None))  # it reads only the module it is given
+            for name, p in residual.named_parameters():
+                if f"{config.residual_mode}.{name}".endswith(SCALED_INIT_SUFFIXES):
+                    torch.nn.init.normal_(p, mean=0.0, std=scaled_init_std(config))
+            residual.reset_parameters()
+            return {f"{config.residual_mode}.{k}": v.detach()
+                    for k, v in [*residual.named_parameters(), *residual.named_buffers()]}
+
+    first, second = build(0), build(1)
+    if any(not torch.equal(v, second[k]) for k, v in first.items()):
+        raise NotReplayable(f"residual_mode={config.residual_mode!r} starts from random values of its own")
+    return first
+
+
+def retrofit_builds_whole(name_or_dir, config):
+    """Why an fsdp retrofit from these weights must build the whole model on every rank before sharding (a
+    sentence), or None when it loads shard by shard (load_pretrained_shards): safetensors files in a local
+    directory, and a residual variant whose initial values do not depend on the RNG."""
+    if hf.safetensors_files(name_or_dir) is None:
+        return "no .safetensors weights in a local directory (a hub name, or .bin files) to read tensor by tensor"
+    try:
+        residual_initial_state(config)
+    except NotReplayable as e:
+        return str(e)
+    return None
+
+
+def load_pretrained_shards(model, name_or_dir):
+    """Fill a sharded, materialised (to_empty) retrofit with from_pretrained(name_or_dir)'s weights: each
+    pretrained tensor read alone (hf.pretrained_tensors) and each rank keeping its shard of it, the residual
+    variant's from residual_initial_state. Then each rank's RNG advances as the GPT(config) that from_pretrained
+    builds would advance it, so dropout draws the same streams; False where replay_scratch_init cannot reproduce
+    GPT(config)'s draws (deepnorm's): the RNG is then left as it was (the weights are exact all the same)."""
+    targets = dict(model.named_parameters())
+    targets.update(model.named_buffers())
+    with torch.no_grad():
+        # a generator: one full pretrained tensor is held at a time
+        for name, full in itertools.chain(hf.pretrained_tensors(name_or_dir, model),
+                                          residual_initial_state(model.config).items()):
+            target = local(targets[name])
+            target.copy_(shard_of(full, targets[name]).to(target.device))
+            del full  # before the next one is read
+    if not replay_is_exact(model.config):
+        return False
+    replay_scratch_init(model.config)
+    return True

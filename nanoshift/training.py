@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model import RESIDUALS, GPT, GPTConfig, dtype_from_name, residual_config_keys, residual_settings
-from nanoshift.hf import from_pretrained
+from nanoshift.hf import from_pretrained, pretrained_config
 from nanoshift import checkpoint, parallel
 from nanoshift.common import InputError, SettingError, check_out_dir
 from nanoshift.data import (GPT2_NAME, MANIFEST_NAME, HFTokenizer, ShardLoader, get_tokenizer, manifest_tokenizer,
@@ -175,8 +175,9 @@ def open_data(c, facts):
 
 def build_model(c, facts, model_args, resumed):
     """The model: scratch, the checkpoint to resume, or pretrained GPT-2 / Llama weights with the configured
-    residual mode (a retrofit). fsdp scratch and resume: on the meta device (shapes, no memory), materialised
-    shard by shard once sharded (parallel.shard), its weights replayed (scratch) or loaded (resume) there."""
+    residual mode (a retrofit). fsdp scratch, resume and a retrofit from safetensors: on the meta device (shapes,
+    no memory), materialised shard by shard once sharded (parallel.shard), its weights replayed (scratch) or
+    loaded (resume, retrofit) there; a retrofit from .bin weights or a hub name is built whole (with a note)."""
     if facts.fsdp and facts.init_from in ("scratch", "resume"):
         with torch.device("meta"):
             return GPT(GPTConfig(**model_args))
@@ -184,8 +185,18 @@ def build_model(c, facts, model_args, resumed):
         return GPT(GPTConfig(**model_args))
     if facts.init_from == "resume":
         return GPT.from_checkpoint(resumed)
+    overrides = {k: c[k] for k in residual_config_keys()}
     try:
-        return from_pretrained(facts.init_from, **{k: c[k] for k in residual_config_keys()})
+        if facts.fsdp:  # a retrofit from safetensors: on the meta device, loaded shard by shard once sharded
+            config = pretrained_config(facts.init_from, **overrides)
+            why_whole = parallel.retrofit_builds_whole(facts.init_from, config)
+            if why_whole is None:
+                with torch.device("meta"):
+                    return GPT(config)
+            if facts.master:
+                print(f"note: init_from={facts.init_from!r}: {why_whole}; every rank builds the whole float32 "
+                      f"model once before sharding")
+        return from_pretrained(facts.init_from, **overrides)
     except (OSError, ValueError) as e:  # not on the hub / not in the local cache, or not a GPT-2 / Llama
         raise SettingError(f"init_from={facts.init_from!r}: {e}") from e
 
