@@ -6,7 +6,7 @@ every difference is paired by seed. Separate from the 10-minute demo (one seed: 
 which mode is better).
 
     python reproduce.py                            # the paper: baseline, two cuts, layer gate, 8 seeds (~40 min)
-    python reproduce.py --study=lab                # every residual variant, 3 seeds (~50 min) -> out-repro/lab/
+    python reproduce.py --study=lab                # every residual variant, 4 seeds (~70 min) -> out-repro/lab/
     python reproduce.py --study=depth              # 4, 8, 12 blocks at the same training FLOPs -> out-repro/depth/
     python reproduce.py --study=lab --groups=baseline,rezero,denseformer --seeds 1 2 3 4   # a subset
     python reproduce.py --steps=eval,analyze,report   # redo the comparison (training is resumable anyway)
@@ -56,8 +56,8 @@ The scale, and why (docs/recipe.md has the measurements).
   sd of 0.01 bits/byte, 8 seeds detect a true difference of ~0.012 bits/byte; the paper's effect is ~0.02 nats
   per GPT-2 token, ~0.009 bits/byte. Whether the paired sd is that small is measured by the run (results.md).
 - The lab: 12 groups (the paper's baseline, cut and layer gate; lambdas, rezero with and without its norm,
-  layerscale, deepnorm, value residual, hyper-connections and their Sinkhorn form, denseformer) x 3 seeds: a
-  screen that finds differences of ~4 paired sd (3 seeds: (t(0.975, 2) + t(0.8, 2)) = 5.2 / sqrt(3)), not a
+  layerscale, deepnorm, value residual, hyper-connections and their Sinkhorn form, denseformer) x 4 seeds: a
+  screen that finds differences of ~2.1 paired sd (4 seeds: (t(0.975, 3) + t(0.8, 3)) / sqrt(4)), not a
   verdict on small ones. `--seeds` adds seeds to any group (finished runs are kept).
 - The depth study: 8 and 12 blocks at the 4-block baseline's training FLOPs (model.flops_per_token x tokens:
   1,019 and 684 steps), 2 seeds.
@@ -91,7 +91,7 @@ PAPER = {"baseline": ["config/repro.py"], "cut": ["config/repro_cut.py"], "cut_m
          "gate": ["config/repro_gate.py"]}
 MODES = PAPER  # the paper study's groups: {label (also the runs' folder name): seeds.py's config and overrides}
 STUDIES = ("paper", "lab", "depth")
-STUDY_SEEDS = {"paper": list(range(1, 9)), "lab": [1, 2, 3], "depth": [1, 2]}  # fit 90 minutes (the docstring)
+STUDY_SEEDS = {"paper": list(range(1, 9)), "lab": [1, 2, 3, 4], "depth": [1, 2]}  # fit 90 minutes (the docstring)
 LAB_LR_MULT = 10.0  # every learned residual scalar at 10x the lr, as the paper's gate in config/repro_gate.py
 LAB_LEFT_OUT = ("none", "cut", "gate")  # modes the lab takes from the paper study (its baseline, cut and gate)
 DEPTHS = (4, 8, 12)  # the depth study's models: the baseline's 4 blocks, then 8 and 12 at the same training FLOPs
@@ -431,6 +431,7 @@ def reproduce(argv):
     if jobs < 1:
         raise SettingError(f"jobs must be >= 1 (or 0 for cores / threads), got {settings['jobs']}")
     py, common_args = sys.executable, [f"--threads={threads}"]
+    alone_args = [f"--threads={threads * jobs}"]  # evaluation and analysis run alone: the cores training used
 
     def log(name):
         return os.path.join(report_dir, "logs", name + ".log")
@@ -467,12 +468,12 @@ def reproduce(argv):
         timings["eval"] = run_step(
             [py, "eval_benchmarks.py", "--ckpt", *group_args(out, groups), "--benchmarks", "demo", "--demo_shards", val,
              *(SMOKE_EVAL if settings["smoke"] else EVAL), "--progress=False",
-             f"--out_dir={os.path.join(report_dir, 'eval')}", *common_args], log("eval"), "reproduce")
+             f"--out_dir={os.path.join(report_dir, 'eval')}", *alone_args], log("eval"), "reproduce")
     if "analyze" in steps:
         timings["analyze"] = run_step(
             [py, "analyze.py", "--ckpt", *group_args(out, groups), "--shards", val,
              *(SMOKE_ANALYZE if settings["smoke"] else ANALYZE), "--log", *group_args(out, groups, "/log.jsonl"),
-             "--progress=False", f"--out_dir={os.path.join(report_dir, 'analysis')}", *common_args],
+             "--progress=False", f"--out_dir={os.path.join(report_dir, 'analysis')}", *alone_args],
             log("analyze"), "reproduce")
     timings["total"] = time.time() - t0
     if "report" in steps:
