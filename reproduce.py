@@ -475,7 +475,11 @@ def reproduce(argv):
              *(SMOKE_ANALYZE if settings["smoke"] else ANALYZE), "--log", *group_args(out, groups, "/log.jsonl"),
              "--progress=False", f"--out_dir={os.path.join(report_dir, 'analysis')}", *alone_args],
             log("analyze"), "reproduce")
-    timings["total"] = time.time() - t0
+    timings["total, this invocation"] = time.time() - t0
+    previous = os.path.join(report_dir, "results.json")
+    if os.path.exists(previous):  # a rerun of some steps keeps the times of those it did not redo
+        with open(previous) as f:
+            timings = {**json.load(f).get("seconds", {}), **timings}
     if "report" in steps:
         text = report(report_dir, settings, timings, threads)
         print("\n" + text)
