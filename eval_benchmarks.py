@@ -335,8 +335,9 @@ def evaluate(lm, sequences, context=1024, stride=0, batch_size=8, word_lens=None
 
     context is clipped to lm.block_size; stride 0 means half the context. word_lens (LAMBADA): the
     number of final tokens of each sequence that form its last word, for last-word accuracy/perplexity.
-    byte_lengths (data.token_byte_lengths of the tokens' tokenizer): also "bpb" (bits per byte) and "bytes"
-    (the bytes of text the scored targets stand for).
+    byte_lengths (data.token_byte_lengths of the tokens' tokenizer): also "bpb" (bits per byte), "bytes"
+    (the bytes of text the scored targets stand for) and "bpb_halves" (the bits per byte of the first and the
+    second half of the scored targets).
     """
     if isinstance(sequences, (np.ndarray, torch.Tensor)) and sequences.ndim == 1:
         sequences = [sequences]
@@ -357,6 +358,14 @@ def evaluate(lm, sequences, context=1024, stride=0, batch_size=8, word_lens=None
         nats_sum, byte_count = sum(n for n, _ in sums), sum(b for _, b in sums)
         out["bytes"] = byte_count
         out["bpb"] = bits_per_byte(nats_sum, byte_count) if byte_count else None
+        # the scored targets' first and second half, each on its own: two models' difference in the halves
+        # tells the text sample's share of a comparison's noise (reproduce.py's split-half estimate)
+        nll_all, targets_all = np.concatenate(nll), np.concatenate([s[1:] for s in sequences])
+        half = len(targets_all) // 2
+        halves = [nats_and_bytes(nll_all[a:b], targets_all[a:b], byte_lengths)
+                  for a, b in ((0, half), (half, len(targets_all)))]
+        if all(b for _, b in halves):
+            out["bpb_halves"] = [bits_per_byte(n, b) for n, b in halves]
     return out
 
 

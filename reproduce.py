@@ -237,10 +237,29 @@ def run_steps_at_once(steps, jobs, who):
     return seconds
 
 
+def text_sample_sd(eval_results, label, baseline):
+    """The split-half estimate of the text sample's part in the paired sd of a group's val bits/byte difference:
+    per seed, the difference measured on the val text's first half minus that on its second half
+    (eval_benchmarks' bpb_halves); its sd over seeds / 2 is the sd the finite text adds to the full-text
+    difference (each half's own sampling noise is independent, and the full text is their average). None without
+    the halves or with fewer than 3 seeds."""
+    groups, models = eval_results.get("groups") or {}, eval_results.get("models") or {}
+
+    def by_seed(name):
+        g = groups.get(name) or {}
+        return {seed: (models.get(run) or {}).get("demo", {}).get("bpb_halves") for seed, run in zip(g.get("seeds", []),
+                                                                                                    g.get("runs", []))}
+
+    group, base = by_seed(label), by_seed(baseline)
+    gaps = [(group[s][0] - base[s][0]) - (group[s][1] - base[s][1]) for s in group if group[s] and base.get(s)]
+    return describe(gaps)["std"] / 2 if len(gaps) >= 3 else None
+
+
 def design_lines(eval_results, metric="bpb"):
     """The design's resolution per compared group: the paired seed-to-seed sd of its val bits-per-byte difference
-    from the baseline, against the TARGET_PAIRED_SD bar, and the smallest true difference the paired t-test
-    finds with 80% power at 5% two-sided (stats.minimal_detectable_difference) at this many seeds."""
+    from the baseline, against the TARGET_PAIRED_SD bar, how much of it the finite val text explains
+    (text_sample_sd), and the smallest true difference the paired t-test finds with 80% power at 5%
+    two-sided (stats.minimal_detectable_difference) at this many seeds."""
     diffs = eval_results.get("differences") or {}
     lines = []
     for label, tree in (diffs.get("groups") or {}).items():
@@ -249,9 +268,13 @@ def design_lines(eval_results, metric="bpb"):
             continue
         met = "met" if d["std"] <= TARGET_PAIRED_SD else "not met"
         mdd = minimal_detectable_difference(d["std"], d["n"])
+        text = text_sample_sd(eval_results, label, diffs["baseline"]) if metric == "bpb" else None
+        source = "" if text is None else (
+            f"; of it, the finite val text accounts for sd ~{text:.4f} (split-half estimate), the runs themselves "
+            f"(same seed, different trajectories) for ~{max(0.0, d['std'] ** 2 - text ** 2) ** 0.5:.4f}")
         lines.append(f"- {label} − {diffs['baseline']}: paired sd of the val bits/byte difference {d['std']:.4f} over "
-                     f"{d['n']} seeds (target <= {TARGET_PAIRED_SD}: {met}); the smallest difference this design "
-                     f"detects (5% two-sided, 80% power) is {mdd:.4f} bits/byte.")
+                     f"{d['n']} seeds (target <= {TARGET_PAIRED_SD}: {met}){source}; the smallest difference this "
+                     f"design detects (5% two-sided, 80% power) is {mdd:.4f} bits/byte.")
     return lines
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import scipy.stats
 
@@ -79,6 +80,24 @@ def test_the_report_states_what_the_design_can_detect_from_the_paired_sd():
         f"smallest difference this design detects (5% two-sided, 80% power) is {mdd:.4f} bits/byte.",
         f"- gate − baseline: paired sd of the val bits/byte difference 0.0150 over 12 seeds (target <= 0.01: not met); "
         f"the smallest difference this design detects (5% two-sided, 80% power) is {mdd / 0.008 * 0.015:.4f} bits/byte."]
+
+
+def test_the_split_half_estimate_finds_the_text_samples_share_of_the_noise():
+    """Simulated: per seed, a true model difference (sd 0.008) plus independent noise in each half of the text
+    (sd 0.006 per half, so 0.006 / sqrt(2) on the whole); the estimate recovers the text's part."""
+    rng = np.random.default_rng(0)
+    seeds, models, groups = list(range(1, 401)), {}, {"baseline": {"seeds": [], "runs": []}, "cut": {"seeds": [], "runs": []}}
+    for seed in seeds:
+        true = rng.normal(0, 0.008)
+        for label, offset in (("baseline", 0.0), ("cut", true)):
+            halves = [2.7 + offset + rng.normal(0, 0.006 / math.sqrt(2)) for _ in range(2)]
+            models[f"{label}-s{seed}"] = {"demo": {"bpb": sum(halves) / 2, "bpb_halves": halves}}
+            groups[label]["seeds"].append(seed)
+            groups[label]["runs"].append(f"{label}-s{seed}")
+    results = {"groups": groups, "models": models}
+    assert reproduce.text_sample_sd(results, "cut", "baseline") == pytest.approx(0.006 / math.sqrt(2), rel=0.1)
+    short = {"groups": {k: {"seeds": v["seeds"][:2], "runs": v["runs"][:2]} for k, v in groups.items()}, "models": models}
+    assert reproduce.text_sample_sd(short, "cut", "baseline") is None  # 2 seeds: no estimate
 
 
 @pytest.mark.parametrize("n", [3, 5, 12, 30])

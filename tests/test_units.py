@@ -84,6 +84,12 @@ def test_eval_bits_per_byte_equals_a_hand_computation_from_tokens_and_bytes():
     assert got["bytes"] == sum(per_token) == len(enc.decode(seq[1:].tolist()).encode())
     assert got["bpb"] == pytest.approx(expected, rel=1e-5)
     assert "bpb" not in eb.evaluate(lm, seq, context=32, stride=32)  # only with a byte table
+    # the split-half numbers: the first and the second half of the 31 targets (15 and 16), each on its own
+    per_token, nll = np.array(per_token), np.asarray(nll)
+    halves = [nll[a:b][per_token[a:b] > 0].sum() / (math.log(2) * per_token[a:b].sum()) for a, b in ((0, 15), (15, 31))]
+    assert got["bpb_halves"] == pytest.approx(halves, rel=1e-5)
+    both = (halves[0] * per_token[:15].sum() + halves[1] * per_token[15:].sum()) / per_token.sum()
+    assert both == pytest.approx(expected, rel=1e-9)  # the halves partition the targets
 
 
 def test_wikitext_byte_count_is_the_text_bytes(tmp_path):
