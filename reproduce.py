@@ -203,9 +203,24 @@ def study_groups(study, smoke=False):
     raise SettingError(f"study={study!r}: choose from {list(STUDIES)}")
 
 
-def group_args(out, groups, suffix=""):
-    """--ckpt / --log entries: one labelled group per study group, every seed run of it in out."""
-    return [f"{label}={os.path.join(out, folder)}-s*{suffix}" for label, (folder, _) in groups.items()]
+def link_runs(out, report_dir, groups, seeds):
+    """report_dir/runs/<label>-s<seed>: a link to each of the study's runs (out/<folder>-s<seed>), so that a
+    group's pattern catches exactly this study's seeds although the studies share out's runs (the paper's
+    baseline has more seeds than the lab's). Returns that folder."""
+    runs = os.path.join(report_dir, "runs")
+    os.makedirs(runs, exist_ok=True)
+    for label, (folder, _) in groups.items():
+        for seed in seeds:
+            link, target = os.path.join(runs, f"{label}-s{seed}"), os.path.join(out, f"{folder}-s{seed}")
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(os.path.relpath(target, runs), link)
+    return runs
+
+
+def group_args(runs, groups, suffix=""):
+    """--ckpt / --log entries: one labelled group per study group, its runs' links in runs (link_runs)."""
+    return [f"{label}={os.path.join(runs, label)}-s*{suffix}" for label in groups]
 
 
 def run_steps_at_once(steps, jobs, who):
@@ -487,15 +502,17 @@ def reproduce(argv):
         timings.update(run_steps_at_once(runs, jobs, "reproduce"))
         timings[f"train, all ({jobs} at a time)"] = time.time() - t
     val = os.path.join(data_dir, "*_val_*.bin")
+    if "eval" in steps or "analyze" in steps:
+        runs = link_runs(out, report_dir, groups, seeds)
     if "eval" in steps:
         timings["eval"] = run_step(
-            [py, "eval_benchmarks.py", "--ckpt", *group_args(out, groups), "--benchmarks", "demo", "--demo_shards", val,
+            [py, "eval_benchmarks.py", "--ckpt", *group_args(runs, groups), "--benchmarks", "demo", "--demo_shards", val,
              *(SMOKE_EVAL if settings["smoke"] else EVAL), "--progress=False",
              f"--out_dir={os.path.join(report_dir, 'eval')}", *alone_args], log("eval"), "reproduce")
     if "analyze" in steps:
         timings["analyze"] = run_step(
-            [py, "analyze.py", "--ckpt", *group_args(out, groups), "--shards", val,
-             *(SMOKE_ANALYZE if settings["smoke"] else ANALYZE), "--log", *group_args(out, groups, "/log.jsonl"),
+            [py, "analyze.py", "--ckpt", *group_args(runs, groups), "--shards", val,
+             *(SMOKE_ANALYZE if settings["smoke"] else ANALYZE), "--log", *group_args(runs, groups, "/log.jsonl"),
              "--progress=False", f"--out_dir={os.path.join(report_dir, 'analysis')}", *alone_args],
             log("analyze"), "reproduce")
     timings["total, this invocation"] = time.time() - t0

@@ -239,3 +239,22 @@ def test_smoke_lab_draws_misalignment_against_bpb_per_run(prose_shards, tmp_path
     text = (out / "lab" / "results.md").read_text()
     assert text.startswith("# nanoshift: the residual lab") and "misalignment_vs_bpb.png" in text
     assert "- Misalignment against val bits/byte across the 3 groups' means" in text or "no correlation" in text
+
+
+def test_a_study_links_exactly_its_own_seeds_of_the_shared_runs(tmp_path):
+    """The paper's baseline has seeds 1-8, the lab's 1-4: the lab's groups must catch 1-4 only (else the
+    pairing with a 4-seed group fails), and the depth study's 4-block group is the baseline's runs."""
+    out = tmp_path / "out-repro"
+    for seed in range(1, 9):
+        (out / f"baseline-s{seed}").mkdir(parents=True)
+    for seed in range(1, 5):
+        (out / f"rezero-s{seed}").mkdir()
+    groups = {"baseline": ("baseline", []), "rezero": ("rezero", [])}
+    runs = reproduce.link_runs(str(out), str(out / "lab"), groups, [1, 2, 3, 4])
+    assert sorted(os.listdir(runs)) == [f"{g}-s{s}" for g in ("baseline", "rezero") for s in range(1, 5)]
+    assert os.path.samefile(os.path.join(runs, "baseline-s3"), out / "baseline-s3")
+    assert reproduce.group_args(runs, groups) == [f"baseline={runs}/baseline-s*", f"rezero={runs}/rezero-s*"]
+    runs = reproduce.link_runs(str(out), str(out / "depth"), {"blocks_4": ("baseline", [])}, [1, 2])
+    assert sorted(os.listdir(runs)) == ["blocks_4-s1", "blocks_4-s2"]
+    assert os.path.samefile(os.path.join(runs, "blocks_4-s2"), out / "baseline-s2")
+    reproduce.link_runs(str(out), str(out / "depth"), {"blocks_4": ("baseline", [])}, [1, 2])  # a rerun: no error
