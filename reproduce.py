@@ -5,7 +5,7 @@ its groups over seeds on the demo's recipe, evaluates and analyses them as group
 every difference is paired by seed. Separate from the 10-minute demo (one seed: it shows the pipeline, not
 which mode is better).
 
-    python reproduce.py                            # the paper: baseline, two cuts, layer gate, 8 seeds (~40 min)
+    python reproduce.py                            # the paper: baseline, two cuts, layer gate, 12 seeds (~55 min)
     python reproduce.py --study=lab                # every residual variant, 4 seeds (~70 min) -> out-repro/lab/
     python reproduce.py --study=depth              # 4, 8, 12 blocks at the same training FLOPs -> out-repro/depth/
     python reproduce.py --study=lab --groups=baseline,rezero,denseformer --seeds 1 2 3 4   # a subset
@@ -20,10 +20,10 @@ out-repro/<study>/results.md.
 Each step is a real command line (its output also in the report folder's logs/); the first that fails stops it:
 
     python prepare_fineweb.py --demo --tokenizer=bytes --out_dir=data/demo_bytes
-    python seeds.py config/repro.py         --seeds 1 ... 8 --out_dir=out-repro/baseline   } two of these
-    python seeds.py config/repro_cut.py     --seeds 1 ... 8 --out_dir=out-repro/cut        } at a time
-    python seeds.py config/repro_cut_mid.py --seeds 1 ... 8 --out_dir=out-repro/cut_mid    } (--jobs), one
-    python seeds.py config/repro_gate.py    --seeds 1 ... 8 --out_dir=out-repro/gate       } thread each
+    python seeds.py config/repro.py         --seeds 1 ... 12 --out_dir=out-repro/baseline  } two of these
+    python seeds.py config/repro_cut.py     --seeds 1 ... 12 --out_dir=out-repro/cut       } at a time
+    python seeds.py config/repro_cut_mid.py --seeds 1 ... 12 --out_dir=out-repro/cut_mid   } (--jobs), one
+    python seeds.py config/repro_gate.py    --seeds 1 ... 12 --out_dir=out-repro/gate      } thread each
     python eval_benchmarks.py --ckpt baseline='out-repro/baseline-s*' cut='out-repro/cut-s*' ... \\
         --benchmarks demo --demo_shards 'data/demo_bytes/*_val_*.bin' ...
     python analyze.py --ckpt (the same groups) --shards 'data/demo_bytes/*_val_*.bin' --log (their log.jsonl) ...
@@ -50,11 +50,12 @@ The scale, and why (docs/recipe.md has the measurements).
   (3.74 bits/byte), so the comparison is between models that use context; an older scale (a 4,096-token BPE,
   512 tokens a step at lr 3e-3) stayed above its bigram floor, with runs that split into two clusters from
   iteration 100 (seed sd 0.10-0.12 nats).
-- The paper: 4 modes x 8 seeds. The question is a paired one (same seed: same data order and initial weights),
-  so the noise that matters is the sd of the per-seed difference; the design's resolution is
-  (t(0.975, n-1) + t(0.8, n-1)) sd / sqrt(n): 1.15 sd at 8 seeds (0.89 at 12, 1.66 at 5). At the target paired
-  sd of 0.01 bits/byte, 8 seeds detect a true difference of ~0.012 bits/byte; the paper's effect is ~0.02 nats
-  per GPT-2 token, ~0.009 bits/byte. Whether the paired sd is that small is measured by the run (results.md).
+- The paper: 4 modes x 12 seeds. The question is a paired one (same seed: same data order and initial
+  weights), so the noise that matters is the sd of the per-seed difference; the design's resolution is
+  (t(0.975, n-1) + t(0.8, n-1)) sd / sqrt(n): 0.89 sd at 12 seeds (1.15 at 8, 1.66 at 5). At the target paired
+  sd of 0.01 bits/byte, 12 seeds detect a true difference of ~0.009 bits/byte, the size of the paper's effect
+  (~0.02 nats per GPT-2 token, ~0.009 bits/byte). The paired sd itself is measured by the run (results.md),
+  with the split-half estimate of how much of it the finite val text explains.
 - The lab: 12 groups (the paper's baseline, cut and layer gate; lambdas, rezero with and without its norm,
   layerscale, deepnorm, value residual, hyper-connections and their Sinkhorn form, denseformer) x 4 seeds: a
   screen that finds differences of ~2.1 paired sd (4 seeds: (t(0.975, 3) + t(0.8, 3)) / sqrt(4)), not a
@@ -91,7 +92,7 @@ PAPER = {"baseline": ["config/repro.py"], "cut": ["config/repro_cut.py"], "cut_m
          "gate": ["config/repro_gate.py"]}
 MODES = PAPER  # the paper study's groups: {label (also the runs' folder name): seeds.py's config and overrides}
 STUDIES = ("paper", "lab", "depth")
-STUDY_SEEDS = {"paper": list(range(1, 9)), "lab": [1, 2, 3, 4], "depth": [1, 2]}  # fit 90 minutes (the docstring)
+STUDY_SEEDS = {"paper": list(range(1, 13)), "lab": [1, 2, 3, 4], "depth": [1, 2]}  # fit 90 minutes (the docstring)
 LAB_LR_MULT = 10.0  # every learned residual scalar at 10x the lr, as the paper's gate in config/repro_gate.py
 LAB_LEFT_OUT = ("none", "cut", "gate")  # modes the lab takes from the paper study (its baseline, cut and gate)
 DEPTHS = (4, 8, 12)  # the depth study's models: the baseline's 4 blocks, then 8 and 12 at the same training FLOPs

@@ -1,4 +1,4 @@
-# The reproduction's baseline (python reproduce.py: baseline, two cuts and the layer gate over 8 seeds on CPU; the
+# The reproduction's baseline (python reproduce.py: baseline, two cuts and the layer gate over 12 seeds on CPU; the
 # lab and depth studies build on it too): the demo's recipe, nanoGPT's CPU recipe (config/recipe_nanogpt.py: 4 x 128,
 # 64 bytes of context, 2,000 steps of 768 bytes), with one torch thread per run (reproduce.py runs two at once on 2
 # cores). By hand, after reproduce.py's prepare step:
