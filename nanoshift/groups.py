@@ -225,17 +225,21 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def map_leaves(fn, trees):
+def map_leaves(fn, trees, ragged=False):
     """trees: nested dicts / lists of one shape, one per run. fn(the runs' values) wherever some run has a number
-    there (the others may have None: e.g. no crossing); everything else keeps the first tree's value."""
+    there (the others may have None: e.g. no crossing); everything else keeps the first tree's value. Lists of
+    different lengths are an InputError, or None where ragged (two groups of models of different depth: their
+    per-layer numbers do not pair)."""
     first = trees[0]
     if isinstance(first, dict):
-        return {k: map_leaves(fn, [t.get(k) if isinstance(t, dict) else None for t in trees]) for k in first}
+        return {k: map_leaves(fn, [t.get(k) if isinstance(t, dict) else None for t in trees], ragged) for k in first}
     if isinstance(first, (list, tuple)):
         if any(not isinstance(t, (list, tuple)) or len(t) != len(first) for t in trees):
+            if ragged:
+                return None
             raise InputError("the runs of a group differ in shape (a list of another length): are they runs of one "
                              "configuration?")
-        return [map_leaves(fn, [t[i] for t in trees]) for i in range(len(first))]
+        return [map_leaves(fn, [t[i] for t in trees], ragged) for i in range(len(first))]
     if any(_is_number(v) for v in trees):
         return fn(trees)
     return first
@@ -279,7 +283,8 @@ def differences(group, baseline, trees):
             return None
         return paired_difference({s: float(a) for s, a, _ in kept}, {s: float(b) for s, _, b in kept})
 
-    return map_leaves(paired, [trees[mine[s]] for s in seeds] + [trees[theirs[s]] for s in seeds])
+    # a group of another depth than the baseline: its per-layer lists have no partner (None), its scalars pair
+    return map_leaves(paired, [trees[mine[s]] for s in seeds] + [trees[theirs[s]] for s in seeds], ragged=True)
 
 # -----------------------------------------------------------------------------
 # Tables

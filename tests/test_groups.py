@@ -77,6 +77,14 @@ def test_group_summaries_and_paired_differences_equal_numpy_and_scipy():
     assert groups.format_difference(diffs["loss"], 4) == f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}], {p_text}"
     noise = groups.format_difference(groups.differences(g, g, trees)["loss"], 4)  # a group against itself
     assert noise == "+0.0000 [+0.0000, +0.0000], p = 1.000, n.s."
+    # a deeper group (the depth study): its scalars pair with the baseline's, its per-layer lists have no partner
+    for s in range(4):
+        trees[f"g{s}"]["layers"].append({"layer": 3, "x": 3.0})
+    deeper = groups.differences(g, b, trees)
+    assert deeper["layers"] is None and deeper["loss"]["mean"] == pytest.approx(diffs["loss"]["mean"], abs=1e-15)
+    trees["g0"]["layers"].pop()
+    with pytest.raises(InputError, match="differ in shape"):  # within a group, another depth is still an error
+        groups.summarize([trees[f"g{s}"] for s in range(4)])
 
 
 @pytest.fixture(scope="module")
