@@ -85,7 +85,7 @@ from nanoshift.data import MANIFEST_NAME, manifest_tokenizer, read_manifest
 from nanoshift.floors import floor_label, format_floors
 from nanoshift.groups import format_difference, format_stat
 from nanoshift.prepare import demo_corpus
-from nanoshift.plots import plot_misalignment_vs_bpb, save_figure
+from nanoshift.plots import bulk_groups, plot_misalignment_vs_bpb, save_figure
 from nanoshift.stats import describe, minimal_detectable_difference
 
 PAPER = {"baseline": ["config/repro.py"], "cut": ["config/repro_cut.py"], "cut_mid": ["config/repro_cut_mid.py"],
@@ -349,23 +349,32 @@ def run_points(evaluation):
 
 def relation_lines(points):
     """Does a lower misalignment go with a lower loss across methods? Spearman's rank correlation of the groups'
-    mean misalignment and mean bits/byte (the methods' question), and Pearson's over runs (which also sees
-    seed-to-seed scatter), as report lines."""
+    mean misalignment and mean bits/byte (the methods' question), again without the groups far from the rest
+    (plots.bulk_groups: those the zoomed panel leaves out), and Pearson's over runs (which also sees seed-to-seed
+    scatter), as report lines."""
     import scipy.stats
 
-    means = [(describe([m for m, _ in p])["mean"], describe([b for _, b in p])["mean"]) for p in points.values() if p]
+    def across_groups(shown, which=""):
+        means = [(describe([m for m, _ in p])["mean"], describe([b for _, b in p])["mean"]) for p in shown.values() if p]
+        if len(means) < 3:
+            return "- (misalignment against bits/byte: fewer than 3 groups, no correlation)"
+        if len({m for m, _ in means}) == 1 or len({b for _, b in means}) == 1:
+            return "- (misalignment against bits/byte: one of them is equal in every group, no correlation)"
+        rho, p = scipy.stats.spearmanr(*zip(*means))
+        verdict = ("a lower misalignment goes with a lower loss across methods." if p < 0.05 and rho > 0 else
+                   "a lower misalignment goes with a higher loss across methods." if p < 0.05 else
+                   "no significant relation across methods.")
+        return (f"- Misalignment against val bits/byte across the {len(means)} groups' means{which}: Spearman rho "
+                f"{rho:+.2f} (p = {p:.3f}); {verdict}")
+
+    lines = [across_groups(points)]
+    bulk = bulk_groups(points)
+    far = [label for label, p in points.items() if p and label not in bulk]
+    if far and len(bulk) >= 3:
+        lines.append(across_groups({k: v for k, v in points.items() if k in bulk},
+                                   f" near each other (without {', '.join(far)}, far from the rest)"))
     runs = [xy for p in points.values() for xy in p]
-    if len(means) < 3:
-        return ["- (misalignment against bits/byte: fewer than 3 groups, no correlation)"]
-    if len({m for m, _ in means}) == 1 or len({b for _, b in means}) == 1:
-        return ["- (misalignment against bits/byte: one of them is equal in every group, no correlation)"]
-    rho, p_groups = scipy.stats.spearmanr(*zip(*means))
-    lines = [f"- Misalignment against val bits/byte across the {len(means)} groups' means: Spearman rho {rho:+.2f} "
-             f"(p = {p_groups:.3f}); " + ("a lower misalignment goes with a lower loss across methods."
-                                          if p_groups < 0.05 and rho > 0 else
-                                          "a lower misalignment goes with a higher loss across methods."
-                                          if p_groups < 0.05 else "no significant relation across methods.")]
-    if len(runs) >= 3 and len({m for m, _ in runs}) > 1:
+    if len(runs) >= 3 and len({m for m, _ in runs}) > 1 and len({b for _, b in runs}) > 1:
         r, p_runs = scipy.stats.pearsonr(*zip(*runs))
         lines.append(f"- Over the {len(runs)} runs: Pearson r {r:+.2f} (p = {p_runs:.3f}).")
     return lines

@@ -298,22 +298,43 @@ def plot_cut_sweep(points, alphas, baseline=None, baseline_label="baseline, no c
 # Files
 
 
+def bulk_groups(points):
+    """The groups whose mean misalignment and mean bits/byte both lie within 5 median absolute deviations of
+    the median group's (all of them if that leaves fewer than 3): what a zoomed panel shows when a few
+    groups sit far from the rest."""
+    means = {label: (float(np.mean([m for m, _ in runs])), float(np.mean([b for _, b in runs])))
+             for label, runs in points.items() if runs}
+    keep = set(means)
+    for axis in (0, 1):
+        values = np.array([xy[axis] for xy in means.values()])
+        median = np.median(values)
+        spread = 5 * max(np.median(np.abs(values - median)), 1e-12)
+        keep &= {label for label, xy in means.items() if abs(xy[axis] - median) <= spread}
+    return keep if len(keep) >= 3 else set(means)
+
+
 def plot_misalignment_vs_bpb(points):
     """The residual lab at a glance: each run's misalignment (x) against its val bits/byte (y), coloured by
-    group, and each group's mean with its 95% interval on both axes (points: {group: [(misalignment, bpb)]})."""
-    fig, (ax,) = _figure(1, width=8, height=6)
-    for i, (label, runs) in enumerate(points.items()):
-        if not runs:
-            continue
-        xs, ys = zip(*runs)
-        ax.scatter(xs, ys, s=14, color=_color(i), alpha=0.45)
-        mx, my = describe(xs), describe(ys)
-        xerr = None if mx["ci95"] is None else [[mx["mean"] - mx["ci95"][0]], [mx["ci95"][1] - mx["mean"]]]
-        yerr = None if my["ci95"] is None else [[my["mean"] - my["ci95"][0]], [my["ci95"][1] - my["mean"]]]
-        ax.errorbar([mx["mean"]], [my["mean"]], xerr=xerr, yerr=yerr, fmt="o", color=_color(i), markersize=7,
-                    capsize=3, label=label)
-    _label(ax, "misalignment against loss, one small point per run (large: group mean, 95% interval)",
-           "misalignment (0-1, lower = earlier shift)", "val bits per byte (lower is better)")
+    group, and each group's mean with its 95% interval on both axes (points: {group: [(misalignment, bpb)]}).
+    When some groups sit far from the rest (bulk_groups), a second panel zooms on the rest."""
+    bulk = bulk_groups(points)
+    panels = [(points, "every group")] + ([({k: v for k, v in points.items() if k in bulk}, "zoomed on the bulk")]
+                                         if len(bulk) < len([v for v in points.values() if v]) else [])
+    fig, axes = _figure(len(panels), width=8, height=6)
+    colors = {label: _color(i) for i, label in enumerate(points)}
+    for ax, (shown, title) in zip(axes, panels):
+        for label, runs in shown.items():
+            if not runs:
+                continue
+            xs, ys = zip(*runs)
+            ax.scatter(xs, ys, s=14, color=colors[label], alpha=0.45)
+            mx, my = describe(xs), describe(ys)
+            xerr = None if mx["ci95"] is None else [[mx["mean"] - mx["ci95"][0]], [mx["ci95"][1] - mx["mean"]]]
+            yerr = None if my["ci95"] is None else [[my["mean"] - my["ci95"][0]], [my["ci95"][1] - my["mean"]]]
+            ax.errorbar([mx["mean"]], [my["mean"]], xerr=xerr, yerr=yerr, fmt="o", color=colors[label], markersize=7,
+                        capsize=3, label=label)
+        _label(ax, f"misalignment against loss, {title}\n(small: one run; large: group mean, 95% interval)",
+               "misalignment (0-1, lower = earlier shift)", "val bits per byte (lower is better)")
     return fig
 
 

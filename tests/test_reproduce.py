@@ -14,6 +14,7 @@ import scipy.stats
 import reproduce
 from conftest import pydoc_documents
 from nanoshift.data import get_tokenizer
+from nanoshift import plots
 from nanoshift.stats import minimal_detectable_difference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -225,6 +226,15 @@ def test_the_relation_lines_say_whether_misalignment_goes_with_loss():
     assert reproduce.relation_lines(unrelated)[0].endswith("no significant relation across methods.")
     assert reproduce.relation_lines({"a": [(0.2, 2.8)], "b": [(0.3, 2.7)]}) == [
         "- (misalignment against bits/byte: fewer than 3 groups, no correlation)"]
+    # two groups far from the rest (as deepnorm's post-LN states and rezero without norms): the plot zooms on
+    # the others, and the report gives the correlation without them too
+    near = {label: [(0.3 + (m - 0.2) / 10, b) for m, b in runs] for label, runs in with_loss.items()}  # 0.30-0.34
+    far = dict(near, x=[(0.9, 2.75), (0.92, 2.76)], y=[(0.62, 3.5), (0.63, 3.52)])
+    assert plots.bulk_groups(far) == set(near)
+    lines = reproduce.relation_lines(far)
+    assert lines[1].startswith("- Misalignment against val bits/byte across the 5 groups' means near each other "
+                               "(without x, y, far from the rest): Spearman rho +1.00")
+    assert len(plots.plot_misalignment_vs_bpb(far).axes) == 2 and len(plots.plot_misalignment_vs_bpb(near).axes) == 1
 
 
 def test_smoke_lab_draws_misalignment_against_bpb_per_run(prose_shards, tmp_path, monkeypatch):
