@@ -5,8 +5,8 @@ its groups over seeds on the demo's recipe, evaluates and analyses them as group
 every difference is paired by seed. Separate from the 10-minute demo (one seed: it shows the pipeline, not
 which mode is better).
 
-    python reproduce.py                            # the paper: baseline, two cuts, layer gate, 12 seeds (~55 min)
-    python reproduce.py --study=lab                # every residual variant, 4 seeds (~70 min) -> out-repro/lab/
+    python reproduce.py                            # the paper: baseline, two cuts, layer gate, 12 seeds (~50 min)
+    python reproduce.py --study=lab                # every residual variant, 4 seeds (~60 min) -> out-repro/lab/
     python reproduce.py --study=depth              # 4, 8, 12 blocks at the same training FLOPs -> out-repro/depth/
     python reproduce.py --study=lab --groups=baseline,rezero,denseformer --seeds 1 2 3 4   # a subset
     python reproduce.py --steps=eval,analyze,report   # redo the comparison (training is resumable anyway)
@@ -64,9 +64,9 @@ The scale, and why (docs/recipe.md has the measurements).
   1,019 and 684 steps), 2 seeds.
 - Two runs at a time, one torch thread each (jobs x threads = the 2 cores): one thread per process is what a
   busy neighbour slows least (docs/training.md, CPU threads), and two processes use both cores fully.
-Cost on 2 idle cores: ~0.07 s a step of the recipe on one thread (nanoGPT's recipe in bench.py --section=recipe:
-2,000 steps in 133 s), so a run is ~150 s with its evals and tracking, two at a time; the measured wall times
-are in each report and docs/results.md.
+Cost on 2 idle cores, measured (docs/results.md, docs/residual-lab.md): a run of the recipe is ~115 s with its
+evals and tracking when two run at once (a hyper-connections run 1.6x that); evaluation ~4 s and analysis ~0.5 s
+a model. The paper's 48 runs: ~50 minutes; the lab's 48: ~58; the depth study's 4 new runs: ~4.
 """
 
 import json
