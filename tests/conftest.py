@@ -1,5 +1,6 @@
 """Shared test fixtures: offline settings, real prose, tiny models and checkpoints, tiny shards."""
 import os
+import sys
 
 # Tests never touch the network: the HuggingFace hub is unreachable on CI machines (set before any import
 # that reads these).
@@ -43,6 +44,8 @@ DOCUMENTS = [
 
 
 # a model that runs in milliseconds; vocab_size covers GPT-2 token ids, so it can read real shards
+# two ranks on this machine (gloo), as the multi-process tests launch train.py and their own workers
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 TINY_GPT = dict(n_layer=2, n_head=2, n_embd=16, block_size=32, vocab_size=50304)
 
 
@@ -137,3 +140,12 @@ def tiny_llama(tmp_path_factory):
     prepare_shards(pydoc_documents(), data, "pydoc", first_tokens_split(8000), shard_tokens=40_000, progress=False,
                    tokenizer=hf_dir)
     return hf_dir, hf, data
+
+
+def bpe_prose_shards(folder, split_tokens, shard_tokens):
+    """Prose shards in a 400-token BPE fitted for the test (a model vocabulary of 512: steps take milliseconds):
+    {"shards": folder, "tokenizer": its folder}."""
+    tokenizer = save_tiny_tokenizer(folder / "tokenizer")
+    prepare_shards(pydoc_documents(), str(folder / "shards"), "pydoc", first_tokens_split(split_tokens),
+                   shard_tokens=shard_tokens, progress=False, tokenizer=tokenizer)
+    return {"shards": str(folder / "shards"), "tokenizer": tokenizer}

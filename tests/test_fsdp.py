@@ -34,13 +34,11 @@ import eval_benchmarks
 import export_checkpoint
 from nanoshift.checkpoint import SHARDED_POINTER, TRAIN_STATE, check_dcp_metadata, load_checkpoint
 from nanoshift.common import InputError
-from conftest import pydoc_documents, save_tiny_tokenizer
+from conftest import TORCHRUN, bpe_prose_shards
 from model import GPT
-from nanoshift.prepare import first_tokens_split, prepare_shards
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # 128 tokens per step: 8 sequences in one process, 4 per rank with 2 ranks (2 x 2 with accumulation)
 TINY = ["--device=cpu", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_size=512",
         "--total_batch_tokens=128", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=3",
@@ -53,11 +51,7 @@ LLAMA = ["--arch=llama", "--bias=False", "--n_kv_head=1", "--intermediate_size=6
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Prose shards in a 400-token BPE (the model's vocabulary is 512): steps take milliseconds."""
-    folder = tmp_path_factory.mktemp("fsdp_data")
-    tokenizer = save_tiny_tokenizer(folder / "tokenizer")
-    prepare_shards(pydoc_documents(), str(folder / "shards"), "pydoc", first_tokens_split(8000), shard_tokens=40_000,
-                   progress=False, tokenizer=tokenizer)
-    return {"shards": str(folder / "shards"), "tokenizer": tokenizer}
+    return bpe_prose_shards(tmp_path_factory.mktemp("fsdp_data"), 8000, 40_000)
 
 
 def train_cmd(out_dir, data, *args, ranks=2):

@@ -24,17 +24,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import pydoc_documents, save_tiny_tokenizer
+from conftest import TORCHRUN, bpe_prose_shards
 from model import GPT, RESIDUALS, GPTConfig, residual_examples
 from nanoshift import checkpoint, parallel
 from nanoshift.common import SettingError
-from nanoshift.prepare import first_tokens_split, prepare_shards
 from nanoshift.run import RunFacts
 from nanoshift.training import check_resume_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 # dims that do not split evenly over 2 ranks (37 vocabulary rows, 3 layers of gate logits, 3 gate rows ...)
 CONFIGS = {
     "gpt2_layer_gate": dict(n_layer=3, n_head=2, n_embd=10, vocab_size=37, block_size=8, residual_mode="gate",
@@ -165,11 +163,7 @@ def test_meta_init_on_two_ranks_equals_rank_0s_plain_init_and_keeps_each_ranks_r
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("meta_data")
-    tokenizer = save_tiny_tokenizer(folder / "tokenizer")
-    prepare_shards(pydoc_documents(), str(folder / "shards"), "pydoc", first_tokens_split(4000), shard_tokens=20_000,
-                   progress=False, tokenizer=tokenizer)
-    return {"shards": str(folder / "shards"), "tokenizer": tokenizer}
+    return bpe_prose_shards(tmp_path_factory.mktemp("meta_data"), 4000, 20_000)
 
 
 def train_cmd(out_dir, data, *args, ranks=2):

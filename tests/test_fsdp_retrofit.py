@@ -20,6 +20,8 @@ import subprocess
 import sys
 
 import pytest
+
+from conftest import TORCHRUN
 import torch
 import torch.distributed as dist
 
@@ -33,7 +35,6 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 MODES = {"none": {}, "token gate": dict(residual_mode="gate", gate_mode="token"),
          "value residual": dict(residual_mode="value_residual")}  # a buffer of the variant's own (lambdas)
 

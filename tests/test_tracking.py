@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import analyze
+from conftest import TORCHRUN
 from nanoshift.lens import misalignment_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,7 +18,6 @@ TINY = ["--device=cpu", "--n_layer=3", "--n_head=2", "--n_embd=32", "--block_siz
         "--total_batch_tokens=128", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=0",
         "--eval_tokens=512", "--log_interval=1", "--seed=7", "--track_sequences=3"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def train(out, data, *args, launcher=None):
