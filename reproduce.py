@@ -80,7 +80,7 @@ import torch
 
 from model import GPT, RESIDUALS, GPTConfig, residual_examples
 from nanoshift.common import SettingError, cpu_threads, machine_line, markdown_table, run_main, run_step, write_json, write_text
-from nanoshift.configurator import configure
+from nanoshift.configurator import config_values, configure
 from nanoshift.data import MANIFEST_NAME, manifest_tokenizer, read_manifest
 from nanoshift.floors import floor_label, format_floors
 from nanoshift.groups import format_difference, format_stat
@@ -171,11 +171,7 @@ def lab_groups():
 def matched_steps(config_path, n_layer, overrides=()):
     """(max_iters, the config's n_layer) for the config's model made n_layer deep, at the baseline's training FLOPs
     (model.flops_per_token x tokens): the deeper model takes proportionally fewer steps of the same batch."""
-    settings = {}
-    exec(open(config_path).read(), settings)  # config files are plain Python (they exec their base by path)
-    for arg in overrides:  # --key=int only: the smoke shape
-        key, value = arg[2:].split("=")
-        settings[key] = int(value)
+    settings = config_values([config_path, *overrides])
     shape = {k: settings[k] for k in ("n_head", "n_embd", "block_size", "vocab_size", "bias")}
     with torch.device("meta"):
         flops = {n: GPT(GPTConfig(n_layer=n, **shape)).flops_per_token() for n in (settings["n_layer"], n_layer)}

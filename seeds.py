@@ -28,7 +28,6 @@ Then compare:  python eval_benchmarks.py --ckpt 'out-baseline-s*' 'out-gate-s*' 
 On a cluster, run one job per seed instead: docs/results.md, "Results with error bars" (a SLURM job array).
 """
 
-import ast
 import os
 import shlex
 import subprocess
@@ -36,7 +35,7 @@ import sys
 import time
 
 from nanoshift.common import SettingError, markdown_table, read_jsonl, run_main
-from nanoshift.configurator import configure
+from nanoshift.configurator import config_values, configure
 
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
 DEFAULTS = dict(
@@ -66,29 +65,13 @@ def split_args(argv):
 
 def train_settings(train_args):
     """{out_dir, max_iters, init_from} as far as these config files and --key=value / --key value overrides set
-    them (applied left to right like configurator.py; a setting that nothing sets is absent)."""
-    found, i = {}, 0
-    while i < len(train_args):
-        arg = train_args[i]
-        i += 1
-        if not arg.startswith("--"):  # a config file: plain Python, run in a scope of its own
-            scope = {}
-            try:
-                with open(arg) as f:
-                    exec(compile(f.read(), arg, "exec"), scope)
-            except Exception as e:
-                raise SettingError(f"cannot read config file {arg}: {type(e).__name__}: {e}") from e
-            found.update({k: scope[k] for k in READ if k in scope})
-            continue
-        key, eq, text = arg[2:].partition("=")
-        if not eq and i < len(train_args) and not train_args[i].startswith("--"):
-            text = train_args[i]
-            i += 1
-        if key in READ:
-            try:
-                found[key] = ast.literal_eval(text) if key == "max_iters" else text
-            except (ValueError, SyntaxError):
-                raise SettingError(f"max_iters: expected an int, got {text!r}") from None
+    them (configurator.config_values: applied left to right; a setting that nothing sets is absent)."""
+    found = {k: v for k, v in config_values(train_args).items() if k in READ}
+    if "max_iters" in found and (not isinstance(found["max_iters"], int) or isinstance(found["max_iters"], bool)):
+        raise SettingError(f"max_iters: expected an int, got {found['max_iters']!r}")
+    for key in ("out_dir", "init_from"):  # strings as train.py reads them (e.g. --out_dir=123)
+        if key in found:
+            found[key] = str(found[key])
     return found
 
 

@@ -149,6 +149,36 @@ def _run_config_file(path, settings, extra_types):
         settings[key] = _check(f"{path}: {key}", value, settings[key], extra_types.get(key, ()))
 
 
+def config_values(args):
+    """{setting: value} as far as these config files and --key=value / --key value overrides set them, applied
+    left to right as configure() does, but without a table of defaults: for a launcher that reads a few settings
+    before handing the arguments to train.py, which checks all of them. Overrides are Python literals where they
+    parse, else strings; a setting that nothing sets is absent. SettingError for a config file that cannot run."""
+    found, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if not arg.startswith("--"):  # a config file: plain Python, run in a scope of its own
+            scope = {}
+            try:
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, "exec"), scope)
+            except Exception as e:
+                raise SettingError(f"cannot read config file {arg}: {type(e).__name__}: {e}") from e
+            found.update({k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
+                          and type(v).__name__ != "module"})
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq and i < len(args) and not args[i].startswith("--"):
+            text = args[i]
+            i += 1
+        try:
+            found[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            found[key] = text
+    return found
+
+
 def configure(defaults, argv, extra_types=None, help_from=()):
     """Apply config files and overrides in argv to a copy of defaults; return the new dict.
 

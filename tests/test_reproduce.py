@@ -268,3 +268,19 @@ def test_a_study_links_exactly_its_own_seeds_of_the_shared_runs(tmp_path):
     assert sorted(os.listdir(runs)) == ["blocks_4-s1", "blocks_4-s2"]
     assert os.path.samefile(os.path.join(runs, "blocks_4-s2"), out / "baseline-s2")
     reproduce.link_runs(str(out), str(out / "depth"), {"blocks_4": ("baseline", [])}, [1, 2])  # a rerun: no error
+
+
+def test_config_values_reads_config_files_and_overrides_left_to_right(tmp_path):
+    """The launchers' reader (seeds.py, reproduce.py's matched steps): a config that execs its base, then
+    overrides as Python literals or strings, the last one winning; an unreadable config file named."""
+    from nanoshift.common import SettingError
+    from nanoshift.configurator import config_values
+
+    base = tmp_path / "base.py"
+    base.write_text("n_layer = 4\nout_dir = 'out-a'\nimport math\n_private = 1\n")
+    child = tmp_path / "child.py"
+    child.write_text(f"exec(open({str(base)!r}).read())\nmax_iters = 2000\n")
+    got = config_values([str(child), "--n_layer=8", "--out_dir", "runs/b", "--gelu_approx=none", "--n_layer=12"])
+    assert got == {"n_layer": 12, "out_dir": "runs/b", "max_iters": 2000, "gelu_approx": "none"}
+    with pytest.raises(SettingError, match="cannot read config file .*missing.py: FileNotFoundError"):
+        config_values([str(tmp_path / "missing.py")])
